@@ -1,0 +1,41 @@
+# The README's two commands: `make demo` and `make test`. Each bootstraps .venv when missing
+# or stale (pinned installs from requirements/constraints.txt), then runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lowcomm-installed
+EXTRAS ?= dev,hivemind,wandb,datasets,accelerate,bench
+NPROC ?= 2
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing lowcomm into $(VENV) (pinned; CPU torch 2.13.0 unless one is there)"
+	@# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build onto CPU machines.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) recipes/train_lm.py \
+		--config recipes/configs/demo.toml $(ARGS)
+
+test: $(STAMP)
+	@set +e; GLOO_SOCKET_IFNAME=lo $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
+
+test-fast: $(STAMP)
+	GLOO_SOCKET_IFNAME=lo $(PY) -m pytest -m "not slow and not hivemind" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""How bytes move: the Backend protocol, its implementations, and compression."""

@@ -1,0 +1,1 @@
+"""lowcomm: low-communication decentralized training (DiLoCo, Streaming DiLoCo)."""

@@ -1,0 +1,96 @@
+"""An independent replay of the DiLoCo algorithm of DESIGN.md, for tests to compare against.
+
+It simulates M workers in one process with hand-written inner SGD and outer Nesterov SGD
+(no torch.optim, no backend, no lowcomm code), on a tiny two-layer model whose gradient comes
+from autograd on plain tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def batch(seed: int, worker: int, step: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data worker ``worker`` sees at inner step ``step`` (1-based)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + worker * 10_007 + step)
+    x = torch.randn(n, 3, generator=g)
+    y = torch.stack([x.sum(1), x[:, 0] * x[:, 1]], 1) + 0.1 * torch.randn(n, 2, generator=g)
+    return x, y
+
+
+def loss_fn(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    w1, b1, w2, b2 = params
+    h = torch.tanh(x @ w1.T + b1)
+    return ((h @ w2.T + b2 - y) ** 2).mean()
+
+
+@dataclass
+class Config:
+    workers: int = 2
+    steps: int = 8
+    sync_every: int = 4
+    inner_lr: float = 0.1
+    outer_lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+    fragments: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3),)
+    overlap_steps: int = 0
+    mix: float = 0.5
+    same_data: bool = False
+    seed: int = 0
+
+
+def replay(init: list[torch.Tensor], cfg: Config) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Run the algorithm; return (global θ, each worker's local θ)."""
+    glob = [t.detach().clone().float() for t in init]
+    local = [[t.detach().clone().float() for t in init] for _ in range(cfg.workers)]
+    bufs: list[torch.Tensor | None] = [None] * len(init)
+    num_frags = len(cfg.fragments)
+    spacing = cfg.sync_every // num_frags
+    pending: list[tuple[int, int, list[torch.Tensor]]] = []
+
+    def outer(frag: int, mean: list[torch.Tensor]) -> None:
+        for i, g in zip(cfg.fragments[frag], mean):
+            if cfg.momentum:
+                bufs[i] = g.clone() if bufs[i] is None else cfg.momentum * bufs[i] + g
+                update = g + cfg.momentum * bufs[i] if cfg.nesterov else bufs[i]
+            else:
+                update = g
+            glob[i] = glob[i] - cfg.outer_lr * update
+        for m in range(cfg.workers):
+            for i in cfg.fragments[frag]:
+                if cfg.overlap_steps:
+                    local[m][i] = cfg.mix * local[m][i] + (1 - cfg.mix) * glob[i]
+                else:
+                    local[m][i] = glob[i].clone()
+
+    for step in range(1, cfg.steps + 1):
+        for m in range(cfg.workers):
+            x, y = batch(cfg.seed, 0 if cfg.same_data else m, step)
+            params = [t.clone().requires_grad_(True) for t in local[m]]
+            grads = torch.autograd.grad(loss_fn(params, x, y), params)
+            local[m] = [p.detach() - cfg.inner_lr * g for p, g in zip(params, grads)]
+        for frag, land, mean in [p for p in pending if p[1] == step]:
+            pending.remove((frag, land, mean))
+            outer(frag, mean)
+        if step % spacing == 0:
+            frag = (step % cfg.sync_every) // spacing
+            mean = []
+            for i in cfg.fragments[frag]:
+                acc = torch.zeros_like(glob[i])
+                for m in range(cfg.workers):
+                    acc = acc + (glob[i] - local[m][i])
+                mean.append(acc / cfg.workers)
+            if cfg.overlap_steps:
+                pending.append((frag, step + cfg.overlap_steps, mean))
+            else:
+                outer(frag, mean)
+    return glob, local
