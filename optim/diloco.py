@@ -20,7 +20,7 @@ import torch.distributed as dist
 from lowcomm.comm.base import AverageResult, AverageWork, Backend, ConsistencyError
 from lowcomm.comm.compression.base import Compressor
 from lowcomm.comm.local import LocalBackend
-from lowcomm.optim.fragments import check_partition, fragment_bytes, partition
+from lowcomm.optim.fragments import check_partition, partition
 from lowcomm.optim.schedule import StaggeredSchedule
 from torch import nn
 

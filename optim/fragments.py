@@ -11,9 +11,12 @@ would leave some fragments a whole block heavier, so blocks are balanced greedil
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["fragment_bytes", "partition"]
 
@@ -118,6 +121,14 @@ def partition(
             _greedy([[p] for p in params], [0] * num_fragments, out)
         for frag in out:
             frag.sort(key=lambda q: order[id(q)])
+    sizes = fragment_bytes(out)
+    if len(out) > 1 and max(sizes) > 1.1 * sum(sizes) / len(out):
+        logger.info(
+            "fragments are unbalanced: largest %d bytes vs %d mean (parameters are never split, "
+            "so one large tensor bounds the peak)",
+            max(sizes),
+            sum(sizes) // len(out),
+        )
     empty = [i for i, f in enumerate(out) if not f]
     if empty:
         raise ValueError(

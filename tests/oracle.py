@@ -48,7 +48,9 @@ class Config:
     seed: int = 0
 
 
-def replay(init: list[torch.Tensor], cfg: Config) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+def replay(
+    init: list[torch.Tensor], cfg: Config
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """Run the algorithm; return (global θ, each worker's local θ)."""
     glob = [t.detach().clone().float() for t in init]
     local = [[t.detach().clone().float() for t in init] for _ in range(cfg.workers)]
@@ -93,4 +95,62 @@ def replay(init: list[torch.Tensor], cfg: Config) -> tuple[list[torch.Tensor], l
                 pending.append((frag, step + cfg.overlap_steps, mean))
             else:
                 outer(frag, mean)
+    return glob, local
+
+
+def replay_overlapped(
+    init: list[torch.Tensor], cfg: Config, mode: str
+) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Eager (Kale et al. 2025) or one-step-delayed DiLoCo; return (each worker's θ, local θ).
+
+    Each worker keeps its own global copy and outer momentum (eager lets them differ).
+    """
+    workers = range(cfg.workers)
+    glob = [[t.detach().clone().float() for t in init] for _ in workers]
+    local = [[t.detach().clone().float() for t in init] for _ in workers]
+    bufs: list[list[torch.Tensor | None]] = [[None] * len(init) for _ in workers]
+    num_frags = len(cfg.fragments)
+    spacing = cfg.sync_every // num_frags
+    last: dict[int, tuple[list[list[torch.Tensor]], list[torch.Tensor]]] = {}
+
+    def outer(m: int, frag: int, grads: list[torch.Tensor]) -> None:
+        for i, g in zip(cfg.fragments[frag], grads):
+            b = bufs[m][i]
+            bufs[m][i] = g.clone() if b is None else cfg.momentum * b + g
+            glob[m][i] = glob[m][i] - cfg.outer_lr * (g + cfg.momentum * bufs[m][i])
+
+    for step in range(1, cfg.steps + 1):
+        for m in workers:
+            x, y = batch(cfg.seed, m, step)
+            params = [t.clone().requires_grad_(True) for t in local[m]]
+            grads = torch.autograd.grad(loss_fn(params, x, y), params)
+            local[m] = [p.detach() - cfg.inner_lr * g for p, g in zip(params, grads)]
+        if step % spacing:
+            continue
+        frag = (step % cfg.sync_every) // spacing
+        idx = cfg.fragments[frag]
+        deltas = [[glob[m][i] - local[m][i] for i in idx] for m in workers]
+        mean = []
+        for j in range(len(idx)):
+            acc = torch.zeros_like(deltas[0][j])
+            for m in workers:
+                acc = acc + deltas[m][j]
+            mean.append(acc / cfg.workers)
+        prev = last.get(frag)
+        for m in workers:
+            if prev is None:
+                if mode == "eager":
+                    outer(m, frag, deltas[m])
+            elif mode == "delayed":
+                outer(m, frag, prev[1])
+            else:
+                own_old = prev[0][m]
+                outer(
+                    m,
+                    frag,
+                    [pm + (d - o) / cfg.workers for pm, d, o in zip(prev[1], deltas[m], own_old)],
+                )
+            for i in idx:
+                local[m][i] = glob[m][i].clone()
+        last[frag] = (deltas, mean)
     return glob, local

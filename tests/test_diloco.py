@@ -8,11 +8,11 @@ import logging
 
 import pytest
 import torch
-from torch import nn
-
 from lowcomm.comm.base import ConsistencyError, WireStats
 from lowcomm.comm.local import LocalBackend
 from lowcomm.optim.diloco import DiLoCo
+from torch import nn
+
 from lowcomm.testing import run_ranks
 
 from .oracle import Config, batch, loss_fn, make_model, replay
@@ -93,8 +93,11 @@ def test_one_worker_matches_replay():
 def test_streaming_matches_replay(fragments, overlap):
     fragments = tuple(f for f in fragments if f)
     cfg = Config(
-        workers=1, steps=16, sync_every=4 if len(fragments) != 3 else 6,
-        fragments=fragments, overlap_steps=overlap,
+        workers=1,
+        steps=16,
+        sync_every=4 if len(fragments) != 3 else 6,
+        fragments=fragments,
+        overlap_steps=overlap,
     )
     glob, local, _ = train(0, cfg)
     ref_glob, ref_local = replay([p.detach() for p in make_model(0).parameters()], cfg)
