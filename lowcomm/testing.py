@@ -150,7 +150,7 @@ def run_ranks(
     finally:
         for p in procs:
             p.join(timeout=0.0 if errors else 5.0)
-            if p.is_alive():
+            if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGKILL)
                 p.join(timeout=5.0)
         results.close()

@@ -162,6 +162,8 @@ class DiLoCo(torch.optim.Optimizer):
         global_device: where the fp32 global copy lives (default: with each parameter).
     """
 
+    _inner: torch.optim.Optimizer
+
     def __init__(
         self,
         model: nn.Module,

@@ -119,8 +119,8 @@ def partition(
             # Fewer blocks and leftovers than fragments: fall back to single parameters.
             out = [[] for _ in range(num_fragments)]
             _greedy([[p] for p in params], [0] * num_fragments, out)
-        for frag in out:
-            frag.sort(key=lambda q: order[id(q)])
+        for members in out:
+            members.sort(key=lambda q: order[id(q)])
     sizes = fragment_bytes(out)
     if len(out) > 1 and max(sizes) > 1.1 * sum(sizes) / len(out):
         logger.info(
