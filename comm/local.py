@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from lowcomm.comm.base import AverageResult, DoneWork, WireStats
 from lowcomm.comm.compression.base import Compressor
 from lowcomm.comm.reduce import Identity, dense_average, sparse_average

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
 from lowcomm.comm.compression.base import Compressor, Payload, check_payload
 
 __all__ = ["Identity", "chunk_bounds", "dense_average", "sparse_average"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,11 +11,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
 from lowcomm.comm.base import AverageResult, ConsistencyError, Timer, WireStats
 from lowcomm.comm.compression.base import Compressor
 from lowcomm.comm.reduce import Identity, dense_average, sparse_average
 
-__all__ = ["TorchDistBackend"]
+__all__ = ["TorchDistBackend", "init_process_group_from_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +222,6 @@ def init_process_group_from_env(timeout_seconds: float = 300.0) -> bool:
 
     Picks NCCL when CUDA is available, else gloo. Returns True if a group is (now) initialised.
     """
-    import os
-
     if dist.is_initialized():
         return True
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

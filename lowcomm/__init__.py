@@ -1,1 +1,48 @@
 """lowcomm: low-communication decentralized training (DiLoCo, Streaming DiLoCo)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowcomm.comm import Backend, LocalBackend, TorchDistBackend
+from lowcomm.comm.compression import (
+    BF16,
+    FP16,
+    Compressor,
+    ErrorFeedback,
+    Int4,
+    Int8,
+    TopK,
+    parse_compression,
+    sparseloco,
+)
+from lowcomm.optim import DiLoCo, DiLoCoStats, StaggeredSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BF16",
+    "FP16",
+    "Backend",
+    "Compressor",
+    "DiLoCo",
+    "DiLoCoStats",
+    "ErrorFeedback",
+    "HivemindBackend",
+    "Int4",
+    "Int8",
+    "LocalBackend",
+    "StaggeredSchedule",
+    "TopK",
+    "TorchDistBackend",
+    "parse_compression",
+    "sparseloco",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HivemindBackend":
+        from lowcomm.comm.hivemind import HivemindBackend
+
+        return HivemindBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from lowcomm.comm.base import AverageResult, AverageWork, Backend, ConsistencyError
 from lowcomm.comm.compression.base import Compressor
 from lowcomm.comm.local import LocalBackend
 from lowcomm.optim.fragments import check_partition, partition
 from lowcomm.optim.schedule import StaggeredSchedule
-from torch import nn
 
 __all__ = ["DiLoCo", "DiLoCoStats", "OVERLAP_MODES"]
 

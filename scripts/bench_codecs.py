@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
 from lowcomm.comm.compression import ErrorFeedback, compression_spec, parse_compression
 
 DEFAULT_SPECS = [

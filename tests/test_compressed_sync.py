@@ -96,7 +96,9 @@ def test_a_payload_of_the_wrong_length_raises():
 
 def test_decompress_rejects_wrong_length():
     with pytest.raises(PayloadError):
-        Int8().decompress(type(Int8().compress(torch.ones(10)))(torch.zeros(3, dtype=torch.uint8), 10))
+        Int8().decompress(
+            type(Int8().compress(torch.ones(10)))(torch.zeros(3, dtype=torch.uint8), 10)
+        )
 
 
 # -- DiLoCo with every compressor: θ stays bit-identical on every rank ----------------------

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from lowcomm.comm.compression import (
     BF16,
     FP16,

@@ -8,11 +8,11 @@ import logging
 
 import pytest
 import torch
+from torch import nn
+
 from lowcomm.comm.base import ConsistencyError, WireStats
 from lowcomm.comm.local import LocalBackend
 from lowcomm.optim.diloco import DiLoCo
-from torch import nn
-
 from lowcomm.testing import run_ranks
 
 from .oracle import Config, batch, loss_fn, make_model, replay

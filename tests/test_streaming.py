@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from lowcomm.optim.diloco import DiLoCo
 from lowcomm.optim.fragments import check_partition, fragment_bytes, partition
 from lowcomm.optim.schedule import StaggeredSchedule
-from torch import nn
-
 from lowcomm.testing import run_ranks
 
 from .oracle import Config, batch, loss_fn, make_model, replay_overlapped

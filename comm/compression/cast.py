@@ -17,6 +17,7 @@ payload bytes, the working-set size of chunked loops).
 from __future__ import annotations
 
 import torch
+
 from lowcomm.comm.compression.base import Payload, check_payload
 
 __all__ = ["BF16", "FP16"]

@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from lowcomm.comm.compression.base import Compressor
 from lowcomm.comm.compression.int8 import Int2
 from lowcomm.comm.compression.topk import TopK

@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+
 from lowcomm.comm.compression.base import Payload, check_payload
 from lowcomm.comm.compression.cast import _as_dtype, _check_input, _chunk_elems
 

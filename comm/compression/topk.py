@@ -23,6 +23,7 @@ import math
 import numbers
 
 import torch
+
 from lowcomm.comm.compression.base import Compressor, Payload, PayloadError, check_payload
 from lowcomm.comm.compression.cast import _as_dtype, _check_input, _chunk_elems
 
