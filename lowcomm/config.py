@@ -1,0 +1,459 @@
+"""The training recipe's configuration: one flat dataclass, loaded from TOML plus overrides.
+
+Precedence, lowest first: the dataclass defaults, the TOML file named by ``--config``, then
+``--key=value`` / ``--key value`` options in the order given. Keys may be spelled with dashes
+or underscores (``--sync-every 50`` is ``sync_every = 50``). A boolean option given alone
+(``--wandb``) means true; ``--no-wandb`` means false.
+
+Example::
+
+    cfg = load_config(["--config", "recipes/configs/tiny.toml", "--steps=20", "--wandb"])
+    cfg.fingerprint()  # identifies everything a checkpoint depends on
+
+Resuming checks that a checkpoint was written under the same configuration, except for the
+keys in :data:`RESUMABLE_KEYS`, which only change how long the run goes on, what it logs and
+where, or where it runs (see that constant for the list and the caveats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "MODES",
+    "OVERLAP_MODES",
+    "RESUMABLE_KEYS",
+    "TrainConfig",
+    "config_help",
+    "load_config",
+]
+
+MODES = ("diloco", "ddp", "local")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("fp32", "bf16")
+OVERLAP_MODES = ("mix", "eager", "delayed")
+
+#: Keys that may differ between a checkpoint and the run resuming from it. They do not change
+#: what any saved tensor means: run length and logging/eval/checkpoint cadence, where files go,
+#: and which device runs the arithmetic. Two caveats: the cosine schedule decays over ``steps``,
+#: so a longer ``steps`` re-shapes the rest of the learning-rate curve; and moving between CPU
+#: and CUDA (``device``) resumes correctly but not bit-identically.
+RESUMABLE_KEYS = frozenset(
+    {
+        "accelerate",
+        "ckpt_every",
+        "ckpt_timeout",
+        "config",
+        "data_dir",
+        "device",
+        "eval_batches",
+        "eval_every",
+        "keep",
+        "log_every",
+        "overwrite",
+        "progress",
+        "resume",
+        "run_dir",
+        "run_name",
+        "steps",
+        "wandb",
+        "wandb_project",
+    }
+)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NONE = {"", "none", "null"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``recipes/train_lm.py`` needs: run, data, model, inner and outer optimizer.
+
+    Periods: ``steps``, ``log_every``, ``eval_every`` and ``warmup_steps`` count inner steps
+    (one batch per worker each); ``ckpt_every`` counts outer steps of ``sync_every`` inner
+    steps, in every mode, so DiLoCo and DDP runs checkpoint at the same inner steps.
+
+    Attributes:
+        config: the TOML file the values came from (informational).
+        mode: ``diloco`` (DiLoCo outer loop), ``ddp`` (all-reduce gradients every step) or
+            ``local`` (no communication: each worker trains alone; the throughput ceiling).
+        run_dir: directory for metrics, config and checkpoints.
+        resume: None, ``auto`` (latest complete checkpoint in ``run_dir``, fresh start if
+            there is none) or a path to a checkpoint directory or a run directory.
+        overwrite: delete the checkpoints and metrics of an earlier run in ``run_dir``.
+        seed: seeds the model initialisation and, with rank and step, every batch.
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
+        dtype: ``fp32``, or ``bf16`` autocast for forward/backward (parameters stay fp32).
+        accelerate: prepare model and optimizer with Hugging Face ``accelerate`` (also on
+            automatically under ``accelerate launch``).
+        steps: total inner steps of the run.
+        log_every: inner steps between metrics lines.
+        eval_every: inner steps between evaluations (also at the start and the end).
+        eval_batches: held-out batches per evaluation (the same batches every time and on
+            every worker).
+        ckpt_every: outer steps between checkpoints (and one at the end); 0 disables them.
+        ckpt_timeout: seconds rank 0 waits for the other ranks' checkpoint files.
+        keep: complete checkpoints kept; older ones are deleted.
+        progress: show the rank-0 progress bar.
+        wandb: log to Weights & Biases (``WANDB_MODE=offline`` works without an account).
+        wandb_project: the wandb project.
+        run_name: the wandb run name (default: the run directory's name).
+        dataset: ``stdlib`` (the Python standard library's source, always present), a local
+            text file, directory or glob, a directory written by ``Dataset.save_to_disk``, or
+            a Hugging Face dataset name for ``datasets.load_dataset``.
+        dataset_config: the ``name`` argument of ``load_dataset`` (a dataset's sub-config).
+        data_files: the ``data_files`` argument of ``load_dataset`` (e.g. with ``text``).
+        split: the dataset split to read; the held-out split is carved out of it.
+        text_field: the column holding the text.
+        streaming: stream a Hugging Face dataset instead of downloading it whole; its first
+            ``max_bytes`` bytes are cached.
+        max_bytes: stop reading the dataset after this many bytes (0: read all of it).
+        heldout_fraction: fraction of documents held out for evaluation.
+        data_dir: cache directory for the tokenised corpus (default ``~/.cache/lowcomm``).
+        seq_len: tokens (bytes) per training sequence; also the model's context length.
+        n_layer: transformer blocks.
+        n_head: attention heads per block.
+        n_embd: model width.
+        tie_weights: share the token embedding with the output head.
+        batch_size: sequences per worker per inner step (the same in every mode).
+        inner_lr: peak learning rate of the inner AdamW.
+        min_lr_ratio: the cosine schedule decays to ``inner_lr * min_lr_ratio``.
+        warmup_steps: linear warm-up of the inner learning rate.
+        weight_decay: AdamW weight decay on matrices (not on biases, norms or embeddings).
+        grad_clip: clip the global gradient norm to this (0: no clipping).
+        sync_every: H, inner steps per outer step.
+        outer_lr: outer SGD learning rate.
+        outer_momentum: outer SGD momentum.
+        nesterov: use Nesterov momentum in the outer SGD.
+        fragments: streaming fragments (1: sync the whole model at once).
+        overlap_steps: inner steps a sync may stay in flight before it is applied.
+        mix: how much of its local parameters a worker keeps when an overlapped sync lands.
+        overlap_mode: ``mix`` (Streaming DiLoCo), ``eager`` or ``delayed`` (see DiLoCo).
+        compression: compressor spec for the pseudo-gradient (``none``, ``int8``, ...).
+        error_feedback: wrap the compressor in error feedback.
+    """
+
+    config: str | None = None
+    # run
+    mode: str = "diloco"
+    run_dir: str = "runs/train_lm"
+    resume: str | None = None
+    overwrite: bool = False
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "fp32"
+    accelerate: bool = False
+    steps: int = 1000
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 10
+    ckpt_timeout: float = 600.0
+    keep: int = 3
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "lowcomm"
+    run_name: str | None = None
+    # data
+    dataset: str = "stdlib"
+    dataset_config: str | None = None
+    data_files: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    max_bytes: int = 0
+    heldout_fraction: float = 0.02
+    data_dir: str | None = None
+    # model
+    seq_len: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    tie_weights: bool = False
+    # inner optimizer
+    batch_size: int = 16
+    inner_lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # outer optimizer (DiLoCo)
+    sync_every: int = 50
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    fragments: int = 1
+    overlap_steps: int = 0
+    mix: float = 0.5
+    overlap_mode: str = "mix"
+    compression: str = "none"
+    error_feedback: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every value; raise ValueError naming the key, the value and the rule."""
+        _choice("mode", self.mode, MODES)
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("overlap_mode", self.overlap_mode, OVERLAP_MODES)
+        for name in (
+            "steps",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "keep",
+            "seq_len",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "batch_size",
+            "sync_every",
+            "fragments",
+        ):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} ({value}) must be >= 1")
+        for name in ("ckpt_every", "warmup_steps", "overlap_steps", "max_bytes", "seed"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} ({value}) must be >= 0")
+        for name in ("inner_lr", "outer_lr", "ckpt_timeout"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} ({value}) must be > 0")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} ({value}) must be >= 0")
+        for name in ("outer_momentum", "mix", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} ({value}) must be in [0, 1]")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction ({self.heldout_fraction}) must be in (0, 1)")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        if self.overlap_steps >= self.sync_every:
+            raise ValueError(
+                f"overlap_steps ({self.overlap_steps}) must be < sync_every ({self.sync_every})"
+            )
+        if self.streaming and self.max_bytes == 0:
+            raise ValueError(
+                "streaming reads the first max_bytes bytes of the stream: set max_bytes > 0"
+            )
+        if self.resume is not None and not self.resume:
+            raise ValueError("resume must be None, 'auto' or a path, got ''")
+        if self.error_feedback and self.compression.strip().lower() == "none":
+            raise ValueError("error_feedback needs a compression other than 'none'")
+        try:
+            from lowcomm.comm.compression.registry import parse_compression
+        except ImportError:  # pragma: no cover - the registry ships with lowcomm
+            return
+        parse_compression(self.compression)  # raises ValueError listing the valid forms
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a plain JSON-able dict."""
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hex digest of every key outside :data:`RESUMABLE_KEYS` (what checkpoints depend on)."""
+        return fingerprint_of(self.to_dict())
+
+
+def fingerprint_of(config: dict[str, Any]) -> str:
+    """Fingerprint of a config dict as :meth:`TrainConfig.fingerprint` computes it.
+
+    Args:
+        config: a dict from :meth:`TrainConfig.to_dict` (e.g. read back from a checkpoint).
+    """
+    kept = {k: v for k, v in sorted(config.items()) if k not in RESUMABLE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} ({value!r}) must be one of {', '.join(choices)}")
+
+
+def _fields() -> dict[str, Any]:
+    """Field name -> resolved type annotation."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(the non-None type, whether None is allowed) of an annotation like ``str | None``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        assert len(args) == 1, tp
+        return args[0], True
+    return tp, False
+
+
+def _unknown_key(key: str, where: str) -> ValueError:
+    names = list(_fields())
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown config key {key!r} {where}{hint} (valid keys: {', '.join(names)})")
+
+
+def _from_string(key: str, text: str) -> Any:
+    """Convert a command-line string to the type of field ``key``."""
+    base, optional = _base_type(_fields()[key])
+    if optional and text.strip().lower() in _NONE:
+        return None
+    try:
+        if base is bool:
+            low = text.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if base is int:
+            try:
+                return int(text)
+            except ValueError:
+                number = float(text)  # accepts "1e3"
+                if not number.is_integer():
+                    raise
+                return int(number)
+        if base is float:
+            return float(text)
+    except ValueError:
+        raise ValueError(f"--{key} expects {base.__name__}, got {text!r}") from None
+    return text
+
+
+def _check_toml_value(key: str, value: Any, path: Path) -> Any:
+    base, optional = _base_type(_fields()[key])
+    if value is None and optional:
+        return None
+    ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(
+            f"{key} in {path} must be {base.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    names = _fields()
+    values: dict[str, Any] = {}
+    for raw_key, value in raw.items():
+        key = raw_key.replace("-", "_")
+        if key not in names or key == "config":
+            if isinstance(value, dict):
+                raise ValueError(
+                    f"config file {path}: tables ([{raw_key}]) are not used; keys are flat"
+                )
+            raise _unknown_key(raw_key, f"in {path}")
+        values[key] = _check_toml_value(key, value, path)
+    return values
+
+
+def _parse_argv(argv: list[str]) -> list[tuple[str, str]]:
+    """Split ``--key=value`` / ``--key value`` / ``--flag`` / ``--no-flag`` into pairs."""
+    names = _fields()
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise ValueError(
+                f"unexpected argument {token!r}: options are --key=value or --key value"
+            )
+        raw, eq, value = token[2:].partition("=")
+        key = raw.replace("-", "_")
+        if key not in names and key.startswith("no_") and key[3:] in names and not eq:
+            if _base_type(names[key[3:]])[0] is not bool:
+                raise ValueError(f"--{raw} only exists for boolean keys; {key[3:]} is not one")
+            pairs.append((key[3:], "false"))
+            i += 1
+            continue
+        if key not in names:
+            raise _unknown_key(raw, "on the command line")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if _base_type(names[key])[0] is bool and (
+                nxt is None or nxt.lower() not in _TRUE | _FALSE
+            ):
+                value = "true"
+            elif nxt is None or nxt.startswith("--"):
+                raise ValueError(f"--{raw} needs a value")
+            else:
+                value = nxt
+                i += 1
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def load_config(argv: list[str] | None = None, **defaults: Any) -> TrainConfig:
+    """Build a :class:`TrainConfig` from ``--config FILE`` and ``--key value`` options.
+
+    Args:
+        argv: command-line options (without the program name); None means none.
+        **defaults: values applied before the TOML file (the caller's own defaults).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ValueError: for an unknown key, a value of the wrong type, a missing or invalid TOML
+            file, or a value that breaks a rule of :meth:`TrainConfig.validate`.
+    """
+    pairs = _parse_argv(list(argv or []))
+    values: dict[str, Any] = {}
+    for key, value in defaults.items():
+        if key not in _fields():
+            raise _unknown_key(key, "in defaults")
+        values[key] = value
+    config_path = next((v for k, v in reversed(pairs) if k == "config"), None)
+    if config_path is not None:
+        values.update(_read_toml(Path(config_path)))
+        values["config"] = config_path
+    for key, value in pairs:
+        if key != "config":
+            values[key] = _from_string(key, value)
+    return TrainConfig(**values)
+
+
+def config_help() -> str:
+    """A usage text listing every key with its type and default."""
+    lines = ["options (--key=value or --key value; dashes or underscores):"]
+    hints = _fields()
+    for f in dataclasses.fields(TrainConfig):
+        base, optional = _base_type(hints[f.name])
+        kind = base.__name__ + (" | None" if optional else "")
+        lines.append(f"  --{f.name.replace('_', '-'):<20} {kind:<12} default {f.default!r}")
+    return "\n".join(lines)

@@ -1,0 +1,559 @@
+r"""Train a small byte-level GPT with DiLoCo, synchronous DDP, or no communication at all.
+
+Launch (from the repository root)::
+
+    python recipes/train_lm.py --config recipes/configs/tiny.toml        # 1 process
+    torchrun --standalone --nproc_per_node 2 recipes/train_lm.py --config recipes/configs/demo.toml
+    torchrun --standalone --nproc_per_node 2 recipes/train_lm.py --config recipes/configs/demo.toml \
+        --mode ddp --run-dir runs/demo-ddp                                 # the synchronous baseline
+    accelerate launch --multi_gpu --num_processes 2 recipes/train_lm.py \
+        --config recipes/configs/demo.toml --run-dir runs/demo-accelerate
+    python recipes/train_lm.py --help                                     # every option
+
+(``accelerate launch --multi_gpu`` only picks accelerate's torchrun launcher; without GPUs
+the workers run on CPU over gloo.) Every config key can be overridden as ``--key=value`` or
+``--key value``, dashes or underscores alike: ``--sync-every 50 --compression int8
+--error-feedback --fragments 4``. ``--resume auto`` continues from the latest complete
+checkpoint in ``--run-dir``; ``--resume PATH`` from a given checkpoint (or run) directory;
+``--overwrite`` starts over in a run directory that holds checkpoints.
+
+What one run does, per worker (rank r of N):
+
+1. Data: the default corpus is the Python standard library's source, bytes as tokens, with
+   ~2% of the files held out (``lowcomm.data``). Rank r trains on its own contiguous shard;
+   the batch of inner step s is a pure function of (seed, r, s), so DiLoCo, DDP and local
+   runs of one config see the same tokens, and a resumed run sees the same batches as an
+   uninterrupted one.
+2. Model: ``lowcomm.gpt.GPT``, the same initialisation on every rank (seeded).
+3. Optimizer: AdamW with linear warm-up and cosine decay (the inner optimizer), wrapped by
+   ``DiLoCo`` in ``--mode diloco``: every ``sync_every`` inner steps the workers average
+   their pseudo-gradients (compressed with ``--compression``) and take an outer Nesterov SGD
+   step. ``--mode ddp`` all-reduces gradients every step instead (torch DDP);
+   ``--mode local`` trains every worker alone (the throughput ceiling).
+4. Every ``eval_every`` inner steps: the loss on fixed held-out batches, of the global
+   parameters in DiLoCo mode. Every ``ckpt_every`` outer steps: an atomic checkpoint.
+5. At the end rank 0 prints the eval loss curve's ends and the bytes each worker sent,
+   against a per-step fp32 all-reduce of the gradients (ring bound 2(N-1)/N * 4 * params
+   bytes per step per worker).
+
+``main(argv)`` runs all of this in-process and returns the summary dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lowcomm import checkpoint as ckpt
+from lowcomm.config import RESUMABLE_KEYS, TrainConfig, config_help, load_config
+from lowcomm.data import eval_batches, load_corpus, sample_batch, shard_bounds
+from lowcomm.gpt import GPT, GPTConfig, parameter_signature
+from lowcomm.metrics import MetricsLogger, Progress, format_bytes
+from lowcomm.optim.diloco import DiLoCo
+
+logger = logging.getLogger("lowcomm.recipes.train_lm")
+
+
+# -- setup: processes, device, optional accelerate -------------------------------------------
+
+
+class Runtime:
+    """Where this process runs: rank, world size, device, and how it was launched."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.accelerator: Any = None
+        self.owns_process_group = False
+        env_world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.use_accelerate = cfg.accelerate or "ACCELERATE_MIXED_PRECISION" in os.environ
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device ('cuda') was requested but CUDA is not available")
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if self.use_accelerate:
+            from accelerate import Accelerator
+
+            # Accelerate reads its launch config from the environment; only bf16 is forced here.
+            self.accelerator = Accelerator(
+                cpu=not use_cuda, mixed_precision="bf16" if cfg.dtype == "bf16" else None
+            )
+            self.rank = self.accelerator.process_index
+            self.world_size = self.accelerator.num_processes
+            self.device = self.accelerator.device
+            return
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = env_world
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        # Local mode never communicates, so it needs no process group at all.
+        if self.world_size > 1 and cfg.mode != "local" and not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if use_cuda else "gloo", timeout=timedelta(seconds=cfg.ckpt_timeout)
+            )
+            self.owns_process_group = True
+
+    def close(self) -> None:
+        """Tear down the process group if this runtime created it."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def prepare_run_dir(cfg: TrainConfig, rt: Runtime) -> Path | None:
+    """Find the checkpoint to resume from and clear what an earlier attempt left behind.
+
+    Runs before the first collective, so rank 0's deletions happen before any rank of this
+    run writes a file. Every rank reaches the same decision from the same files.
+    """
+    run_dir = Path(cfg.run_dir)
+    root = ckpt.checkpoint_root(run_dir)
+    resume = ckpt.resolve_resume(cfg.resume, run_dir) if cfg.resume else None
+    existing = ckpt.list_checkpoints(root)
+    # Checkpoints here that are not this run's past would be mixed up with its future.
+    resumed_here = resume is not None and resume.parent.resolve() == root.resolve()
+    resume_step = ckpt.step_of(resume) if resumed_here else -1  # type: ignore[arg-type]
+    foreign = [p for p in existing if ckpt.step_of(p) > resume_step]
+    if foreign and not cfg.overwrite:
+        hint = "--resume auto to continue the latest, " if resume is None else ""
+        raise ValueError(
+            f"run_dir {run_dir} already holds checkpoints this run would not continue from "
+            f"(e.g. {foreign[-1].name}): pass {hint}--overwrite to delete them, or use "
+            "another --run-dir"
+        )
+    if rt.rank == 0:
+        for p in foreign:
+            logger.warning("--overwrite: deleting %s", p)
+            shutil.rmtree(p)
+        ckpt.clean_incomplete(root)
+        if resume is None and cfg.overwrite:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return resume
+
+
+# -- the model, optimizer and schedule ---------------------------------------------------------
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Inner learning-rate multiplier at inner step ``step``: linear warm-up, cosine decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_inner_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases, norms or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and not name.startswith(("wte.", "wpe.")):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.inner_lr, betas=(0.9, 0.95))
+
+
+def make_compression(cfg: TrainConfig) -> Any:
+    """The compressor ``--compression`` names, in ErrorFeedback with ``--error-feedback``."""
+    from lowcomm.comm.compression import ErrorFeedback, parse_compression
+
+    compressor = parse_compression(cfg.compression)
+    if cfg.error_feedback and not isinstance(compressor, ErrorFeedback):
+        if compressor is None:
+            raise ValueError("error_feedback needs a compression other than 'none'")
+        compressor = ErrorFeedback(compressor)
+    return compressor
+
+
+def make_optimizer(
+    cfg: TrainConfig, model: nn.Module, inner: torch.optim.Optimizer, compression: Any
+) -> torch.optim.Optimizer:
+    """DiLoCo around ``inner`` in diloco mode; ``inner`` itself otherwise.
+
+    Collective in diloco mode under a process group (rank 0's parameters are broadcast).
+    """
+    if cfg.mode != "diloco":
+        return inner
+
+    def outer(params: Any) -> torch.optim.Optimizer:
+        nesterov = cfg.nesterov and cfg.outer_momentum > 0
+        return torch.optim.SGD(
+            params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=nesterov
+        )
+
+    return DiLoCo(
+        model,
+        inner,
+        sync_every=cfg.sync_every,
+        outer_optimizer=outer,
+        compression=compression,
+        fragments=cfg.fragments,
+        overlap_steps=cfg.overlap_steps,
+        mix=cfg.mix,
+        overlap_mode=cfg.overlap_mode,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    autocast: Any,
+) -> float:
+    """Mean loss over the fixed held-out batches (no communication)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast():
+            _, loss = model(x.to(device), y.to(device))
+        total += float(loss)
+    model.train(was_training)
+    return total / len(batches)
+
+
+def allreduce_bytes(num_params: int, world_size: int, steps: int) -> int:
+    """Bytes one worker sends for a ring all-reduce of fp32 gradients every step."""
+    return int(2 * (world_size - 1) / world_size * 4 * num_params * steps)
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
+    """Run training as configured; return the summary (see the module docstring)."""
+    rank, world_size, device = rt.rank, rt.world_size, rt.device
+    run_dir = Path(cfg.run_dir)
+    compression = make_compression(cfg) if cfg.mode == "diloco" else None
+    resume = prepare_run_dir(cfg, rt)
+
+    corpus = load_corpus(
+        cfg.dataset,
+        cache_dir=cfg.data_dir,
+        heldout_fraction=cfg.heldout_fraction,
+        split=cfg.split,
+        text_field=cfg.text_field,
+        dataset_config=cfg.dataset_config,
+        data_files=cfg.data_files,
+        streaming=cfg.streaming,
+        max_bytes=cfg.max_bytes,
+    )
+    # The smallest shard decides, so that every rank raises alike (none waits in a collective).
+    smallest = min(
+        hi - lo
+        for lo, hi in (shard_bounds(len(corpus.train), r, world_size) for r in range(world_size))
+    )
+    if smallest <= cfg.seq_len:
+        raise ValueError(
+            f"the smallest training shard holds {smallest} bytes, not more than seq_len "
+            f"({cfg.seq_len}); use more data or fewer workers ({world_size})"
+        )
+    eval_set = eval_batches(
+        corpus.val, num_batches=cfg.eval_batches, batch_size=cfg.batch_size, seq_len=cfg.seq_len
+    )
+
+    torch.manual_seed(cfg.seed)
+    gpt_config = GPTConfig(
+        block_size=cfg.seq_len,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.n_embd,
+        tie_weights=cfg.tie_weights,
+    )
+    raw_model = GPT(gpt_config).to(device)
+    num_params = raw_model.num_params()
+    signature = parameter_signature(raw_model)
+    manifest_body = {
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.to_dict(),
+        "signature": signature,
+        "num_params": num_params,
+    }
+    if resume is not None:
+        # Before any collective or training: a wrong checkpoint fails on every rank alike.
+        ckpt.validate_manifest(
+            ckpt.read_manifest(resume),
+            config=cfg.to_dict(),
+            fingerprint=cfg.fingerprint(),
+            signature=signature,
+            world_size=world_size,
+            resumable_keys=RESUMABLE_KEYS,
+        )
+
+    # Model wrapping and optimizer. DiLoCo must see the bare model: DDP (from accelerate or
+    # torch) would all-reduce every gradient, which is what DiLoCo is there to avoid.
+    acc = rt.accelerator
+    inner = make_inner_optimizer(cfg, raw_model)
+    model: nn.Module = raw_model
+    if acc is not None:
+        model = acc.prepare_model(raw_model, evaluation_mode=cfg.mode != "ddp")
+        model.train()
+    elif cfg.mode == "ddp" and world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            raw_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    base_opt = make_optimizer(cfg, raw_model, inner, compression)
+    opt = acc.prepare_optimizer(base_opt) if acc is not None else base_opt
+    sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(cfg, s))
+    diloco = base_opt if isinstance(base_opt, DiLoCo) else None
+
+    use_bf16 = cfg.dtype == "bf16" and acc is None
+
+    def autocast() -> contextlib.AbstractContextManager[None]:
+        if use_bf16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def global_view() -> contextlib.AbstractContextManager[None]:
+        # DiLoCo evaluates the global parameters, not this worker's drifted local copy.
+        return diloco.global_parameters() if diloco is not None else contextlib.nullcontext()
+
+    # Resume: everything that makes the continuation bit-identical.
+    start_step, evals = 0, []
+    if resume is not None:
+        state = ckpt.load_rank_state(resume, rank, map_location=device)
+        raw_model.load_state_dict(state["model"])
+        base_opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+        start_step = int(state["step"])
+        evals = [tuple(e) for e in state["evals"]]
+        logger.info("rank %d resumed from %s at inner step %d", rank, resume, start_step)
+
+    metrics = MetricsLogger(
+        run_dir,
+        enabled=rank == 0,
+        wandb=cfg.wandb,
+        config=cfg.to_dict(),
+        project=cfg.wandb_project,
+        name=cfg.run_name,
+    )
+    if rank == 0:
+        ckpt.atomic_write_bytes(
+            run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode()
+        )
+    progress = Progress(cfg.steps, start_step, enabled=cfg.progress and rank == 0)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    ckpt_period = cfg.ckpt_every * cfg.sync_every
+    last_ckpt: Path | None = None
+
+    def stats() -> dict[str, Any]:
+        if diloco is None:
+            sent = allreduce_bytes(num_params, world_size, step - start_step)
+            return {"bytes_sent": sent if cfg.mode == "ddp" else 0, "outer_steps": 0}
+        s = diloco.stats
+        return {
+            "bytes_sent": s.bytes_sent,
+            "bytes_received": s.bytes_received,
+            "outer_steps": s.outer_steps,
+            "comm_seconds": s.comm_seconds,
+            "compression_ratio": getattr(s, "compression_ratio", None),
+            "peak_sync_bytes": getattr(s, "peak_sync_bytes", None),
+        }
+
+    def run_eval() -> None:
+        with global_view():
+            loss = evaluate(raw_model, eval_set, device, autocast)
+        evals.append((step, loss))
+        metrics.log(step, {"eval/loss": loss, "tokens": step * tokens_per_step * world_size})
+        if rank == 0 and cfg.progress:
+            progress.write(f"step {step}: eval loss {loss:.4f}")
+        elif rank == 0:
+            logger.info("step %d: eval loss %.4f", step, loss)
+
+    step = start_step
+    try:
+        if not evals:
+            run_eval()
+        model.train()
+        t_start = t_log = time.perf_counter()
+        loss_sum, loss_count = torch.zeros((), device=device), 0
+        while step < cfg.steps:
+            x, y = sample_batch(
+                corpus.train,
+                batch_size=cfg.batch_size,
+                seq_len=cfg.seq_len,
+                seed=cfg.seed,
+                rank=rank,
+                world_size=world_size,
+                step=step,
+            )
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                _, loss = model(x, y)
+            if acc is not None:
+                acc.backward(loss)
+            else:
+                loss.backward()
+            if cfg.grad_clip > 0:
+                if acc is not None:
+                    acc.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                else:
+                    nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            loss_sum += loss.detach()
+            loss_count += 1
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                train_loss = float(loss_sum) / loss_count
+                tps = loss_count * tokens_per_step * world_size / max(now - t_log, 1e-9)
+                s = stats()
+                metrics.log(
+                    step,
+                    {
+                        "train/loss": train_loss,
+                        "lr": sched.get_last_lr()[0],
+                        "tokens_per_s": tps,
+                        "tokens": step * tokens_per_step * world_size,
+                        **{k: v for k, v in s.items() if v is not None},
+                    },
+                )
+                postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tps:.3g}"}
+                if diloco is not None:
+                    postfix["outer"] = s["outer_steps"]
+                postfix["sent"] = format_bytes(s["bytes_sent"])
+                if s.get("compression_ratio") not in (None, 1.0):
+                    postfix["ratio"] = f"{s['compression_ratio']:.3g}x"
+                if s.get("peak_sync_bytes"):
+                    postfix["peak"] = format_bytes(s["peak_sync_bytes"])
+                progress.update(loss_count, **postfix)
+                t_log, loss_sum, loss_count = now, torch.zeros((), device=device), 0
+
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                run_eval()
+            if cfg.ckpt_every and (step % ckpt_period == 0 or step == cfg.steps):
+                state = {
+                    "model": raw_model.state_dict(),
+                    "optimizer": base_opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    },
+                    "step": step,
+                    "evals": [list(e) for e in evals],
+                }
+                last_ckpt = ckpt.save_checkpoint(
+                    ckpt.checkpoint_root(run_dir),
+                    step,
+                    state,
+                    rank=rank,
+                    world_size=world_size,
+                    manifest=manifest_body,
+                    keep=cfg.keep,
+                    timeout=cfg.ckpt_timeout,
+                )
+        elapsed = time.perf_counter() - t_start
+        steps_run = step - start_step
+        s = stats()
+        bound = allreduce_bytes(num_params, world_size, steps_run)
+        summary: dict[str, Any] = {
+            "mode": cfg.mode,
+            "world_size": world_size,
+            "rank": rank,
+            "num_params": num_params,
+            "steps": step,
+            "steps_run": steps_run,
+            "tokens_per_worker": steps_run * tokens_per_step,
+            "first_eval_loss": evals[0][1],
+            "final_eval_loss": evals[-1][1],
+            "evals": evals,
+            "bytes_sent": s["bytes_sent"],
+            "bytes_sent_estimated": cfg.mode == "ddp",
+            "allreduce_bytes": bound,
+            "allreduce_ratio": bound / s["bytes_sent"] if s["bytes_sent"] else None,
+            "outer_steps": s["outer_steps"],
+            "elapsed_s": elapsed,
+            "tokens_per_s": steps_run * tokens_per_step * world_size / max(elapsed, 1e-9),
+            "run_dir": str(run_dir),
+            "checkpoint": str(last_ckpt) if last_ckpt is not None else None,
+        }
+        metrics.log(step, {f"summary/{k}": v for k, v in summary.items() if k != "evals"})
+    finally:
+        # Also on errors: flush the metrics file, stop wandb and the bar, wait for syncs.
+        progress.close()
+        metrics.close()
+        if diloco is not None:
+            diloco.close()
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The few lines rank 0 prints at the end of a run."""
+    n = summary["world_size"]
+    lines = [
+        f"== {summary['mode']}: {n} worker(s), {summary['steps_run']} inner steps, "
+        f"{summary['num_params']:,} parameters, {summary['tokens_per_s']:.3g} tokens/s ==",
+        f"eval loss: {summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}",
+    ]
+    sent, bound = summary["bytes_sent"], summary["allreduce_bytes"]
+    label = "all-reduce sent (ring estimate)" if summary["bytes_sent_estimated"] else "sent"
+    lines.append(f"bytes {label} per worker: {format_bytes(sent)} ({sent:,} B)")
+    lines.append(
+        f"fp32 gradient all-reduce every step would send: {format_bytes(bound)} ({bound:,} B; "
+        f"2(N-1)/N * 4 * params per step per worker)"
+    )
+    if summary["bytes_sent_estimated"]:
+        pass  # DDP is the per-step all-reduce; there is no ratio to show
+    elif summary["allreduce_ratio"] is not None:
+        lines.append(f"ratio: {summary['allreduce_ratio']:.1f}x fewer bytes")
+    elif n == 1:
+        lines.append("ratio: n/a with one worker (nothing to send)")
+    else:
+        lines.append("ratio: n/a (nothing sent)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse options, train, print the summary on rank 0, and return it.
+
+    Args:
+        argv: options (without the program name); None reads ``sys.argv[1:]``.
+
+    Returns:
+        The summary dict (empty after ``--help``).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print(config_help())
+        return {}
+    cfg = load_config(argv)
+    rt = Runtime(cfg)
+    try:
+        summary = train(cfg, rt)
+    finally:
+        rt.close()
+    if rt.rank == 0:
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    main()
