@@ -101,6 +101,10 @@ def run_ranks(
     """
     if world_size < 1:
         raise ValueError(f"world_size ({world_size}) must be >= 1")
+    # torch.optim imports torch._dynamo lazily on first use (~5 s here); import it once in
+    # the parent so forked ranks inherit it instead of each paying for it.
+    import torch._dynamo  # noqa: F401
+
     ctx = mp.get_context("fork")
     tmp = tempfile.mkdtemp(prefix="lowcomm-rdzv-")
     results = ctx.Queue()
