@@ -9,7 +9,7 @@ EXTRAS ?= dev,hivemind,wandb,datasets,accelerate,bench
 NPROC ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-peers clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) recipes/train_lm.py \
+	GLOO_SOCKET_IFNAME=$${GLOO_SOCKET_IFNAME:-lo} $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) recipes/train_lm.py \
 		--config recipes/configs/demo.toml $(ARGS)
 
 test: $(STAMP)
@@ -36,6 +36,23 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) scripts/bench_suite.py $(ARGS)
+
+# torchft pulls opentelemetry and more, so it lives in its own venv, never in the project's.
+FTVENV ?= .venv-torchft
+$(FTVENV)/.installed:
+	$(PYTHON) -m venv $(FTVENV)
+	$(FTVENV)/bin/pip install -q "torch==2.13.0" "torchft==0.2.0"
+	$(FTVENV)/bin/pip install -q --no-deps -e .
+	@touch $@
+
+bench-peers: $(STAMP) $(FTVENV)/.installed
+	$(FTVENV)/bin/python scripts/peers/torchft_diloco.py --config recipes/configs/tiny.toml \
+		--workers 2 --steps 100 --sync-every 25 --out runs/peers/torchft.jsonl
+	$(PY) scripts/peers/hivemind_optimizer.py --config recipes/configs/tiny.toml \
+		--workers 2 --steps 100 --sync-every 25 --out runs/peers/hivemind.jsonl
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,144 @@
+"""The ``lowcomm`` command.
+
+::
+
+    lowcomm train [--config recipes/configs/demo.toml] [--key=value ...]   # the recipe
+    lowcomm dht [--host 0.0.0.0] [--port 31337] [--run-key-file F]          # a bootstrap node
+    lowcomm join --initial-peers ADDR [--run-id ID] [recipe options ...]    # a volunteer peer
+    lowcomm bench [bench_suite options ...]                                 # the benchmark suite
+
+``train`` and ``join`` run ``recipes/train_lm.py`` (found beside the package in a source
+checkout, or given with ``--recipe PATH``); ``join`` is ``train`` with the hivemind backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+__all__ = ["main"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_script(name: str, explicit: str | None) -> ModuleType:
+    path = Path(explicit) if explicit else _ROOT / name
+    if not path.is_file():
+        raise SystemExit(
+            f"lowcomm: {name} not found at {path}; run from a source checkout of lowcomm or "
+            f"pass its path with --recipe/--script"
+        )
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pop_option(argv: list[str], name: str) -> str | None:
+    """Remove ``--name V`` / ``--name=V`` from ``argv``; return V."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i : i + 2]
+            return value
+        if arg.startswith(name + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def cmd_train(argv: list[str]) -> int:
+    """Run the training recipe with ``argv`` as its options."""
+    recipe = _load_script("recipes/train_lm.py", _pop_option(argv, "--recipe"))
+    _logging()
+    recipe.main(argv)
+    return 0
+
+
+def cmd_join(argv: list[str]) -> int:
+    """Run the recipe as a volunteer peer over hivemind."""
+    if not any(a == "--initial-peers" or a.startswith("--initial-peers=") for a in argv):
+        raise SystemExit(
+            "lowcomm join: --initial-peers ADDR is required (the multiaddr printed by `lowcomm dht`)"
+        )
+    return cmd_train(["--backend", "hivemind", *argv])
+
+
+def cmd_dht(argv: list[str]) -> int:
+    """Start a bootstrap DHT node, print its addresses, serve until Ctrl-C/SIGTERM."""
+    parser = argparse.ArgumentParser(prog="lowcomm dht", description=cmd_dht.__doc__)
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+    parser.add_argument("--initial-peers", nargs="*", default=[], help="other bootstrap nodes")
+    parser.add_argument(
+        "--announce-host", default=None, help="public address to announce (behind NAT)"
+    )
+    args = parser.parse_args(argv)
+    _logging()
+    from lowcomm.comm.hivemind import start_bootstrap_dht
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    announce = [f"/ip4/{args.announce_host}/tcp/{args.port}"] if args.announce_host else None
+    dht, addrs = start_bootstrap_dht(
+        host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"],
+        announce_maddrs=announce,
+        initial_peers=args.initial_peers,
+    )
+    try:
+        print("bootstrap DHT is up; peers join with:", flush=True)
+        for addr in addrs:
+            print(f"  lowcomm join --initial-peers {addr} [recipe options]", flush=True)
+        stop.wait()
+    finally:
+        dht.shutdown()
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """Run the benchmark suite (``scripts/bench_suite.py``)."""
+    suite = _load_script("scripts/bench_suite.py", _pop_option(argv, "--script"))
+    result = suite.main(argv)
+    return int(result) if isinstance(result, int) else 0
+
+
+COMMANDS = {"train": cmd_train, "join": cmd_join, "dht": cmd_dht, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lowcomm`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lowcomm: unknown command {name!r}; one of {sorted(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[name](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
