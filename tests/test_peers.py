@@ -5,7 +5,7 @@ checked against an independent single-process replay of the same task (the recip
 AdamW, schedule and ``sample_batch`` streams; plain torch for the outer step):
 
 * torchft (needs an interpreter with torch + torchft + lowcomm: ``$LOWCOMM_TORCHFT_PYTHON``,
-  this interpreter, or ``/tmp/ftvenv/bin/python``; skipped otherwise): torchft's DiLoCo with 2
+  this interpreter, ``.venv-torchft`` (``make bench-peers``) or ``/tmp/ftvenv/bin/python``; skipped otherwise): torchft's DiLoCo with 2
   workers must land on the replay's global parameters (eval loss to 1e-4), with exactly
   steps/H committed rounds, identical workers and the expected all-reduce payload.
 * hivemind (this interpreter): one peer never averages, so it must equal local AdamW training;
@@ -125,6 +125,9 @@ def _torchft_python() -> str | None:
     candidates = [
         os.environ.get("LOWCOMM_TORCHFT_PYTHON"),
         sys.executable,
+        str(
+            Path(__file__).resolve().parent.parent / ".venv-torchft/bin/python"
+        ),  # make bench-peers
         "/tmp/ftvenv/bin/python",
     ]
     for python in candidates:

@@ -2,10 +2,11 @@
 
 Run (from the repository root, with an interpreter that has torch, torchft and lowcomm)::
 
-    python3 -m venv /tmp/ftvenv
-    /tmp/ftvenv/bin/pip install torch==2.13.0 torchft==0.2.0 numpy tqdm
-    /tmp/ftvenv/bin/pip install --no-deps -e .
-    /tmp/ftvenv/bin/python scripts/peers/torchft_diloco.py --config recipes/configs/tiny.toml \\
+    make bench-peers        # or by hand:
+    python3 -m venv .venv-torchft
+    .venv-torchft/bin/pip install torch==2.13.0 torchft==0.2.0 numpy tqdm
+    .venv-torchft/bin/pip install --no-deps -e .
+    .venv-torchft/bin/python scripts/peers/torchft_diloco.py --config recipes/configs/tiny.toml \\
         --workers 2 --steps 100 --sync-every 25 --out runs/peers/torchft.jsonl
 
 What it runs: ``--workers`` M forked processes, each its own torchft replica group of one
@@ -567,8 +568,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ImportError as e:
         print(
             f"torchft is not importable in {sys.executable} ({e}); install it in a separate "
-            "venv: python3 -m venv /tmp/ftvenv && /tmp/ftvenv/bin/pip install torch==2.13.0 "
-            "torchft==0.2.0 numpy tqdm && /tmp/ftvenv/bin/pip install --no-deps -e .",
+            "venv (or run `make bench-peers`): python3 -m venv .venv-torchft && .venv-torchft/bin/pip install torch==2.13.0 "
+            "torchft==0.2.0 numpy tqdm && .venv-torchft/bin/pip install --no-deps -e .",
             file=sys.stderr,
         )
         raise SystemExit(2) from None
