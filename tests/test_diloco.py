@@ -367,3 +367,23 @@ def test_wire_bytes_with_h_steps_are_one_hth_of_per_step_sync():
     # And each sync sends the ring all-reduce bound 2(N-1)/N * 4 * numel (+ the 8-byte weight).
     dense = per_step[0][1]
     assert per_step[0][0] / 40 == pytest.approx(dense + 8, rel=0.01)
+
+
+def test_error_feedback_with_outer_momentum_warns(caplog):
+    from lowcomm.comm.compression import ErrorFeedback, TopK
+
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING):
+        DiLoCo(model, inner, sync_every=2, compression=ErrorFeedback(TopK(0.5)))
+    assert "error feedback with an outer optimizer that has momentum" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        DiLoCo(
+            model,
+            inner,
+            sync_every=2,
+            compression=ErrorFeedback(TopK(0.5)),
+            outer_optimizer=outer_sgd(0.7, 0.0),
+        )
+    assert "momentum" not in caplog.text
