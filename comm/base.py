@@ -151,13 +151,17 @@ class Backend(Protocol):
         *,
         weight: float = 1.0,
         compressor: Compressor | None = None,
+        step: int | None = None,
     ) -> AverageWork:
         """Start a weighted average ``sum_i w_i x_i / sum_i w_i`` of ``tensors`` over workers.
 
         Args:
             tensors: floating tensors; the same shapes on every worker.
-            weight: this worker's weight (e.g. inner steps or samples it did); must be > 0.
+            weight: this worker's weight (e.g. inner steps or samples it did); >= 0, and 0
+                leaves this worker's tensors out of the mean.
             compressor: how contributions are encoded on the wire; None sends fp32.
+            step: the inner step at which this sync starts; names the round for backends
+                whose peers must agree on it (a swarm); lockstep backends ignore it.
         """
         ...
 

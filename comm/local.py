@@ -42,6 +42,7 @@ class LocalBackend:
         *,
         weight: float = 1.0,
         compressor: Compressor | None = None,
+        step: int | None = None,
     ) -> DoneWork:
         """Return ``tensors`` passed through ``compressor``'s encode/decode."""
         if weight < 0 or weight != weight:

@@ -128,6 +128,7 @@ class TorchDistBackend:
         *,
         weight: float = 1.0,
         compressor: Compressor | None = None,
+        step: int | None = None,
     ) -> _FutureWork:
         """Start a weighted average; see :class:`~lowcomm.comm.base.Backend`."""
         if weight < 0 or weight != weight:

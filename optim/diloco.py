@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -273,10 +274,6 @@ class DiLoCo(torch.optim.Optimizer):
         # Global copy (fp32), one outer optimizer per fragment.
         self._global_device = torch.device(global_device) if global_device is not None else None
         self.backend.check_consistent(self._fingerprint(sync_every, compression))
-        with torch.no_grad():
-            self.backend.sync_state(
-                {f"param.{n}": p.data for n, p in zip(self._names, self._params)}
-            )
         self._global = [
             p.detach().to(self._global_device or p.device, torch.float32, copy=True)
             for p in self._params
@@ -308,7 +305,13 @@ class DiLoCo(torch.optim.Optimizer):
         self._sent_numel = 0
         self._sent_bytes_compressed = 0
         self._overlap_total = 0
-        self._warned: set[str] = set()
+        self._round_started: float | None = None
+        self._elastic = bool(getattr(self.backend, "elastic", False))
+        if self._elastic:
+            self._prime_outer_state()
+        # Every worker starts from the reference worker's θ (rank 0's under torch.distributed,
+        # a live peer's in a swarm, with its outer state and step counters too).
+        self._sync_shared_state()
 
     # -- the torch.optim contract: state and groups are the inner optimizer's ----------------
 
@@ -421,12 +424,15 @@ class DiLoCo(torch.optim.Optimizer):
         self._inner_steps += 1
         step = self._inner_steps
         with torch.no_grad():
+            applied = self._stats.fragment_syncs
             landing = [p for p in self._pending if p.land_step <= step]
             for pending in landing:
                 self._pending.remove(pending)
                 self._apply_mix(pending)
             for frag in self._schedule.due(step):
                 self._sync(frag, step)
+            if self._stats.fragment_syncs != applied:
+                self._after_outer_step()
         return loss
 
     def _sync(self, frag: int, step: int) -> None:
@@ -471,7 +477,9 @@ class DiLoCo(torch.optim.Optimizer):
             sent = self._compressor.decompress(self._compressor.compress(delta))
         else:
             send = sent = delta
-        work = self.backend.average([send], weight=weight, compressor=self._compressor)
+        if self._round_started is None or frag == 0:
+            self._round_timing(frag)
+        work = self.backend.average([send], weight=weight, compressor=self._compressor, step=step)
         comp = self._compressor
         nbytes = comp.nbytes(send.numel()) if comp is not None else 4 * send.numel()
         self._sent_numel += send.numel()
@@ -557,6 +565,95 @@ class DiLoCo(torch.optim.Optimizer):
                 grad = (mean * total + fresh.delta * fresh.weight) / (total + fresh.weight)
         self._outer_step(frag, grad)
         self._reset_local(frag)
+
+    def _after_outer_step(self) -> None:
+        """Swarm backends: serve the new state to joiners; catch up if this worker fell behind."""
+        if not self._elastic:
+            return
+        publish = getattr(self.backend, "publish_state", None)
+        if publish is not None:
+            publish(self._shared_state())
+        needs = getattr(self.backend, "needs_resync", None)
+        if needs is not None and needs():
+            logger.warning(
+                "DiLoCo step %d: this worker's state differs from the swarm's; downloading it",
+                self._inner_steps,
+            )
+            # In-flight syncs were computed against the state being replaced.
+            for pending in self._pending:
+                pending.result_now()
+            self._pending, self._previous = [], {}
+            self._sync_shared_state()
+
+    def _round_timing(self, frag: int) -> None:
+        now = time.monotonic()
+        set_round = getattr(self.backend, "set_round_seconds", None)
+        if self._round_started is not None and set_round is not None:
+            set_round(now - self._round_started)
+        self._round_started = now
+
+    def _shared_state(self) -> dict[str, torch.Tensor]:
+        """Everything a joiner needs to continue as this worker: θ, outer state, counters."""
+        state: dict[str, torch.Tensor] = {
+            f"param.{n}": g for n, g in zip(self._names, self._global)
+        }
+        if self._elastic:
+            for f, (frag, outer) in enumerate(zip(self._fragments, self._outer)):
+                for i in frag:
+                    for key, value in sorted(outer.state.get(self._global[i], {}).items()):
+                        if isinstance(value, torch.Tensor):
+                            state[f"outer.{f}.{self._names[i]}.{key}"] = value
+            state["meta.outer_step"] = torch.tensor([self._stats.fragment_syncs])
+            state["meta.inner_steps"] = torch.tensor([self._inner_steps])
+        return state
+
+    def _sync_shared_state(self) -> None:
+        state = self._shared_state()
+        with torch.no_grad():
+            self.backend.sync_state(state)
+            for p, g in zip(self._params, self._global):
+                p.copy_(g)
+        if "meta.inner_steps" in state:
+            self._stats.fragment_syncs = int(state["meta.outer_step"].item())
+            self._inner_steps = int(state["meta.inner_steps"].item())
+            period = self._schedule.period
+            for f in range(len(self._fragments)):
+                # The last step <= inner_steps at which fragment f synced (0: never).
+                offset = self._schedule.offset(f) or period
+                last = self._inner_steps - ((self._inner_steps - offset) % period)
+                self._last_sync[f] = last if last >= offset else 0
+
+    def _prime_outer_state(self) -> None:
+        """Create the outer optimizers' state now, so every swarm peer has the same keys.
+
+        torch creates it lazily at the first step; a joiner downloading a peer's state needs
+        the tensors to exist. Zeros give the same numbers as the lazy start for SGD without
+        dampening and for Adam/AdamW.
+        """
+        for outer in self._outer:
+            for group in outer.param_groups:
+                for g in group["params"]:
+                    st = outer.state[g]
+                    if isinstance(outer, torch.optim.SGD):
+                        if group.get("momentum", 0) and group.get("dampening", 0):
+                            raise ValueError(
+                                "an elastic backend needs SGD outer momentum without dampening "
+                                f"(dampening={group['dampening']}) so its state can be primed"
+                            )
+                        if group.get("momentum", 0):
+                            st["momentum_buffer"] = torch.zeros_like(g)
+                    elif isinstance(outer, torch.optim.Adam | torch.optim.AdamW):
+                        st["step"] = torch.tensor(0.0)
+                        st["exp_avg"] = torch.zeros_like(g)
+                        st["exp_avg_sq"] = torch.zeros_like(g)
+                        if group.get("amsgrad"):
+                            st["max_exp_avg_sq"] = torch.zeros_like(g)
+                    else:
+                        raise ValueError(
+                            f"outer optimizer {type(outer).__name__} cannot be used with an "
+                            f"elastic backend: joiners could not download its state; use SGD, "
+                            f"Adam or AdamW"
+                        )
 
     def _reset_local(self, frag: int) -> None:
         for i in self._fragments[frag]:
