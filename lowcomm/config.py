@@ -56,6 +56,9 @@ OVERLAP_MODES = ("mix", "eager", "delayed")
 #: and CUDA (``device``) resumes correctly but not bit-identically.
 RESUMABLE_KEYS = frozenset(
     {
+        "initial_peers",
+        "run_key_file",
+        "round_seconds",
         "accelerate",
         "ckpt_every",
         "ckpt_timeout",
@@ -148,6 +151,14 @@ class TrainConfig:
         overlap_mode: ``mix`` (Streaming DiLoCo), ``eager`` or ``delayed`` (see DiLoCo).
         compression: compressor spec for the pseudo-gradient (``none``, ``int8``, ...).
         error_feedback: wrap the compressor in error feedback.
+        backend: ``auto`` (torch.distributed under torchrun, else one process) or
+            ``hivemind`` (a volunteer swarm; what ``lowcomm join`` sets).
+        initial_peers: comma-separated multiaddrs of live swarm peers (``lowcomm dht`` prints
+            one); empty starts a new swarm.
+        run_id: the swarm run's name; peers with the same run id (and key) train together.
+        run_key_file: a file holding the shared secret of a private swarm run (kept out of the
+            config, checkpoints and logs; ``LOWCOMM_RUN_KEY`` works too).
+        round_seconds: estimate of one outer round's wall time; swarm timeouts follow it.
     """
 
     config: str | None = None
@@ -205,6 +216,12 @@ class TrainConfig:
     overlap_mode: str = "mix"
     compression: str = "none"
     error_feedback: bool = False
+    # swarm
+    backend: str = "auto"
+    initial_peers: str = ""
+    run_id: str = "lowcomm"
+    run_key_file: str | None = None
+    round_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -215,6 +232,11 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("overlap_mode", self.overlap_mode, OVERLAP_MODES)
+        _choice("backend", self.backend, ("auto", "hivemind"))
+        if self.backend == "hivemind" and self.mode != "diloco":
+            raise ValueError(f"backend 'hivemind' needs mode 'diloco', got mode {self.mode!r}")
+        if not self.round_seconds > 0:
+            raise ValueError(f"round_seconds ({self.round_seconds}) must be > 0")
         for name in (
             "steps",
             "log_every",

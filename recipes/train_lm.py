@@ -42,6 +42,7 @@ What one run does, per worker (rank r of N):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -180,8 +181,27 @@ def make_compression(cfg: TrainConfig) -> Any:
     return compressor
 
 
+def make_backend(cfg: TrainConfig) -> Any:
+    """The swarm backend for ``--backend hivemind``; None lets DiLoCo pick (torch.distributed)."""
+    if cfg.backend != "hivemind":
+        return None
+    from lowcomm.comm.hivemind import HivemindBackend
+
+    key = os.environ.get("LOWCOMM_RUN_KEY")
+    if cfg.run_key_file:
+        key = Path(cfg.run_key_file).read_text().strip()
+    peers = [a.strip() for a in cfg.initial_peers.split(",") if a.strip()]
+    return HivemindBackend(
+        cfg.run_id, initial_peers=peers, run_key=key or None, round_seconds=cfg.round_seconds
+    )
+
+
 def make_optimizer(
-    cfg: TrainConfig, model: nn.Module, inner: torch.optim.Optimizer, compression: Any
+    cfg: TrainConfig,
+    model: nn.Module,
+    inner: torch.optim.Optimizer,
+    compression: Any,
+    backend: Any = None,
 ) -> torch.optim.Optimizer:
     """DiLoCo around ``inner`` in diloco mode; ``inner`` itself otherwise.
 
@@ -206,6 +226,7 @@ def make_optimizer(
         overlap_steps=cfg.overlap_steps,
         mix=cfg.mix,
         overlap_mode=cfg.overlap_mode,
+        backend=backend,
     )
 
 
@@ -308,7 +329,13 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         model = nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    base_opt = make_optimizer(cfg, raw_model, inner, compression)
+    if cfg.backend == "hivemind" and world_size > 1:
+        raise ValueError(
+            f"backend 'hivemind' runs one process per peer; got WORLD_SIZE={world_size} "
+            "(start each volunteer with `lowcomm join`, not torchrun)"
+        )
+    backend = make_backend(cfg)
+    base_opt = make_optimizer(cfg, raw_model, inner, compression, backend)
     opt = acc.prepare_optimizer(base_opt) if acc is not None else base_opt
     sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(cfg, s))
     diloco = base_opt if isinstance(base_opt, DiLoCo) else None
@@ -337,6 +364,17 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         start_step = int(state["step"])
         evals = [tuple(e) for e in state["evals"]]
         logger.info("rank %d resumed from %s at inner step %d", rank, resume, start_step)
+    data_seed = cfg.seed
+    if backend is not None:
+        # A volunteer continues at the swarm's step (DiLoCo downloaded it), on a data stream
+        # of its own: world_size stays 1, and its peer id joins the sampler's seed.
+        start_step = max(start_step, diloco.stats.inner_steps if diloco is not None else 0)
+        sched.last_epoch = start_step
+        for group, base_lr in zip(inner.param_groups, sched.base_lrs):
+            group["lr"] = base_lr * lr_factor(cfg, start_step)
+        data_seed = cfg.seed * 2**28 + int(
+            hashlib.sha256(backend.peer_id.encode()).hexdigest()[:7], 16
+        )
 
     metrics = MetricsLogger(
         run_dir,
@@ -365,8 +403,9 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "bytes_received": s.bytes_received,
             "outer_steps": s.outer_steps,
             "comm_seconds": s.comm_seconds,
-            "compression_ratio": getattr(s, "compression_ratio", None),
-            "peak_sync_bytes": getattr(s, "peak_sync_bytes", None),
+            "compression_ratio": s.compression_ratio,
+            "peak_sync_bytes": s.peak_sync_bytes,
+            "peers": diloco.backend.world_size if backend is not None else world_size,
         }
 
     def run_eval() -> None:
@@ -391,7 +430,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                 corpus.train,
                 batch_size=cfg.batch_size,
                 seq_len=cfg.seq_len,
-                seed=cfg.seed,
+                seed=data_seed,
                 rank=rank,
                 world_size=world_size,
                 step=step,
