@@ -99,19 +99,21 @@ def cmd_dht(argv: list[str]) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     announce = [f"/ip4/{args.announce_host}/tcp/{args.port}"] if args.announce_host else None
     dht, addrs = start_bootstrap_dht(
         host_maddrs=[f"/ip4/{args.host}/tcp/{args.port}"],
         announce_maddrs=announce,
         initial_peers=args.initial_peers,
     )
+    # After the DHT starts: hivemind installs handlers of its own while it starts.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         print("bootstrap DHT is up; peers join with:", flush=True)
         for addr in addrs:
             print(f"  lowcomm join --initial-peers {addr} [recipe options]", flush=True)
-        stop.wait()
+        while not stop.wait(1.0):
+            pass
     finally:
         dht.shutdown()
     return 0

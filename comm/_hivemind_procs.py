@@ -1,0 +1,325 @@
+"""The processes of a hivemind peer: starting, steering and stopping them.
+
+Builds the DHT (:func:`_make_dht`) and the averagers (:func:`_build_averager`) as forked
+children that ignore Ctrl-C, runs the heartbeat thread (:func:`_heartbeat_loop`), downloads
+a peer's state (:func:`_fetch_state`), waits on one round in flight (:class:`_SwarmWork`),
+and shuts everything down in order (:func:`_shutdown_swarm`).
+
+Kept apart from :mod:`lowcomm.comm.hivemind` so that the public module holds the backend's
+protocol, and from :mod:`lowcomm.comm._hivemind_wire` (the hivemind subclasses themselves)
+so that neither module grows past the house limit. hivemind is imported only when a DHT or
+averager is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lowcomm.comm._hivemind_records import (
+    _FAILURES,
+    _alone_result,
+    _download_problem,
+    _group_result,
+)
+from lowcomm.comm._hivemind_wire import _hivemind
+from lowcomm.comm.base import AverageResult, ConsistencyError, Timer
+
+if TYPE_CHECKING:
+    from lowcomm.comm.compression.base import Compressor
+    from lowcomm.comm.hivemind import HivemindBackend, SwarmTimeouts
+
+# The backend's own logger, whichever of its modules the message comes from.
+logger = logging.getLogger("lowcomm.comm.hivemind")
+
+# Elements per all-reduce part before rounding to the compressor's granularity (512 KiB of
+# fp32, under p2pd's 4 MiB message limit whatever the compressor).
+_PART_ELEMS = 2**17
+
+
+# -- process hygiene ---------------------------------------------------------------------------
+
+
+def _start_child(proc: mp.process.BaseProcess) -> None:
+    """Start a forked child that ignores Ctrl-C (the parent shuts it down in order)."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigterm_to_exit() -> Any:
+    """Make SIGTERM raise SystemExit (so cleanup runs); return the handler it replaced.
+
+    Only from the main thread and where nobody else handles SIGTERM; otherwise None.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, on_sigterm)
+
+
+# -- averagers and state downloads -------------------------------------------------------------
+
+
+def _build_averager(
+    dht: Any,
+    prefix: str,
+    numel: int,
+    codec: Compressor,
+    timeouts: SwarmTimeouts,
+    *,
+    run_key: bytes | None,
+    max_norm: float | None,
+    pdeathsig: bool,
+    state_provider: Callable[[], Any] | None,
+    peers_key: str,
+) -> Any:
+    """An averager (not started) of one ``numel``-element vector; serves state if given one."""
+    hm = _hivemind()
+    t = timeouts
+    granularity = max(1, int(getattr(codec, "granularity", 1)))
+    part = granularity * max(1, round(_PART_ELEMS / granularity))
+    state = state_provider is not None
+    averager = hm.Averager(
+        [torch.zeros(numel, dtype=torch.float32)],
+        dht,
+        start=False,
+        prefix=prefix,
+        codec=codec,
+        run_key=run_key,
+        max_norm=max_norm,
+        pdeathsig=pdeathsig,
+        state_provider=state_provider,
+        min_matchmaking_time=t.matchmaking_time,
+        request_timeout=t.request_timeout,
+        allreduce_timeout=t.averaging_timeout,
+        next_chunk_timeout=t.next_chunk_timeout,
+        compression=hm.WireCodec(codec),
+        part_size_bytes=4 * part,
+        allow_state_sharing=state,
+        declare_state_period=max(10.0, t.peer_ttl),
+        shutdown_timeout=5,
+    )
+    averager._lowcomm_peers_key = peers_key
+    return averager
+
+
+def _fetch_state(
+    server: Any,
+    peer: str,
+    timeout: float,
+    key: bytes | None,
+    fingerprint: str,
+    tensors: dict[str, torch.Tensor],
+    version: int,
+) -> tuple[Any, list[torch.Tensor]] | None:
+    """``(metadata, tensors)`` downloaded from ``peer`` through ``server``, checked; else None.
+
+    A failed download or a bad state is logged (the caller tries the next peer).
+
+    Raises:
+        ConsistencyError: ``peer`` serves a state with other names, shapes or dtypes.
+    """
+    try:
+        metadata, received = server.lowcomm_download(
+            _hivemind().PeerID.from_base58(peer).to_bytes(), timeout
+        )
+    except _FAILURES as e:
+        logger.info("hivemind: state download from %s failed: %s", peer, e)
+        return None
+    problem = _download_problem(key, fingerprint, peer, metadata, received, tensors, version)
+    if problem is not None:
+        if isinstance(problem, ConsistencyError):
+            raise problem
+        logger.warning("hivemind: state from %s rejected: %s", peer, problem)
+        return None
+    return metadata, received
+
+
+# -- DHT ---------------------------------------------------------------------------------------
+
+
+def _make_dht(
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str] | None,
+    start_timeout: float,
+    identity_path: str | None = None,
+) -> Any:
+    hm = _hivemind()
+    method = mp.get_start_method(allow_none=True)
+    if method not in (None, "fork"):
+        raise RuntimeError(
+            f"hivemind's DHT and averagers must be forked, but this process's multiprocessing "
+            f'start method is {method!r} (hivemind then fails with "cannot pickle '
+            f"'_thread.lock'\" or hangs). Do not set_start_method('spawn') in a process that "
+            f"runs a swarm peer, or call multiprocessing.set_start_method('fork', force=True) "
+            f"before building the backend"
+        )
+    for maddr in initial_peers:
+        if not isinstance(maddr, str) or "/p2p/" not in maddr:
+            raise ValueError(
+                f"initial peer {maddr!r} must be a multiaddr ending in /p2p/<peer id>, "
+                f"e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW... (printed by `lowcomm dht`)"
+            )
+    kwargs: dict[str, Any] = dict(host_maddrs=list(host_maddrs))
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    if identity_path:
+        kwargs["identity_path"] = identity_path
+    dht = hm.SwarmDHT(
+        initial_peers=list(initial_peers) or None,
+        start=False,
+        await_ready=False,
+        **kwargs,
+    )
+    dht._lowcomm_pdeathsig = threading.current_thread() is threading.main_thread()
+    _start_child(dht)
+    t0 = time.monotonic()
+    try:
+        dht.wait_until_ready(timeout=start_timeout)
+    except Exception as e:
+        with contextlib.suppress(*_FAILURES):
+            if dht.is_alive():
+                dht.shutdown()
+            dht.join(2)
+            if dht.is_alive():
+                dht.kill()
+        where = ", ".join(initial_peers) if initial_peers else "(no initial peers)"
+        if isinstance(e, TimeoutError | mp.TimeoutError) or type(e).__name__ == "TimeoutError":
+            raise ConnectionError(
+                f"the hivemind DHT did not start within {start_timeout:.0f}s; initial peers "
+                f"{where} did not answer"
+            ) from None
+        raise ConnectionError(
+            f"could not join the hivemind DHT through {where} "
+            f"({time.monotonic() - t0:.1f}s): {e}. Check that the addresses are right and "
+            f"that a `lowcomm dht` or another peer is running there and reachable"
+        ) from None
+    return dht
+
+
+def _heartbeat_loop(ref: weakref.ref[HivemindBackend], stop: threading.Event) -> None:
+    """Publish and read the backend's DHT record every heartbeat period until ``stop``.
+
+    Holds the backend only weakly between beats, so an abandoned backend can be collected.
+    """
+    while True:
+        backend = ref()
+        if backend is None:
+            return
+        period = backend.timeouts.heartbeat_period
+        try:
+            backend._refresh()
+        except _FAILURES as e:
+            logger.debug("hivemind heartbeat failed: %r", e)
+        del backend
+        if stop.wait(period):
+            return
+
+
+# -- a round in flight -------------------------------------------------------------------------
+
+
+class _SwarmWork:
+    """An average in flight in a hivemind averager process."""
+
+    def __init__(
+        self,
+        backend: HivemindBackend,
+        slot: tuple[Any, ...],
+        averager: Any,
+        control: Any,
+        flat: torch.Tensor,
+        shapes: list[torch.Size],
+        device: torch.device,
+        weight: float,
+        codec: Compressor,
+        round_id: int,
+    ) -> None:
+        self._backend = backend
+        self._slot = slot
+        self._averager = averager
+        self._control = control
+        self._flat = flat
+        self._shapes = shapes
+        self._device = device
+        self._weight = weight
+        self._codec = codec
+        self._round = round_id
+        self._result: AverageResult | None = None
+
+    def is_completed(self) -> bool:
+        return self._result is not None or self._control.done()
+
+    def wait(self) -> AverageResult:
+        if self._result is not None:
+            return self._result
+        backend = self._backend
+        summary = None
+        with Timer(backend.stats):
+            try:
+                summary = self._control.result(timeout=backend.timeouts.wait_timeout)
+            except _FAILURES as e:
+                reason = str(e) or type(e).__name__
+                if "could not find a group" in reason:
+                    reason = "nobody else came to this round within the matchmaking timeout"
+                logger.info("hivemind round %d: averaging alone (%s)", self._round, reason)
+                if not self._control.done():
+                    # The averager is wedged (it outlived every timeout): replace it.
+                    with contextlib.suppress(*_FAILURES):
+                        self._control.cancel()
+                    backend._discard_averager(self._slot)
+            if summary is not None:
+                with self._averager.get_tensors() as buffers:
+                    out = buffers[0].clone()
+        if summary is None:
+            self._result = _alone_result(
+                self._flat, self._shapes, self._device, self._weight, self._codec
+            )
+            backend._last_round_failed = True
+        else:
+            self._result = _group_result(summary, out, self._shapes, self._device, self._round)
+            backend._last_round_failed = False
+        backend._finish(self._slot, self._result)
+        return self._result
+
+
+def _shutdown_averager(averager: Any) -> None:
+    with contextlib.suppress(*_FAILURES):
+        if averager.is_alive():
+            averager.shutdown()
+        averager.join(5)
+        if averager.is_alive():
+            averager.kill()
+
+
+def _shutdown_swarm(averagers: list[Any], dht: Any) -> None:
+    """Stop ``averagers`` then ``dht``, killing whatever does not stop in time."""
+    for averager in averagers:
+        _shutdown_averager(averager)
+    with contextlib.suppress(*_FAILURES):
+        if dht.is_alive():
+            dht.shutdown()
+        dht.join(5)
+        if dht.is_alive():
+            dht.kill()

@@ -1,0 +1,836 @@
+"""The hivemind swarm backend on loopback: averaging, faults, joins, refusals, compression.
+
+Every peer that averages is a forked process owning one ``HivemindBackend`` (as in a real
+swarm); results come back through a queue and the parent asserts. A fixture kills whatever
+child processes a test leaves (hivemind's DHT/averager processes and ``p2pd`` included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("hivemind")
+psutil = pytest.importorskip("psutil")
+
+from lowcomm.comm.base import ConsistencyError  # noqa: E402
+from lowcomm.comm.hivemind import HivemindBackend, SwarmTimeouts, start_bootstrap_dht  # noqa: E402
+
+pytestmark = [pytest.mark.hivemind, pytest.mark.timeout(120)]
+
+LOOP = ["/ip4/127.0.0.1/tcp/0"]
+# Every timeout follows the round length; 15 s gives 1.5 s of matchmaking per round, enough
+# for 2 shared cores, and rounds of about 2 s.
+ROUND_SECONDS = 15.0
+CTX = mp.get_context("fork")
+
+
+# -- harness -----------------------------------------------------------------------------------
+
+
+def _descendants() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_all(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def reap() -> Iterator[None]:
+    """Kill every child process a test leaves behind, p2pd daemons included."""
+    before = {p.pid for p in _descendants()}
+    yield
+    _kill_all([p for p in _descendants() if p.pid not in before])
+
+
+@pytest.fixture(scope="module")
+def bootstrap() -> Iterator[list[str]]:
+    """One bootstrap DHT node (what ``lowcomm dht`` runs) for the module's swarms."""
+    dht, maddrs = start_bootstrap_dht(host_maddrs=LOOP)
+    yield maddrs
+    dht.shutdown()
+    dht.join(5)
+
+
+def _backend(run_id: str, maddrs: list[str], **kwargs: Any) -> HivemindBackend:
+    kwargs.setdefault("round_seconds", ROUND_SECONDS)
+    return HivemindBackend(run_id, initial_peers=maddrs, host_maddrs=LOOP, **kwargs)
+
+
+def _peer_main(fn: Callable[..., Any], index: int, args: tuple[Any, ...], out: Any) -> None:
+    torch.set_num_threads(1)
+    if os.environ.get("LOWCOMM_TEST_LOG"):
+        import logging
+
+        logging.basicConfig(
+            level=logging.INFO,
+            format=f"peer{index} %(asctime)s %(name)s: %(message)s",
+            force=True,
+        )
+    try:
+        result = fn(index, *args)
+        out.put((index, True, result))
+    except BaseException:
+        out.put((index, False, traceback.format_exc()))
+    out.close()
+    out.join_thread()
+    os._exit(0)  # not pytest's atexit hooks: this is a forked copy of the test process
+
+
+class Peers:
+    """Forked peer processes; each runs ``fn(index, *args)`` and reports its return value."""
+
+    def __init__(self) -> None:
+        self.out = CTX.Queue()
+        self.procs: dict[int, Any] = {}
+        self.results: dict[int, Any] = {}
+
+    def start(self, fn: Callable[..., Any], index: int, *args: Any) -> None:
+        proc = CTX.Process(target=_peer_main, args=(fn, index, args, self.out))
+        proc.start()
+        self.procs[index] = proc
+
+    def collect(self, indices: list[int], timeout: float) -> dict[int, Any]:
+        deadline = time.monotonic() + timeout
+        while not all(i in self.results for i in indices):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"peers {indices} timed out; got {sorted(self.results)}")
+            try:
+                index, ok, value = self.out.get(timeout=0.5)
+            except queue.Empty:
+                dead = [
+                    i
+                    for i in indices
+                    if i not in self.results and self.procs[i].exitcode not in (None, 0)
+                ]
+                if dead:
+                    raise AssertionError(f"peers {dead} died") from None
+                continue
+            if not ok:
+                raise AssertionError(f"peer {index} raised:\n{value}")
+            self.results[index] = value
+        return {i: self.results[i] for i in indices}
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+
+
+@pytest.fixture
+def peers() -> Iterator[Peers]:
+    group = Peers()
+    yield group
+    group.close()
+
+
+def _contribution(index: int, step: int, numel: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + index)
+    return torch.randn(numel, generator=g) * scale
+
+
+# -- pure rules --------------------------------------------------------------------------------
+
+
+def test_timeouts_follow_round_length() -> None:
+    t = SwarmTimeouts.from_round_seconds(100.0)
+    assert t.matchmaking_time == 10.0 and t.request_timeout == 5.0
+    assert t.matchmaking_timeout == 30.0 and t.averaging_timeout == 100.0
+    assert t.next_chunk_timeout == 25.0 and t.heartbeat_period == 10.0
+    assert t.request_timeout < t.matchmaking_time < t.matchmaking_timeout < t.wait_timeout
+    short, long = SwarmTimeouts.from_round_seconds(1.0), SwarmTimeouts.from_round_seconds(1e5)
+    assert short.matchmaking_time == 1.0 and short.averaging_timeout == 5.0  # floors
+    assert long.matchmaking_time == 30.0 and long.next_chunk_timeout == 60.0  # ceilings
+    with pytest.raises(ValueError, match="round_seconds"):
+        SwarmTimeouts.from_round_seconds(0.0)
+
+
+def _entries(history: dict[int, Any]) -> dict[int, tuple[str, int]]:
+    # "digest" or ("digest", peers in the round that made it); 3 peers unless given.
+    return {v: (h, 3) if isinstance(h, str) else h for v, h in history.items()}
+
+
+def _planner(version: int, history: dict[int, Any]) -> HivemindBackend:
+    backend = HivemindBackend.__new__(HivemindBackend)  # the rule only: no DHT
+    backend._peer, backend._version, backend._history = "me", version, _entries(history)
+    backend._lock = threading.RLock()
+    return backend
+
+
+def _rec(peer: str, version: int, history: dict[int, Any], busy: bool = False) -> Any:
+    from lowcomm.comm.hivemind import _Record
+
+    entries = _entries(history)
+    return _Record(peer, "fp", version, entries[version][0], busy, entries)
+
+
+def test_resync_rule() -> None:
+    me = _planner(3, {2: "a", 3: "b"})
+    # Alone, or with peers that agree: nothing to do.
+    assert me._plan({}) is None
+    assert me._plan({"p": _rec("p", 3, {2: "a", 3: "b"})}) is None
+    # Behind: take the digest most peers hold at the top version, idle peers first.
+    records = {
+        "p": _rec("p", 5, {4: "x", 5: "y"}, busy=True),
+        "q": _rec("q", 5, {4: "x", 5: "y"}),
+        "r": _rec("r", 5, {5: "z"}),
+    }
+    assert me._plan(records) == (5, "y", ["q", "p"])
+    # Averaged alone at version 3 while two others averaged together: the minority resyncs,
+    # even when the others have moved on (their history still shows version 3).
+    lonely = _planner(3, {2: "a", 3: "solo"})
+    records = {
+        "p": _rec("p", 3, {2: "a", 3: "group"}),
+        "q": _rec("q", 3, {2: "a", 3: "group"}),
+    }
+    assert lonely._plan(records) == (3, "group", ["p", "q"])
+    majority = _planner(3, {2: "a", 3: "group"})
+    peers_ = {"p": records["p"], "s": _rec("s", 3, {2: "a", 3: "solo"})}
+    assert majority._plan(peers_) is None  # two against one
+    # One against one: the state a larger group produced wins (two survivors of a kill, one
+    # of which got the group's result); at equal group sizes, the higher peer id.
+    survivor = {"a": _rec("a", 3, {3: ("group", 3)})}
+    assert _planner(3, {3: ("solo", 1)})._plan(survivor) == (3, "group", ["a"])
+    assert _planner(3, {3: ("group", 3)})._plan({"a": _rec("a", 3, {3: ("solo", 1)})}) is None
+    assert _planner(3, {3: "solo"})._plan({"z": _rec("z", 3, {3: "other"})}) is not None
+    assert _planner(3, {3: "solo"})._plan({"a": _rec("a", 3, {3: "other"})}) is None
+    # A peer that has not synced yet (no digest) counts for nothing.
+    from lowcomm.comm.hivemind import _Record
+
+    fresh = {"p": _Record("p", "fp", 9, "", False, {})}
+    assert me._plan(fresh) is None
+
+
+# -- averaging ---------------------------------------------------------------------------------
+
+# Three tensors, 300_077 elements: three hivemind parts of 2**17, so every peer reduces some.
+SHAPES = [(300, 1000), (77,), ()]
+NUMEL = sum(torch.Size(s).numel() for s in SHAPES)
+
+
+def _split(flat: torch.Tensor) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for shape in SHAPES:
+        n = torch.Size(shape).numel()
+        out.append(flat[offset : offset + n].reshape(shape))
+        offset += n
+    return out
+
+
+def _average_rounds(
+    index: int, maddrs: list[str], run_id: str, compressors: list[Any], start: Any
+) -> list[dict[str, Any]]:
+    backend = _backend(run_id, maddrs)
+    try:
+        backend.check_consistent("fp")
+        start.wait(60)  # peers come up seconds apart; rounds should not
+        out = []
+        for step, comp in enumerate(compressors):
+            x = _contribution(index, step, NUMEL)
+            res = backend.average(_split(x), weight=float(index + 1), compressor=comp, step=step)
+            res = res.wait()
+            out.append(
+                dict(
+                    flat=torch.cat([t.reshape(-1) for t in res.tensors]).numpy(),
+                    shapes=[tuple(t.shape) for t in res.tensors],
+                    num_peers=res.num_peers,
+                    total_weight=res.total_weight,
+                    sent=res.bytes_sent,
+                    received=res.bytes_received,
+                )
+            )
+        stats = backend.stats
+        out.append(dict(stats=(stats.bytes_sent, stats.bytes_received, stats.num_averages)))
+        return out
+    finally:
+        backend.close()
+
+
+def test_three_peers_average_weighted_mean_bit_identical(
+    bootstrap: list[str], peers: Peers
+) -> None:
+    start = CTX.Barrier(3)
+    for i in range(3):
+        peers.start(_average_rounds, i, bootstrap, "mean", [None, None], start)
+    results = peers.collect([0, 1, 2], timeout=90)
+    for step in range(2):
+        rounds = [results[i][step] for i in range(3)]
+        xs = [_contribution(i, step, NUMEL) for i in range(3)]
+        expected = sum((i + 1) * xs[i].double() for i in range(3)) / 6
+        first = torch.from_numpy(rounds[0]["flat"])
+        for r in rounds:
+            assert r["num_peers"] == 3 and r["total_weight"] == pytest.approx(6.0)
+            assert r["shapes"] == [tuple(s) for s in SHAPES]
+            assert torch.equal(torch.from_numpy(r["flat"]), first)  # bit for bit
+        torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=1e-6)
+        # Butterfly all-reduce: every part crosses the wire N-1 times each way.
+        assert sum(r["sent"] for r in rounds) == sum(r["received"] for r in rounds)
+        assert sum(r["sent"] for r in rounds) == 2 * (3 - 1) * 4 * NUMEL
+    for i in range(3):
+        sent, received, num = results[i][-1]["stats"]
+        assert num == 2
+        assert sent == sum(results[i][s]["sent"] for s in range(2))
+        assert received == sum(results[i][s]["received"] for s in range(2))
+
+
+def test_fp16_int8_compression_through_backend(bootstrap: list[str], peers: Peers) -> None:
+    from lowcomm.comm.compression.cast import FP16
+    from lowcomm.comm.compression.int8 import Int8
+
+    comps = [FP16(), Int8()]
+    start = CTX.Barrier(3)
+    for i in range(3):
+        peers.start(_average_rounds, i, bootstrap, "compressed", comps, start)
+    results = peers.collect([0, 1, 2], timeout=90)
+    for step, comp in enumerate(comps):
+        rounds = [results[i][step] for i in range(3)]
+        first = torch.from_numpy(rounds[0]["flat"])
+        for r in rounds:
+            assert r["num_peers"] == 3
+            assert torch.equal(torch.from_numpy(r["flat"]), first)
+        xs = [_contribution(i, step, NUMEL) for i in range(3)]
+        exact = sum((i + 1) * xs[i].double() for i in range(3)) / 6
+        # Reference: every contribution encoded and decoded, averaged in fp32, the mean
+        # encoded again for the trip back (dense_average's arithmetic; order may differ).
+        decoded = [comp.decompress(comp.compress(x)).double() for x in xs]
+        mean = (sum((i + 1) * decoded[i] for i in range(3)) / 6).float()
+        reference = comp.decompress(comp.compress(mean)).double()
+        scale = max(float(x.abs().max()) for x in xs)
+        # Parts are cut on the compressor's granularity, so reference and result agree up to
+        # fp32 summation order, which can move a value across one rounding step of the code.
+        step_size = scale / 127 if isinstance(comp, Int8) else scale * 2**-10
+        assert float((first.double() - reference).abs().max()) <= 1.01 * step_size
+        bound = 2 * (scale / 254 if isinstance(comp, Int8) else scale * 2**-11) + 1e-6
+        assert float((first.double() - exact).abs().max()) <= bound
+        payload = sum(r["sent"] for r in rounds)
+        assert payload == sum(r["received"] for r in rounds)
+        assert payload < 2 * 2 * 4 * NUMEL * (0.55 if isinstance(comp, FP16) else 0.3)
+
+
+def test_sparse_compressor_and_bad_weight_refused(bootstrap: list[str]) -> None:
+    from lowcomm.comm.compression.topk import TopK
+
+    backend = _backend("sparse", bootstrap)
+    try:
+        with pytest.raises(ValueError, match="sparse"):
+            backend.average([torch.zeros(10)], compressor=TopK(0.1))
+        with pytest.raises(ValueError, match="weight"):
+            backend.average([torch.zeros(10)], weight=-1.0)
+        # Alone in its run: after the matchmaking timeout it proceeds alone, encoded and
+        # decoded like a real average.
+        res = backend.average([torch.ones(3)], weight=2.0).wait()
+        assert res.num_peers == 1 and res.total_weight == 2.0
+        assert torch.equal(res.tensors[0], torch.ones(3))
+        assert backend.world_size == 1
+    finally:
+        backend.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.average([torch.zeros(1)])
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+KILL_NUMEL = 2_000_000  # 8 MB per peer, so the kill lands while parts are on the wire
+
+
+def _state(numel: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "param.0": torch.randn(numel, generator=g),
+        "outer.0.momentum_buffer": torch.zeros(numel),
+        "meta.outer_step": torch.zeros(1, dtype=torch.int64),
+    }
+
+
+def _outer_round(
+    backend: HivemindBackend, state: dict[str, torch.Tensor], x: torch.Tensor, weight: float
+) -> Any:
+    """A toy outer step (momentum SGD on the averaged x), then publish and catch up."""
+    step = int(state["meta.outer_step"])
+    res = backend.average([x], weight=weight, step=step).wait()
+    state["outer.0.momentum_buffer"].mul_(0.9).add_(res.tensors[0])
+    state["param.0"].sub_(0.1 * state["outer.0.momentum_buffer"])
+    state["meta.outer_step"] += 1
+    backend.publish_state(state)
+    resynced = False
+    if backend.needs_resync():
+        backend.sync_state(state)
+        resynced = True
+    return res, resynced
+
+
+def _kill_peer(
+    index: int, maddrs: list[str], victim: int, rounds: int, barrier: Any
+) -> dict[str, Any]:
+    backend = _backend("kill", maddrs)
+    log: list[dict[str, Any]] = []
+    try:
+        backend.check_consistent("fp")
+        state = _state(KILL_NUMEL, seed=0)
+        backend.sync_state(state)
+        barrier.wait(timeout=60)
+        while int(state["meta.outer_step"]) < rounds:
+            step = int(state["meta.outer_step"])
+            x = _contribution(index, step, KILL_NUMEL, scale=0.01)
+            if index == victim and step == 1:
+                from hivemind.averaging.control import AveragingStage
+
+                backend.average([x], weight=1.0, step=step)
+                work = next(iter(backend._inflight.values()))
+                deadline = time.monotonic() + 30
+                while work._control.stage != AveragingStage.RUNNING_ALLREDUCE:
+                    if time.monotonic() > deadline:
+                        raise AssertionError("the victim never started its all-reduce")
+                    time.sleep(0.001)
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGKILL)
+            t0 = time.monotonic()
+            res, resynced = _outer_round(backend, state, x, 1.0)
+            log.append(
+                dict(
+                    step=step,
+                    num_peers=res.num_peers,
+                    seconds=time.monotonic() - t0,
+                    resynced=resynced,
+                )
+            )
+        # The last peers to finish may publish after this one checked: look once more.
+        time.sleep(2 * backend.timeouts.heartbeat_period)
+        if backend.needs_resync():
+            backend.sync_state(state)
+        return dict(log=log, param=state["param.0"].numpy(), step=int(state["meta.outer_step"]))
+    finally:
+        backend.close()
+
+
+def test_sigkill_mid_average_others_finish_and_agree(bootstrap: list[str], peers: Peers) -> None:
+    victim, rounds = 2, 4
+    barrier = CTX.Barrier(3)
+    for i in range(3):
+        peers.start(_kill_peer, i, bootstrap, victim, rounds, barrier)
+    t0 = time.monotonic()
+    results = peers.collect([0, 1], timeout=100)
+    elapsed = time.monotonic() - t0
+    peers.procs[victim].join(10)
+    assert peers.procs[victim].exitcode == -signal.SIGKILL
+    a, b = results[0], results[1]
+    assert a["step"] == b["step"] == rounds
+    assert torch.equal(torch.from_numpy(a["param"]), torch.from_numpy(b["param"]))
+    assert torch.isfinite(torch.from_numpy(a["param"])).all()
+    # Round 0 had all three; after the kill the two survivors average together again.
+    assert a["log"][0]["num_peers"] == 3 and b["log"][0]["num_peers"] == 3
+    assert a["log"][-1]["num_peers"] == 2 and b["log"][-1]["num_peers"] == 2
+    timeouts = SwarmTimeouts.from_round_seconds(ROUND_SECONDS)
+    for entry in a["log"] + b["log"]:
+        assert entry["seconds"] < timeouts.wait_timeout  # nobody waited past its timeouts
+    print(f"\nkill: survivors finished {rounds} rounds in {elapsed:.1f}s; {a['log']} {b['log']}")
+
+
+def test_sigkilled_peer_leaves_no_daemons(bootstrap: list[str], peers: Peers) -> None:
+    ready = CTX.Event()
+
+    def body(index: int, maddrs: list[str]) -> None:
+        backend = _backend("orphans", maddrs)
+        backend.check_consistent("fp")
+        backend._state_server()  # one averager process next to the DHT's and its p2pd
+        ready.set()
+        time.sleep(60)
+
+    peers.start(body, 0, bootstrap)
+    assert ready.wait(60)
+    victim = psutil.Process(peers.procs[0].pid)
+    children = victim.children(recursive=True)
+    assert any("p2pd" in c.name() for c in children)
+    assert len(children) >= 3  # DHT process, its p2pd, the averager
+    victim.kill()
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"orphans left after SIGKILL: {[p.cmdline() for p in alive]}"
+
+
+def test_sigterm_closes_cleanly(bootstrap: list[str], peers: Peers) -> None:
+    ready = CTX.Event()
+
+    def body(index: int, maddrs: list[str]) -> str:
+        backend = _backend("sigterm", maddrs)
+        try:
+            backend.check_consistent("fp")
+            backend._state_server()
+            ready.set()
+            time.sleep(60)
+            return "slept"
+        except SystemExit:
+            return "SystemExit"  # SIGTERM became an exception, so finally: close() runs
+        finally:
+            backend.close()
+
+    peers.start(body, 0, bootstrap)
+    assert ready.wait(60)
+    children = psutil.Process(peers.procs[0].pid).children(recursive=True)
+    os.kill(peers.procs[0].pid, signal.SIGTERM)
+    assert peers.collect([0], timeout=30)[0] == "SystemExit"
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"left after SIGTERM: {[p.cmdline() for p in alive]}"
+
+
+# -- joining -----------------------------------------------------------------------------------
+
+JOIN_NUMEL = 5000
+
+
+def _join_peer(
+    index: int, maddrs: list[str], rounds: int, joined: Any, start_event: Any
+) -> dict[str, Any]:
+    backend = _backend("join", maddrs, run_key="join-secret")  # state served to key holders
+    history: dict[int, Any] = {}
+    try:
+        backend.check_consistent("fp")
+        joiner = index == 3
+        if joiner:
+            start_event.wait(60)
+        # A joiner starts from a different init and step 0; sync_state must replace both.
+        state = _state(JOIN_NUMEL, seed=99 if joiner else 0)
+        t0 = time.monotonic()
+        backend.sync_state(state)
+        sync_seconds = time.monotonic() - t0
+        synced = {k: v.clone().numpy() for k, v in state.items()}
+        history[int(state["meta.outer_step"])] = state["param.0"].clone().numpy()
+        log = []
+        while int(state["meta.outer_step"]) < rounds:
+            step = int(state["meta.outer_step"])
+            if step == 2 and index == 0:
+                start_event.set()
+            x = _contribution(index, step, JOIN_NUMEL, scale=0.1)
+            res, resynced = _outer_round(backend, state, x, 1.0)
+            log.append(dict(step=step, num_peers=res.num_peers, resynced=resynced))
+            history[int(state["meta.outer_step"])] = state["param.0"].clone().numpy()
+            time.sleep(0.3)  # "training"
+        joined.wait(timeout=60)
+        time.sleep(2 * backend.timeouts.heartbeat_period)
+        if backend.needs_resync():
+            backend.sync_state(state)
+        return dict(
+            synced=synced,
+            sync_seconds=sync_seconds,
+            state_bytes=backend.state_bytes,
+            history=history,
+            log=log,
+            final={k: v.numpy() for k, v in state.items()},
+        )
+    finally:
+        backend.close()
+
+
+def test_peer_joins_mid_run_and_matches_bit_for_bit(bootstrap: list[str], peers: Peers) -> None:
+    rounds = 7
+    joined = CTX.Barrier(4)
+    start_event = CTX.Event()
+    for i in range(4):
+        peers.start(_join_peer, i, bootstrap, rounds, joined, start_event)
+    results = peers.collect([0, 1, 2, 3], timeout=110)
+    joiner = results[3]
+    version = int(joiner["synced"]["meta.outer_step"][0])
+    assert version >= 2  # it joined a run in progress
+    assert joiner["state_bytes"] > 0
+    # The downloaded state is the swarm's state at that version, bit for bit.
+    originals = [
+        results[i]["history"][version] for i in range(3) if version in results[i]["history"]
+    ]
+    assert originals
+    for original in originals:
+        assert torch.equal(
+            torch.from_numpy(joiner["synced"]["param.0"]), torch.from_numpy(original)
+        )
+    # Whatever rounds it missed, all four end with the same state.
+    final = results[0]["final"]
+    for i in range(1, 4):
+        for key in final:
+            assert torch.equal(
+                torch.from_numpy(results[i]["final"][key]), torch.from_numpy(final[key])
+            ), (i, key)
+    assert int(final["meta.outer_step"][0]) == rounds
+    # After joining it averages with the others (the last rounds count four peers).
+    assert any(entry["num_peers"] == 4 for entry in joiner["log"])
+    print(f"\njoin: synced version {version} in {joiner['sync_seconds']:.2f}s; {joiner['log']}")
+
+
+def _straggler_peer(
+    index: int, maddrs: list[str], rounds: int, straggler: int, done: Any
+) -> dict[str, Any]:
+    backend = _backend("straggler", maddrs)
+    try:
+        backend.check_consistent("fp")
+        state = _state(JOIN_NUMEL, seed=0)
+        backend.sync_state(state)
+        done.wait(timeout=60)  # start together
+        log = []
+        while int(state["meta.outer_step"]) < rounds:
+            step = int(state["meta.outer_step"])
+            if index == straggler and step == 2:
+                # Stuck (a slow batch, a GC pause) past the others' matchmaking: they go on
+                # without it and it averages round 2 alone.
+                time.sleep(2 * backend.timeouts.matchmaking_time)
+            x = _contribution(index, step, JOIN_NUMEL, scale=0.1)
+            t0 = time.time()
+            res, resynced = _outer_round(backend, state, x, 1.0)
+            log.append(
+                dict(
+                    step=step,
+                    num_peers=res.num_peers,
+                    resynced=resynced,
+                    start=round(t0 % 100, 2),
+                    end=round(time.time() % 100, 2),
+                )
+            )
+            time.sleep(0.5)  # "training"
+        done.wait(timeout=60)
+        time.sleep(2 * backend.timeouts.heartbeat_period)
+        if backend.needs_resync():
+            backend.sync_state(state)
+        return dict(log=log, final={k: v.numpy() for k, v in state.items()})
+    finally:
+        backend.close()
+
+
+def test_peer_that_misses_a_round_catches_up(bootstrap: list[str], peers: Peers) -> None:
+    rounds, straggler = 9, 2
+    done = CTX.Barrier(3)
+    for i in range(3):
+        peers.start(_straggler_peer, i, bootstrap, rounds, straggler, done)
+    results = peers.collect([0, 1, 2], timeout=110)
+    log = results[straggler]["log"]
+    missed = [e for e in log if e["step"] == 2]
+    assert missed and missed[0]["num_peers"] == 1  # it really was alone
+    assert any(e["resynced"] for e in log)  # ... noticed, and downloaded the swarm's state
+    assert any(e["num_peers"] == 3 for e in log if e["step"] > 2)  # ... and rejoined
+    final = results[0]["final"]
+    assert int(final["meta.outer_step"][0]) >= rounds
+    for i in (1, 2):
+        for key in final:
+            assert torch.equal(
+                torch.from_numpy(results[i]["final"][key]), torch.from_numpy(final[key])
+            ), (i, key)
+    print(f"\nstraggler: {log}\nothers: {results[0]['log']}")
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+def test_mismatched_fingerprint_refused(bootstrap: list[str]) -> None:
+    first = _backend("fingerprint", bootstrap)
+    second = third = None
+    try:
+        first.check_consistent("model-a")
+        second = _backend("fingerprint", bootstrap)
+        with pytest.raises(ConsistencyError, match="another model or config"):
+            second.check_consistent("model-b")
+        third = _backend("fingerprint", bootstrap)
+        third.check_consistent("model-a")  # the same config is welcome
+        deadline = time.monotonic() + 30
+        while third.world_size < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert third.world_size == 2  # the refused peer is not counted
+    finally:
+        for backend in (first, second, third):
+            if backend is not None:
+                backend.close()
+
+
+def test_run_key_keeps_strangers_out(bootstrap: list[str]) -> None:
+    a = _backend("private", bootstrap, run_key="s3cret")
+    b = _backend("private", bootstrap, run_key="s3cret")
+    stranger = _backend("private", bootstrap, run_key="guess")
+    try:
+        for backend in (a, b, stranger):
+            backend.check_consistent("fp")
+        deadline = time.monotonic() + 30
+        while (a.world_size < 2 or b.world_size < 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert a.world_size == b.world_size == 2 and stranger.world_size == 1
+        works = [
+            backend.average([torch.full((8,), float(i))], weight=1.0, step=0)
+            for i, backend in enumerate((a, b, stranger))
+        ]
+        ra, rb, rs = (w.wait() for w in works)
+        assert ra.num_peers == rb.num_peers == 2 and rs.num_peers == 1
+        assert torch.equal(ra.tensors[0], torch.full((8,), 0.5))
+        assert torch.equal(rb.tensors[0], ra.tensors[0])
+        assert torch.equal(rs.tensors[0], torch.full((8,), 2.0))
+    finally:
+        for backend in (a, b, stranger):
+            backend.close()
+
+
+def test_spawn_start_method_refused_clearly(bootstrap: list[str]) -> None:
+    previous = mp.get_start_method(allow_none=True)
+    mp.set_start_method("spawn", force=True)
+    try:
+        with pytest.raises(RuntimeError, match="must be forked"):
+            _backend("spawned", bootstrap)
+    finally:
+        mp.set_start_method(previous, force=True)
+
+
+def _silent_listener() -> tuple[socket.socket, int]:
+    """A TCP port that accepts connections and never says a word (a wrong address)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def test_unreachable_initial_peers_fail_fast(bootstrap: list[str]) -> None:
+    peer_id = bootstrap[0].rsplit("/p2p/", 1)[1]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with pytest.raises(ConnectionError, match="could not join|did not start"):
+        _backend("nowhere", [f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"], start_timeout=20)
+    server, port = _silent_listener()
+    try:
+        with pytest.raises(ConnectionError, match="could not join|did not start"):
+            _backend("nowhere", [f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"], start_timeout=20)
+    finally:
+        server.close()
+    with pytest.raises(ValueError, match="/p2p/"):
+        _backend("nowhere", ["127.0.0.1:31337"])
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def _poisoning_peer(index: int, maddrs: list[str], bad: int, start: Any) -> dict[str, Any]:
+    if index == bad:
+        # A broken peer: every part it sends to others carries NaN (its own slice, which it
+        # reduces itself, stays clean).
+        import lowcomm.comm.hivemind as swarm
+
+        original = swarm._hivemind().WireCodec.compress
+
+        def poisoned(
+            self: Any, tensor: torch.Tensor, info: Any, allow_inplace: bool = False
+        ) -> Any:
+            return original(self, torch.full_like(tensor, float("nan")), info, allow_inplace)
+
+        swarm._hivemind().WireCodec.compress = poisoned
+    backend = _backend("poison", maddrs)
+    try:
+        backend.check_consistent("fp")
+        start.wait(60)
+        x = _contribution(index, 0, NUMEL)
+        res = backend.average([x], weight=1.0, step=0).wait()
+        return dict(flat=res.tensors[0].numpy(), num_peers=res.num_peers, total=res.total_weight)
+    finally:
+        backend.close()
+
+
+def test_nonfinite_contribution_dropped(bootstrap: list[str], peers: Peers) -> None:
+    bad = 2
+    start = CTX.Barrier(3)
+    for i in range(3):
+        peers.start(_poisoning_peer, i, bootstrap, bad, start)
+    results = peers.collect([0, 1, 2], timeout=90)
+    xs = [_contribution(i, 0, NUMEL).double() for i in range(3)]
+    honest = (xs[0] + xs[1]) / 2
+    everyone = (xs[0] + xs[1] + xs[2]) / 3
+    first = torch.from_numpy(results[0]["flat"])
+    assert torch.equal(torch.from_numpy(results[1]["flat"]), first)
+    assert torch.isfinite(first).all()
+    # Slices reduced by honest peers exclude the bad contribution; the bad peer's own slice
+    # (reduced by itself, from its clean local copy) includes it.
+    close_honest = (first.double() - honest).abs() <= 1e-5
+    close_all = (first.double() - everyone).abs() <= 1e-5
+    assert bool((close_honest | close_all).all())
+    assert int(close_honest.sum()) >= NUMEL // 3
+    for i in (0, 1):
+        assert results[i]["num_peers"] == 2 and results[i]["total"] == pytest.approx(2.0)
+
+
+# -- DiLoCo over the swarm ---------------------------------------------------------------------
+
+
+def _diloco_peer(
+    index: int, maddrs: list[str], rounds: int, sync_every: int, start: Any
+) -> list[Any]:
+    from lowcomm.optim.diloco import DiLoCo
+
+    torch.manual_seed(0)  # the same init everywhere (sync_state would fix it otherwise)
+    model = torch.nn.Linear(8, 4)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    backend = _backend("diloco", maddrs)
+    try:
+        start.wait(60)
+        opt = DiLoCo(model, inner, sync_every=sync_every, backend=backend)
+        g = torch.Generator().manual_seed(index)
+        thetas = []
+        for _ in range(rounds * sync_every):
+            x = torch.randn(16, 8, generator=g)
+            y = torch.randn(16, 4, generator=g)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if opt.stats.inner_steps % sync_every == 0:
+                thetas.append(
+                    (
+                        [t.clone().numpy() for t in opt.global_tensors()],
+                        [p.detach().clone().numpy() for p in model.parameters()],
+                        opt.stats.num_peers,
+                    )
+                )
+        return thetas
+    finally:
+        backend.close()
+
+
+def test_diloco_three_peers_identical_theta(bootstrap: list[str], peers: Peers) -> None:
+    pytest.importorskip("lowcomm.optim.diloco")
+    rounds, sync_every = 3, 2
+    start = CTX.Barrier(3)
+    for i in range(3):
+        peers.start(_diloco_peer, i, bootstrap, rounds, sync_every, start)
+    results = peers.collect([0, 1, 2], timeout=100)
+    for r in range(rounds):
+        theta0, params0, num0 = results[0][r]
+        assert num0 == 3
+        for i in (1, 2):
+            theta, params, num = results[i][r]
+            assert num == 3
+            for a, b in zip(theta, theta0):
+                assert torch.equal(torch.from_numpy(a), torch.from_numpy(b))
+            for a, b in zip(params, params0):  # θ_i ← θ after each round
+                assert torch.equal(torch.from_numpy(a), torch.from_numpy(b))
+    # And the rounds did move θ.
+    assert not torch.equal(
+        torch.from_numpy(results[0][0][0][0]), torch.from_numpy(results[0][-1][0][0])
+    )
