@@ -41,8 +41,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "HivemindBackend":
-        from lowcomm.comm.hivemind import HivemindBackend
+    if name == "HivemindBackend":  # lazily, through lowcomm.comm: hivemind is an extra
+        from lowcomm import comm
 
-        return HivemindBackend
+        return comm.HivemindBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -60,7 +60,33 @@ def _as_dtype(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return data.view(dtype)
 
 
-class FP16:
+class _Cast16:
+    """Shared by the 16-bit casts: two bytes per element of ``dtype``, dense, granularity 1."""
+
+    dtype: torch.dtype
+    dense: bool = True
+    granularity: int = 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self).__name__)
+
+    def nbytes(self, numel: int) -> int:
+        """Exact payload size: two bytes per element."""
+        return 2 * int(numel)
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        """Decode to a fresh 1-D fp32 tensor of ``payload.numel`` elements."""
+        check_payload(self, payload)
+        return _as_dtype(payload.data, self.dtype).float()
+
+
+class FP16(_Cast16):
     """Cast to IEEE half precision (2 bytes per element), saturating at ``+-65504``.
 
     Call protocol: stateless; ``compress`` and ``decompress`` are pure and thread-safe. Dense
@@ -69,21 +95,7 @@ class FP16:
     Training of Language Models").
     """
 
-    dense: bool = True
-    granularity: int = 1
-
-    def __repr__(self) -> str:
-        return "FP16()"
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is FP16
-
-    def __hash__(self) -> int:
-        return hash("FP16")
-
-    def nbytes(self, numel: int) -> int:
-        """Exact payload size: two bytes per element."""
-        return 2 * int(numel)
+    dtype = torch.float16
 
     def compress(self, tensor: torch.Tensor) -> Payload:
         """Encode a 1-D floating tensor as fp16 bytes on the same device."""
@@ -105,13 +117,8 @@ class FP16:
             half[start:end].copy_(b)
         return Payload(data, numel)
 
-    def decompress(self, payload: Payload) -> torch.Tensor:
-        """Decode to a fresh 1-D fp32 tensor of ``payload.numel`` elements."""
-        check_payload(self, payload)
-        return _as_dtype(payload.data, torch.float16).float()
 
-
-class BF16:
+class BF16(_Cast16):
     """Cast to bfloat16 (2 bytes per element; fp32's exponent range, 8-bit significand).
 
     Call protocol: stateless; ``compress`` and ``decompress`` are pure and thread-safe. Dense
@@ -119,21 +126,7 @@ class BF16:
     error of fp16 (Kalamkar et al., 2019, "A Study of BFLOAT16 for Deep Learning Training").
     """
 
-    dense: bool = True
-    granularity: int = 1
-
-    def __repr__(self) -> str:
-        return "BF16()"
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is BF16
-
-    def __hash__(self) -> int:
-        return hash("BF16")
-
-    def nbytes(self, numel: int) -> int:
-        """Exact payload size: two bytes per element."""
-        return 2 * int(numel)
+    dtype = torch.bfloat16
 
     def compress(self, tensor: torch.Tensor) -> Payload:
         """Encode a 1-D floating tensor as bf16 bytes on the same device."""
@@ -142,8 +135,3 @@ class BF16:
         data = torch.empty(2 * numel, dtype=torch.uint8, device=tensor.device)
         data.view(torch.bfloat16).copy_(tensor)
         return Payload(data, numel)
-
-    def decompress(self, payload: Payload) -> torch.Tensor:
-        """Decode to a fresh 1-D fp32 tensor of ``payload.numel`` elements."""
-        check_payload(self, payload)
-        return _as_dtype(payload.data, torch.bfloat16).float()
