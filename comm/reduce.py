@@ -59,7 +59,9 @@ def _encode(compressor: Compressor, flat: torch.Tensor) -> torch.Tensor:
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=flat.device)
     payload = compressor.compress(flat)
-    assert payload.data.numel() == compressor.nbytes(flat.numel()), "compressor broke nbytes"
+    # Checked before anything is sent: a receiver sizes its buffers from nbytes, so a payload
+    # of another length would be read as garbage (or hang the collective).
+    check_payload(compressor, payload)
     return payload.data
 
 
