@@ -1,0 +1,264 @@
+"""Plots of a benchmark run (matplotlib, Agg backend), from the suite's results dict.
+
+Run (regenerates the PNGs next to a results file)::
+
+    .venv/bin/python scripts/bench_plots.py benchmarks/results.json
+
+Four figures, each from ``results["aggregate"]`` only:
+
+* ``loss_vs_tokens.png``: mean eval loss over seeds against training tokens (all workers),
+  a band of one standard deviation; peers dashed.
+* ``loss_vs_bytes.png``: the same losses against the bytes each worker sent so far (log x).
+  DP's and the peers' bytes are estimates (marked "est." in the legend).
+* ``loss_gap.png``: each method's eval loss divided by DP's at the same step (paired by
+  seed), against steps: the gap as a function of training length, not one point.
+* ``throughput_vs_rate.png``: tokens/s as a fraction of the no-communication ceiling
+  measured in the same run, against the link rate (unshaped links at the right).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+__all__ = ["make_plots"]
+
+_DPI = 110
+_SIZE = (11.0, 5.2)
+
+
+def _bytes_label(value: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while value >= 1024 and i < len(units) - 1:
+        value /= 1024
+        i += 1
+    return f"{value:.3g} {units[i]}"
+
+
+def _colors(names: list[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+
+
+def _legend(ax: Axes) -> None:
+    # Outside the axes: with many methods an inside legend hides the curves it names.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def _band(ax: Axes, xs: list[float], point_stats: list[dict[str, Any]], color: Any) -> None:
+    means = [p["mean"] for p in point_stats]
+    stds = [p["std"] or 0.0 for p in point_stats]
+    if any(stds):
+        lo = [m - s for m, s in zip(means, stds)]
+        hi = [m + s for m, s in zip(means, stds)]
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+
+
+def _ylim_from_curves(ax: Axes, values: list[float]) -> None:
+    # The first evaluation (ln 256 = 5.5 nats at init) would squash every difference that
+    # matters; zoom on the part after the first quarter of training, where methods separate.
+    if len(values) >= 4:
+        lo, hi = min(values), max(values)
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+
+
+def _title(results: dict[str, Any], what: str) -> str:
+    task = results["settings"]["task"]
+    m = results["settings"]["workers"]
+    return (
+        f"{what} ({results['profile']} profile: {task['n_layer']}x{task['n_embd']} GPT, "
+        f"M={m}, {task['steps']} steps, seeds {','.join(map(str, results['settings']['seeds']))})"
+    )
+
+
+def _late(curve: list[dict[str, Any]]) -> list[float]:
+    cut = max(1, len(curve) // 4)
+    return [p["loss"]["mean"] for p in curve[cut:]]
+
+
+def plot_loss_vs_tokens(results: dict[str, Any], path: Path) -> None:
+    """Mean eval loss against tokens, per method and peer."""
+    quality = results["aggregate"]["quality"]
+    peers = results["aggregate"]["peers"]
+    colors = _colors(list(quality) + list(peers))
+    fig, ax = plt.subplots(figsize=_SIZE)
+    late: list[float] = []
+    for name, q in quality.items():
+        xs = [p["tokens"] for p in q["curve"]]
+        stats = [p["loss"] for p in q["curve"]]
+        ax.plot(xs, [s["mean"] for s in stats], label=q["label"], color=colors[name], lw=1.6)
+        _band(ax, xs, stats, colors[name])
+        late += _late(q["curve"])
+    for name, p in peers.items():
+        xs = [c["tokens"] for c in p["curve"]]
+        stats = [c["loss"] for c in p["curve"]]
+        label = f"{name} {p['version']} (H={p['sync_every']})"
+        ax.plot(xs, [s["mean"] for s in stats], ls="--", label=label, color=colors[name], lw=1.4)
+        _band(ax, xs, stats, colors[name])
+        late += _late(p["curve"])
+    _ylim_from_curves(ax, late)
+    ax.set_xlabel("training tokens (all workers)")
+    ax.set_ylabel("eval loss (nats/byte), mean ± std over seeds")
+    ax.set_title(_title(results, "Eval loss vs tokens"), fontsize=9)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def plot_loss_vs_bytes(results: dict[str, Any], path: Path) -> None:
+    """Mean eval loss against cumulative bytes sent per worker (log x)."""
+    quality = results["aggregate"]["quality"]
+    peers = results["aggregate"]["peers"]
+    colors = _colors(list(quality) + list(peers))
+    fig, ax = plt.subplots(figsize=_SIZE)
+    late: list[float] = []
+    for name, q in quality.items():
+        pts = [p for p in q["curve"] if p["bytes_sent"] > 0]
+        if not pts:
+            continue
+        label = q["label"] + (" (est.)" if q["bytes_sent_estimated"] else "")
+        ax.plot(
+            [p["bytes_sent"] for p in pts],
+            [p["loss"]["mean"] for p in pts],
+            marker="o",
+            ms=2.5,
+            label=label,
+            color=colors[name],
+            lw=1.4,
+        )
+        late += _late(pts)
+    for name, p in peers.items():
+        total, rounds = p["bytes_sent_estimate"], p["curve"][-1]["averaging_rounds"]
+        if not total or not rounds:
+            continue
+        pts = [c for c in p["curve"] if c["averaging_rounds"] > 0]
+        ax.plot(
+            [total * c["averaging_rounds"] / rounds for c in pts],
+            [c["loss"]["mean"] for c in pts],
+            ls="--",
+            marker="x",
+            ms=3,
+            color=colors[name],
+            label=f"{name} {p['version']} (est.)",
+        )
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _bytes_label(v)))
+    _ylim_from_curves(ax, late)
+    ax.set_xlabel("bytes sent per worker so far (log scale)")
+    ax.set_ylabel("eval loss (nats/byte), mean over seeds")
+    ax.set_title(_title(results, "Eval loss vs bytes on the wire"), fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def plot_loss_gap(results: dict[str, Any], path: Path) -> None:
+    """Eval loss / DP eval loss at the same step (paired by seed), against steps."""
+    quality = results["aggregate"]["quality"]
+    colors = _colors(list(quality))
+    fig, ax = plt.subplots(figsize=_SIZE)
+    for name, q in quality.items():
+        if name == "ddp":
+            continue
+        pts = [p for p in q["curve"] if p["ratio_to_baseline"] is not None and p["step"] > 0]
+        if not pts:
+            continue
+        xs = [p["step"] for p in pts]
+        stats = [p["ratio_to_baseline"] for p in pts]
+        ax.plot(xs, [s["mean"] for s in stats], label=q["label"], color=colors[name], lw=1.5)
+        _band(ax, xs, stats, colors[name])
+    ax.axhline(1.0, color="black", lw=0.8, ls=":", label="DP")
+    ax.set_yscale("log")
+    ax.set_xlabel("inner steps")
+    ax.set_ylabel("eval loss / DP eval loss (same seed), log scale")
+    ax.set_title(_title(results, "Loss gap to DP vs steps"), fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def plot_throughput(results: dict[str, Any], path: Path) -> None:
+    """tokens/s / ceiling against link rate; unshaped and loopback at the right."""
+    blocks = results["aggregate"]["throughput"]
+    shaped = sorted((b for b in blocks.values() if b["rate_bps"]), key=lambda b: b["rate_bps"])
+    top = max((b["rate_bps"] for b in shaped), default=1e8)
+    xs_of: dict[str, float] = {b["rate"]: b["rate_bps"] for b in shaped}
+    extra = [r for r in blocks if r not in xs_of]
+    for i, rate in enumerate(extra):
+        xs_of[rate] = top * 10 ** (1 + i)
+    names: list[str] = []
+    for b in blocks.values():
+        names += [n for n in b["methods"] if n not in names]
+    colors = _colors(names)
+    fig, ax = plt.subplots(figsize=_SIZE)
+    order = sorted(blocks, key=lambda r: xs_of[r])
+    for name in names:
+        pts = [
+            (xs_of[r], blocks[r]["methods"][name]["ratio_to_ceiling"])
+            for r in order
+            if name in blocks[r]["methods"]
+            and blocks[r]["methods"][name]["ratio_to_ceiling"] is not None
+        ]
+        if pts:
+            label = blocks[next(r for r in order if name in blocks[r]["methods"])]["methods"][name][
+                "label"
+            ]
+            ax.plot(*zip(*pts), marker="o", label=label, color=colors[name], lw=1.5)
+    ax.axhline(1.0, color="black", lw=0.8, ls=":", label="ceiling (no communication)")
+    ax.set_xscale("log")
+    ax.set_xticks([xs_of[r] for r in order])
+    ax.set_xticklabels([f"{r}\n(veth, no tbf)" if r == "unshaped" else r for r in order])
+    ax.minorticks_off()
+    ax.set_ylim(0, max(1.15, ax.get_ylim()[1]))
+    ax.set_xlabel("link rate per direction (tbf-shaped veth per worker)")
+    ax.set_ylabel("tokens/s ÷ ceiling measured in the same run")
+    ax.set_title(_title(results, "Throughput vs link rate"), fontsize=9)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
+def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write every plot the results have data for; returns name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made: dict[str, Path] = {}
+    agg = results["aggregate"]
+    jobs = []
+    if agg["quality"]:
+        jobs += [
+            ("loss_vs_tokens", plot_loss_vs_tokens),
+            ("loss_vs_bytes", plot_loss_vs_bytes),
+        ]
+        if "ddp" in agg["quality"] and len(agg["quality"]) > 1:
+            jobs.append(("loss_gap", plot_loss_gap))
+    if agg["throughput"]:
+        jobs.append(("throughput_vs_rate", plot_throughput))
+    for name, fn in jobs:
+        path = out_dir / f"{name}.png"
+        fn(results, path)
+        made[name] = path
+    return made
+
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results.json")
+    for name, p in make_plots(json.loads(src.read_text()), src.parent).items():
+        print(name, p)

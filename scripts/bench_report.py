@@ -1,0 +1,520 @@
+"""Generate ``BENCHMARKS.md`` from the benchmark suite's results files. Nothing is typed by hand.
+
+Run (regenerates the document from every results file under ``benchmarks/``)::
+
+    .venv/bin/python scripts/bench_report.py
+    .venv/bin/python scripts/bench_report.py --results /tmp/b/results.json --out /tmp/b/B.md
+
+Every number in the document is read from a ``results.json`` written by
+``scripts/bench_suite.py``; the prose around the numbers is fixed text in this file, and the
+plots are the PNGs the suite wrote next to the results. One section per profile
+(``default`` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["find_results", "render", "write_report"]
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO / "benchmarks"
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_bytes(num: float | None) -> str:
+    """``1536 -> '1.50 KiB'`` (binary units, three significant digits)."""
+    if num is None or (isinstance(num, float) and math.isnan(num)):
+        return "n/a"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, i = float(num), 0
+    while abs(value) >= 1000 and i < len(units) - 1:
+        value /= 1024
+        i += 1
+    return f"{value:.0f} B" if i == 0 else f"{value:.3g} {units[i]}"
+
+
+def fmt_stat(stat: dict[str, Any] | None, digits: int = 4, signed: bool = False) -> str:
+    """``mean ± std`` of a ``{"mean", "std", "n"}`` dict (just the mean for one value)."""
+    if not stat or stat.get("mean") is None or math.isnan(stat["mean"]):
+        return "n/a"
+    sign = "+" if signed else ""
+    text = f"{stat['mean']:{sign}.{digits}f}"
+    if stat.get("std") is not None:
+        text += f" ± {stat['std']:.{digits}f}"
+    return text
+
+
+def fmt_num(value: float | None, fmt: str = ".3g") -> str:
+    """A number, or ``n/a``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, fmt)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _reproduce(res: dict[str, Any]) -> str:
+    cmd = shlex.join(res["command"])
+    profile = res["profile"]
+    lines = [
+        "From the repository root (shaped links need root: network namespaces and `tc`):",
+        "",
+        "```sh",
+        f"{cmd}",
+        "```",
+        "",
+        "Runs are cached under `runs/bench/<profile>/` and skipped when their result exists "
+        "with the same settings, so an interrupted suite resumes where it stopped (`--force` "
+        "reruns). Other entry points:",
+        "",
+        "```sh",
+        f".venv/bin/python scripts/bench_suite.py --profile {profile} --dry-run   "
+        "# the plan, what is cached",
+        f".venv/bin/python scripts/bench_suite.py --profile {profile} --report-only  "
+        "# plots + this file",
+        ".venv/bin/python scripts/bench_suite.py --rates loopback   # without root: no shaped links",
+        "# torchft runs from its own venv:",
+        "python3 -m venv /tmp/ftvenv && /tmp/ftvenv/bin/pip install torch==2.13.0 "
+        "torchft==0.2.0 numpy tqdm && /tmp/ftvenv/bin/pip install --no-deps -e .",
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def _machine(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    walls = res.get("wall_seconds", {})
+    rows = [
+        ["CPU", m.get("cpu_model")],
+        ["cores", m.get("cpu_cores")],
+        ["GPU", m.get("cuda") or "none"],
+        ["torch", m.get("torch")],
+        ["Python", m.get("python")],
+        ["kernel", m.get("kernel")],
+        ["date", m.get("date_utc")],
+        ["1-min load average at start / end", f"{m.get('loadavg_1m')} / {res.get('loadavg_1m_end')}"],
+        ["wall time of the last invocation (quality / throughput / peers / total)",
+         " / ".join(f"{walls[k]:.0f} s" if k in walls else "n/a"
+                    for k in ("quality", "throughput", "peers", "total"))],
+    ]  # fmt: skip
+    runs = res.get("run_seconds")
+    if runs:
+        rows.append(
+            ["sum of the runs' own wall times, cached ones included (quality / throughput / peers)",
+             " / ".join(f"{runs[k]:.0f} s" for k in ("quality", "throughput", "peers"))]
+        )  # fmt: skip
+    return table(["", ""], rows)
+
+
+def _settings(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    t = s["task"]
+    q = res["aggregate"]["quality"]
+    params = next(iter(q.values()))["num_params"] if q else None
+    rows = [
+        ["model", f"byte-level GPT, {t['n_layer']} layers, width {t['n_embd']}, "
+                  f"{t['n_head']} heads, context {t['seq_len']}, {fmt_num(params, ',')} parameters"],
+        ["data", f"{t['dataset']} (bytes as tokens), held-out fraction {t['heldout_fraction']}"],
+        ["workers M", s["workers"]],
+        ["batch per worker", f"{t['batch_size']} x {t['seq_len']} tokens (DP: global batch "
+                             f"{s['workers']} x {t['batch_size']})"],
+        ["inner steps (quality)", t["steps"]],
+        ["tokens per run", fmt_num(t["steps"] * t["batch_size"] * t["seq_len"] * s["workers"], ",")],
+        ["inner optimizer", f"AdamW lr {t['inner_lr']}, warm-up {t['warmup_steps']}, cosine to "
+                            f"{t['min_lr_ratio']}x, weight decay {t['weight_decay']}, clip {t['grad_clip']}"],
+        ["outer optimizer", f"SGD lr {t['outer_lr']}, momentum {t['outer_momentum']}, "
+                            f"Nesterov {t['nesterov']}"],
+        ["evaluation", f"every {t['eval_every']} steps on {t['eval_batches']} fixed held-out batches"],
+        ["seeds", ", ".join(map(str, s["seeds"]))],
+        ["device / threads per worker", f"{s['device']} / {s['threads_per_worker']}"],
+        ["throughput runs", f"{s['throughput_steps']} steps each at {', '.join(s['rates'])}; "
+                            f"passes per link: {s.get('throughput_repeats', 1)}"],
+    ]  # fmt: skip
+    return table(["setting", "value"], rows)
+
+
+def _headline(res: dict[str, Any]) -> str:
+    rows = []
+    for h in res["headline"]:
+        if not h["available"]:
+            rows.append([h["title"], "not measured", h["why"]])
+            continue
+        if h["id"] == "main":
+            pts = [g for g in h["gap_by_step"] if g["step"] > 0]
+            stride = max(1, math.ceil(len(pts) / 8))
+            pts = pts[::-1][::stride][::-1]  # at most 8 points, the last step always
+            gap = ", ".join(f"{g['step']}: {100 * (g['ratio']['mean'] - 1):+.1f}%" for g in pts)
+            est = " (DP: ring estimate)" if h["bytes_dp_estimated"] else ""
+            rows.append(
+                [
+                    h["title"],
+                    f"loss ratio **{fmt_stat(h['loss_ratio'])}**; DP sends "
+                    f"**{fmt_num(h['byte_ratio'], '.1f')}x** the bytes",
+                    f"final loss {fmt_stat(h['loss'])} vs DP {fmt_stat(h['loss_dp'])}; bytes per "
+                    f"worker {fmt_bytes(h['bytes'])} vs {fmt_bytes(h['bytes_dp'])}{est}; "
+                    f"gap by step: {gap}",
+                ]
+            )
+        elif h["id"] == "streaming":
+            rows.append(
+                [
+                    h["title"],
+                    f"peak / (total/P) = **{fmt_num(h['peak_over_total_per_p'], '.3f')}**",
+                    f"peak {fmt_bytes(h['peak_sync_bytes'])} per fragment sync; total "
+                    f"{fmt_bytes(h['full_sync_bytes'])} per full sync ({h['full_sync_source']}), "
+                    f"/P={h['fragments']}: {fmt_bytes(h['full_sync_bytes'] / h['fragments'])}; "
+                    f"loss ratio to DP {fmt_stat(h['loss_ratio'])}",
+                ]
+            )
+        elif h["id"] == "int8":
+            rows.append(
+                [
+                    h["title"],
+                    f"Δ loss **{fmt_stat(h['loss_delta'], signed=True)}** "
+                    f"({fmt_stat(h['loss_delta_pct'], 2, signed=True)}%)",
+                    f"{fmt_stat(h['loss'])} vs {fmt_stat(h['loss_reference'])} (paired by seed)",
+                ]
+            )
+        elif h["id"] == "topk":
+            rows.append(
+                [
+                    h["title"],
+                    f"Δ loss (with − without EF) **{fmt_stat(h['loss_delta'], signed=True)}**",
+                    f"with EF {fmt_stat(h['loss_with_ef'])} (ratio to DP "
+                    f"{fmt_stat(h['loss_ratio_with_ef'])}), without "
+                    f"{fmt_stat(h['loss_without_ef'])} (ratio "
+                    f"{fmt_stat(h['loss_ratio_without_ef'])}); {fmt_bytes(h['bytes'])} per worker",
+                ]
+            )
+    return table(["comparison", "result (mean ± std over seeds)", "detail"], rows)
+
+
+def _quality(res: dict[str, Any]) -> str:
+    q = res["aggregate"]["quality"]
+    dp = q.get("ddp")
+    rows = []
+    for item in q.values():
+        ratio = fmt_stat(item["final_ratio_to_baseline"]) if dp else "n/a"
+        byte_ratio = (
+            fmt_num(dp["bytes_sent"] / item["bytes_sent"], ".1f") + "x"
+            if dp and item["bytes_sent"]
+            else "n/a"
+        )
+        rows.append(
+            [
+                item["label"],
+                f"`{item['method']}`",
+                len(item["seeds"]),
+                fmt_stat(item["final_eval_loss"]),
+                ratio,
+                fmt_bytes(item["bytes_sent"]) + (" (est.)" if item["bytes_sent_estimated"] else ""),
+                byte_ratio,
+                fmt_num(item["compression_ratio"], ".2f") if item["outer_steps"] else "",
+                item["outer_steps"],
+                fmt_bytes(item["peak_sync_bytes"]) if item["peak_sync_bytes"] else "",
+            ]
+        )
+    header = [
+        "method", "name", "seeds", "final eval loss", "loss / DP", "sent per worker",
+        "DP bytes / bytes", "compression", "outer steps", "peak per sync",
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def _gap(res: dict[str, Any], max_rows: int = 12) -> str:
+    q = res["aggregate"]["quality"]
+    if "ddp" not in q:
+        return "No DP run: no gap to report."
+    names = [n for n in q if n != "ddp"]
+    steps = [p["step"] for p in q["ddp"]["curve"] if p["step"] > 0]
+    if len(steps) > max_rows:
+        stride = math.ceil(len(steps) / max_rows)
+        keep = set(steps[::-1][::stride])  # always keep the last step
+        steps = [s for s in steps if s in keep]
+    rows = []
+    for step in steps:
+        row: list[Any] = [
+            step,
+            fmt_stat(next(p["loss"] for p in q["ddp"]["curve"] if p["step"] == step)),
+        ]
+        for n in names:
+            pt = next((p for p in q[n]["curve"] if p["step"] == step), None)
+            r = pt["ratio_to_baseline"] if pt else None
+            row.append(fmt_stat(r, 3) if r else "n/a")
+        rows.append(row)
+    return table(["step", "DP loss"] + [f"{q[n]['label']}" for n in names], rows)
+
+
+def _throughput(res: dict[str, Any]) -> str:
+    blocks = res["aggregate"]["throughput"]
+    if not blocks:
+        return "No throughput runs."
+    rows = []
+    for rate, b in blocks.items():
+        ceil_runs = ", ".join(fmt_num(c, ".4g") for c in b["ceiling_runs"])
+        rows.append(
+            [rate, "ceiling (`local`, no communication)", fmt_num(b["ceiling_tokens_per_s"], ".4g"),
+             "1.000", "", ceil_runs]
+        )  # fmt: skip
+        for t in b["methods"].values():
+            comm = t.get("comm_seconds")
+            every = ", ".join(fmt_num(x, ".4g") for x in t.get("tokens_per_s_runs", []))
+            rows.append(
+                [rate, t["label"], fmt_num(t["tokens_per_s"], ".4g"),
+                 fmt_num(t["ratio_to_ceiling"], ".3f"),
+                 f"{comm:.2f} s" if comm is not None else "", every]
+            )  # fmt: skip
+    header = [
+        "link", "method", "tokens/s (fastest pass)", "÷ ceiling",
+        "blocked on comm (rank 0, fastest pass)", "tokens/s of every pass",
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def _wire(res: dict[str, Any]) -> str:
+    rows = []
+    for rate, b in res["aggregate"]["throughput"].items():
+        for t in b["methods"].values():
+            w = t.get("wire")
+            if not w:
+                continue
+            lib = fmt_bytes(w["lib_bytes"]) + (" (est.)" if w["lib_bytes_estimated"] else "")
+            if w["in_flight_syncs_at_end"]:
+                lib += (
+                    f" + {fmt_bytes(w['in_flight_bytes_estimate'])} in flight at the end "
+                    f"({w['in_flight_syncs_at_end']} sync)"
+                )
+            pct = w["wire_over_lib_pct"]
+            res_pct = w["residual_after_headers_pct"]
+            rows.append(
+                [rate, t["label"], f"{w['from_step']}–{w['to_step']}", lib,
+                 fmt_bytes(w["wire_tx_bytes"]), fmt_num(w["wire_tx_packets"], ","),
+                 f"{pct:+.2f}%" if pct is not None else "n/a",
+                 f"{res_pct:+.2f}%" if res_pct is not None else "n/a",
+                 fmt_bytes(t["wire_setup_tx_bytes_host0"])]
+            )  # fmt: skip
+    if not rows:
+        return "No shaped runs: no interface counters (loopback runs have none of their own)."
+    header = [
+        "link", "method", "steps", "library: bytes sent by rank 0", "interface: tx of host 0",
+        "tx packets", "wire vs library", "after 66 B/packet headers",
+        "host 0 tx before the window (setup, first steps)",
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def _peers(res: dict[str, Any]) -> str:
+    peers = res["aggregate"]["peers"]
+    if not peers:
+        return "No peer runs (see below for why)."
+    rows = []
+    for p in peers.values():
+        ref = p["reference_final_eval_loss"]
+        ratio = (
+            fmt_num(p["final_eval_loss"]["mean"] / ref["mean"], ".4f") if ref else "n/a (not run)"
+        )
+        rows.append(
+            [
+                f"{p['library']} {p['version']}",
+                len(p["seeds"]),
+                p["sync_every"],
+                fmt_stat(p["final_eval_loss"]),
+                f"{ratio} (vs `{p['reference']}` {fmt_stat(ref)})" if ref else ratio,
+                f"{fmt_stat(p['averaging_rounds'], 1)} (H-step schedule: {p['expected_rounds']})",
+                fmt_bytes(p["bytes_sent_estimate"]) + " (est.)",
+                fmt_num(p["tokens_per_s_incl_eval"]["mean"], ".4g"),
+                fmt_num((p["reference_tokens_per_s_incl_eval"] or {}).get("mean"), ".4g"),
+                (p.get("outer_optimizer") or {}).get("name", "n/a"),
+            ]
+        )
+    header = [
+        "library", "seeds", "H", "final eval loss", "/ lowcomm DiLoCo (same H, fp32)",
+        "averaging rounds", "sent per worker", "tokens/s (incl. evals, loopback)",
+        "lowcomm tokens/s (same)", "outer step",
+    ]  # fmt: skip
+    notes = [f"- **{p['library']}**: {p['bytes_note']}" for p in peers.values() if p["bytes_note"]]
+    return table(header, rows) + "\n\n" + "\n".join(notes)
+
+
+def _not_compared(res: dict[str, Any]) -> str:
+    items = res.get("not_compared") or []
+    text = (
+        "\n".join(f"- **{i['what']}**: {i['why']}" for i in items)
+        if items
+        else "Everything in the plan was measured."
+    )
+    anomalies = res.get("anomalies") or []
+    if anomalies:
+        text += (
+            "\n\nRuns whose workers exited non-zero after rank 0 had written its summary (every "
+            "collective had completed, so their measurements are kept):\n\n"
+        )
+        text += "\n".join(
+            f"- {a['what']}: rank {a['rank']} exited {a['returncode']}; last output: "
+            f"`{' '.join(a['log_tail'].split()[-12:])}`"
+            for a in anomalies
+        )
+    return text
+
+
+def _plots(res: dict[str, Any], res_dir: Path, doc_dir: Path) -> str:
+    captions = {
+        "loss_vs_tokens": "Eval loss vs training tokens (mean ± std over seeds)",
+        "loss_vs_bytes": "Eval loss vs bytes sent per worker (log scale)",
+        "loss_gap": "Eval loss / DP eval loss vs steps (paired by seed)",
+        "throughput_vs_rate": "tokens/s ÷ ceiling vs link rate",
+    }
+    out = []
+    for key, name in (res.get("plots") or {}).items():
+        rel = os.path.relpath(res_dir / name, doc_dir)
+        out.append(f"**{captions.get(key, key)}**\n\n![{captions.get(key, key)}]({rel})")
+    return "\n\n".join(out) if out else "No plots."
+
+
+def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
+    """The section of one profile's results."""
+    rel = os.path.relpath(res_path, doc_dir)
+    s = res["settings"]
+    parts = [
+        f"## Profile `{res['profile']}`",
+        f"Generated from [`{rel}`]({rel}) (every run, every evaluation point) and "
+        f"[`summary.csv`]({os.path.relpath(res_path.parent / 'summary.csv', doc_dir)}).",
+        "### How to reproduce",
+        _reproduce(res),
+        "### Machine",
+        _machine(res),
+        "CPU load from other processes varies during a run, so absolute tokens/s are not "
+        "comparable between runs or machines: every method's tokens/s is reported as a "
+        "fraction of the no-communication ceiling (`--mode local`) measured in the same suite "
+        "run, under the same link, in the same passes as that link's methods.",
+        "### Settings",
+        _settings(res),
+        "Same model initialisation, the same per-worker data streams (batch of inner step s "
+        "on worker r is a pure function of (seed, r, s)) and the same token budget for every "
+        f"method; DP all-reduces gradients of the {s['workers']} workers' batches every step.",
+        "### Headline",
+        _headline(res),
+        "### Quality: final eval loss and bytes",
+        "Loss ratios are paired by seed (same seed: same initialisation and data) and then "
+        "averaged. Bytes are what each worker sent over the whole run, from lowcomm's own "
+        "counter (payload it serialised); DP's are the ring all-reduce estimate "
+        "2(M-1)/M x 4 x params per step, checked against interface counters below.",
+        _quality(res),
+        "### Loss gap to DP as a function of steps",
+        "Each cell: eval loss / DP eval loss at the same step and seed, mean ± std over seeds "
+        "(DiLoCo evaluates its global parameters, which change only at outer steps).",
+        _gap(res),
+        "### Throughput under shaped links",
+        "One network namespace per worker, each behind a `tbf`-shaped veth (the rate applies to "
+        "upload and download), via `scripts/wansim.py`; `loopback` runs without namespaces. "
+        "tokens/s runs from the end of the step-0 evaluation to the last step's log record "
+        "(every step of the run, no evaluation inside), counting every worker's tokens. "
+        "Each link's runs (the ceiling first, then every method) are repeated in passes and "
+        "each cell shows its fastest pass: other processes only ever slow a run down, so the "
+        "fastest is the least disturbed; every pass is listed.",
+        _throughput(res),
+        "#### Bytes on the wire: interface counters beside the library's counters",
+        "Host 0's veth counters against rank 0's library counter over the same window: from "
+        "the first training log record (by then the initial parameter broadcast, which can "
+        "still be draining at low rates when step 1 starts, is out) to the end of the run. "
+        "`wire vs library` is the whole difference; `after 66 B/packet headers` subtracts "
+        "Ethernet + IPv4 + TCP (with timestamps) headers per packet the counter saw (pure ACKs "
+        "included), which leaves gloo's framing and the process group's own messages. "
+        "`in flight at the end`: with overlap, the fragment sync started at the last step is "
+        "never applied, so the library (which counts a sync when it is waited for) has not "
+        "counted it while the interface has; it is estimated as that fragment's share of the "
+        "parameters (the library's own partition) times the bytes of a full round, and added "
+        "to the library side. For DP the library column is the ring all-reduce estimate.",
+        _wire(res),
+        "### Peers (loopback)",
+        "Same task, seeds, data streams and token budget through `scripts/peers/*.py`; torchft "
+        "evaluates its global parameters, hivemind its rank-0 local parameters (it keeps no "
+        "global copy). tokens/s include evaluations for all rows in this table.",
+        _peers(res),
+        "### Not compared, and why",
+        _not_compared(res),
+        "### Plots",
+        _plots(res, res_path.parent, doc_dir),
+    ]
+    return "\n\n".join(parts)
+
+
+def render(results: Sequence[tuple[Path, dict[str, Any]]], doc_dir: Path) -> str:
+    """The whole document: a banner, then one section per results file."""
+    sources = ", ".join(f"`{os.path.relpath(p, doc_dir)}`" for p, _ in results)
+    head = [
+        "<!-- GENERATED by scripts/bench_report.py from the suite's results; do not edit. -->",
+        "# lowcomm benchmarks",
+        f"> **Generated file.** Every number, table and image below comes from {sources}, "
+        "written by `scripts/bench_suite.py`; regenerate with `.venv/bin/python "
+        "scripts/bench_report.py`. Nothing here is typed by hand.",
+        "What a training method sends, how good the model gets, and how fast it trains under "
+        "a given link, measured in one suite run against synchronous data-parallel training "
+        "(DP) and the peer libraries that install here.",
+    ]
+    if not results:
+        return "\n\n".join([*head, "No results yet: run `scripts/bench_suite.py`."]) + "\n"
+    body = [render_profile(res, path, doc_dir) for path, res in results]
+    return "\n\n".join(head + body) + "\n"
+
+
+def find_results(out_dir: Path, doc: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Results files for the document: ``out_dir``'s, and the other profiles' beside it.
+
+    Under ``benchmarks/``, every profile's results (``benchmarks/results.json`` and
+    ``benchmarks/*/results.json``) go into one document, ``default`` first.
+    """
+    import json
+
+    out_dir = out_dir.resolve()
+    root = BENCH_DIR.resolve()
+    base = root if out_dir == root or root in out_dir.parents else out_dir
+    paths = [base / "results.json", *sorted(base.glob("*/results.json"))]
+    found = []
+    for p in paths:
+        if p.exists():
+            found.append((p, json.loads(p.read_text(encoding="utf-8"))))
+    found.sort(key=lambda pr: (pr[1]["profile"] != "default", pr[1]["profile"]))
+    return found
+
+
+def write_report(results: Sequence[tuple[Path, dict[str, Any]]], doc: Path) -> None:
+    """Render and write the document."""
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(render(results, doc.parent.resolve()), encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: regenerate the document."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", help="one results.json (default: every one under benchmarks/)")
+    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="the Markdown file")
+    args = p.parse_args(argv)
+    if args.results:
+        res_dir = Path(args.results).resolve().parent
+    else:
+        res_dir = BENCH_DIR
+    write_report(find_results(res_dir, Path(args.out)), Path(args.out))
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

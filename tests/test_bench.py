@@ -1,0 +1,358 @@
+"""The benchmark suite (scripts/bench_suite.py, bench_plots.py, bench_report.py).
+
+Unit tests check the pieces against independent oracles (method grammar, the library's
+schedule replayed by hand, paired statistics, the TOML the recipe reads back, interface
+counters against sysfs, the report against the numbers it is given). The smoke test runs the
+whole suite on the smallest setting on loopback (no root): real recipe runs, results JSON,
+CSV, plots and the generated Markdown, then a second invocation that must reuse every cached
+run. A root-only test runs one tiny shaped run in network namespaces and checks the interface
+counters against the library's.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+
+
+def _load(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+bench = _load("bench_suite")
+report = _load("bench_report")
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def test_method_grammar() -> None:
+    m = bench.parse_method("diloco-h25-int8")
+    assert m.name == "diloco-h25-int8"
+    assert m.options == {
+        "mode": "diloco",
+        "sync_every": 25,
+        "fragments": 1,
+        "overlap_steps": 0,
+        "compression": "int8",
+        "error_feedback": False,
+    }
+    # Token order does not matter; the canonical name does not change with it.
+    s = bench.parse_method("streaming-h20-p4")
+    assert s.name == "streaming-p4-h20-o1" == bench.parse_method("streaming-o1-p4-h20").name
+    assert (s.options["fragments"], s.options["overlap_steps"]) == (4, 1)
+    t = bench.parse_method("diloco-h20-topk0.01-ef")
+    assert t.options["compression"] == "topk:0.01" and t.options["error_feedback"] is True
+    assert "top-k 1%" in t.label and "+EF" in t.label
+    sl = bench.parse_method("diloco-h20-topk0.01-ef0.95-m0")
+    assert sl.options["compression"] == "ef@0.95:topk:0.01" and not sl.options["error_feedback"]
+    assert sl.options["outer_momentum"] == 0.0
+    # Decay 1 is classic error feedback: the same method as plain ``ef``.
+    assert bench.parse_method("diloco-h20-topk0.01-ef1").name == t.name
+    assert bench.parse_method("ddp").options == {"mode": "ddp"}
+    assert bench.parse_method("local").mode == "local"
+    # Every generated option is one the recipe accepts.
+    from lowcomm.config import load_config
+
+    for name in (
+        "diloco-h25-int8",
+        "streaming-p4-h20",
+        "diloco-h20-topk0.01-ef",
+        "diloco-h20-topk0.01-ef0.95-m0",
+        "ddp",
+    ):
+        opts = bench.parse_method(name).options
+        load_config([f"--{k}={v}" for k, v in opts.items()] + ["--steps=100"])
+
+
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("sgd", "kind"),
+        ("ddp-h20", "takes no options"),
+        ("diloco-h20-zip", "unknown token"),
+        ("streaming-p3-h20", "must divide"),
+        ("streaming-p4-h4", "fragment spacing"),
+        ("diloco-h20-ef", "ef needs a compression"),
+        ("diloco-h20-int8-m1.5", "outer momentum"),
+    ],
+)
+def test_method_grammar_rejects(name: str, rule: str) -> None:
+    with pytest.raises(ValueError, match=rule):
+        bench.parse_method(name)
+
+
+def test_syncs_at_end_matches_a_hand_replay_of_the_schedule() -> None:
+    # P=2, H=4: fragment syncs start after steps 2, 4, ..., 16; with tau=1 the one started
+    # at step 16 would land at 17, after the run.
+    # Fragment p syncs after steps s with s % 4 == 2p.
+    assert bench.syncs_at_end(bench.parse_method("streaming-p2-h4"), 16) == (
+        [1, 0, 1, 0, 1, 0, 1],
+        [0],
+    )
+    # Without overlap every sync is applied within its step.
+    assert bench.syncs_at_end(bench.parse_method("diloco-h4"), 16) == ([0] * 4, [])
+    assert bench.syncs_at_end(bench.parse_method("diloco-h100"), 99) == ([], [])
+    assert bench.syncs_at_end(bench.parse_method("ddp"), 16) == ([], [])
+
+
+def test_fragment_shares_follow_the_library_partition() -> None:
+    from lowcomm.gpt import GPT, GPTConfig
+    from lowcomm.optim.fragments import partition
+
+    task = bench.task_config(bench.PROFILES["default"], [], "cpu")
+    shares = bench.fragment_shares(task, 4)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64))
+    frags = partition(model, list(model.parameters()), 4)
+    total = sum(p.numel() for p in model.parameters())
+    assert shares == pytest.approx([sum(p.numel() for p in f) / total for f in frags])
+    assert bench.fragment_shares(task, 1) == [1.0]
+
+
+def test_window_starts_late_and_away_from_sync_starts() -> None:
+    s = bench.parse_method("streaming-p4-h20")  # syncs start at multiples of 5, land +1
+    step = bench.window_log_step(s, 100)
+    assert step >= 10 and step % 5 not in (0, 1)
+    h20 = bench.window_log_step(bench.parse_method("diloco-h20"), 100)
+    assert h20 >= 10 and h20 % 20
+    assert bench.window_log_step(bench.parse_method("ddp"), 100) == 10
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _quality_run(method: str, seed: int, losses: list[float], sent: int) -> dict[str, Any]:
+    steps = [0, 10, 20][: len(losses)]
+    return {
+        "method": method,
+        "seed": seed,
+        "evals": [
+            {"step": s, "tokens": 100 * s, "loss": v, "bytes_sent": sent * s // 20}
+            for s, v in zip(steps, losses)
+        ],
+        "final_eval_loss": losses[-1],
+        "num_params": 1000,
+        "steps": 20,
+        "bytes_sent": sent,
+        "bytes_sent_estimated": method == "ddp",
+        "allreduce_bytes": 80000,
+        "outer_steps": 0 if method == "ddp" else 1,
+        "peak_sync_bytes": None if method == "ddp" else sent,
+        "compression_ratio": None if method == "ddp" else 1.0,
+        "elapsed_s": 1.0,
+        "tokens_per_s_incl_eval": 2000.0,
+    }
+
+
+def test_quality_aggregate_pairs_ratios_by_seed() -> None:
+    runs = [
+        _quality_run("ddp", 0, [5.5, 3.0, 2.0], 80000),
+        _quality_run("ddp", 1, [5.4, 3.2, 2.5], 80000),
+        _quality_run("diloco-h20", 0, [5.5, 3.3, 2.2], 4000),
+        _quality_run("diloco-h20", 1, [5.4, 3.0, 2.4], 4000),
+    ]
+    agg = bench.aggregate_quality(runs)
+    d = agg["diloco-h20"]
+    paired = [2.2 / 2.0, 2.4 / 2.5]  # the ratio of means would be 2.3 / 2.25
+    assert d["final_ratio_to_baseline"]["mean"] == pytest.approx(statistics.fmean(paired))
+    assert d["final_ratio_to_baseline"]["std"] == pytest.approx(statistics.stdev(paired))
+    assert d["final_eval_loss"]["mean"] == pytest.approx(2.3)
+    mid = next(p for p in d["curve"] if p["step"] == 10)
+    assert mid["ratio_to_baseline"]["mean"] == pytest.approx((3.3 / 3.0 + 3.0 / 3.2) / 2)
+    assert d["curve"][0]["ratio_to_baseline"]["mean"] == pytest.approx(1.0)
+    rows = {r["id"]: r for r in bench.headline_rows(agg, {"main": "diloco-h20"}, 2, 20)}
+    assert rows["main"]["byte_ratio"] == pytest.approx(20.0)
+    assert rows["main"]["loss_ratio"]["mean"] == pytest.approx(statistics.fmean(paired))
+    assert not rows["streaming"]["available"] and "streaming" in rows["streaming"]["why"]
+
+
+def test_streaming_headline_uses_a_full_sync_of_the_same_compression() -> None:
+    base = [_quality_run("ddp", 0, [5.5, 2.0], 80000)]
+    full = _quality_run("diloco-h20", 0, [5.5, 2.1], 4000)
+    stream = _quality_run("streaming-p4-h20-o1", 0, [5.5, 2.2], 4000)
+    stream["peak_sync_bytes"] = 1100
+    agg = bench.aggregate_quality(base + [full, stream])
+    (row,) = [
+        r
+        for r in bench.headline_rows(agg, {"streaming": "streaming-p4-h20"}, 2, 20)
+        if r["id"] == "streaming"
+    ]
+    assert row["full_sync_bytes"] == 4000 and "diloco-h20" in row["full_sync_source"]
+    assert row["peak_over_total_per_p"] == pytest.approx(1100 / (4000 / 4))
+
+
+def test_task_toml_reads_back_through_the_recipe_loader(tmp_path: Path) -> None:
+    from lowcomm.config import load_config
+
+    task = bench.task_config(bench.PROFILES["default"], ["n_layer=3"], "cpu")
+    assert task["n_layer"] == 3 and task["steps"] == 400 and task["ckpt_every"] == 0
+    path = tmp_path / "task.toml"
+    bench.write_toml(task, path)
+    back = load_config(["--config", str(path)]).to_dict()
+    assert {k: back[k] for k in task} == task
+
+
+def test_proc_net_counters_agree_with_sysfs() -> None:
+    sysfs = Path("/sys/class/net/lo/statistics")
+    if not sysfs.exists():
+        pytest.skip("no sysfs network statistics")
+    before = int((sysfs / "tx_bytes").read_text())
+    got = bench.proc_net_counters(os.getpid(), "lo")
+    after = int((sysfs / "tx_bytes").read_text())
+    assert before <= got["tx_bytes"] <= after
+    with pytest.raises(KeyError):
+        bench.proc_net_counters(os.getpid(), "nosuchdev0")
+
+
+def test_report_prints_the_numbers_it_is_given(tmp_path: Path) -> None:
+    runs = [
+        _quality_run("ddp", 0, [5.5, 2.0], 80000),
+        _quality_run("diloco-h20-int8", 0, [5.5, 2.123456], 1234),
+    ]
+    agg = bench.aggregate_quality(runs)
+    results = {
+        "profile": "unit",
+        "command": [".venv/bin/python", "scripts/bench_suite.py", "--profile", "unit"],
+        "machine": {"cpu_model": "Test CPU 9000", "cpu_cores": 2, "torch": "x", "loadavg_1m": 1.0},
+        "loadavg_1m_end": 2.0,
+        "wall_seconds": {"quality": 12.0, "total": 12.0},
+        "settings": {
+            "task": bench.task_config(bench.PROFILES["default"], [], "cpu"),
+            "workers": 2,
+            "threads_per_worker": 1,
+            "device": "cpu",
+            "seeds": [0],
+            "throughput_steps": 100,
+            "rates": [],
+            "throughput_repeats": 3,
+        },
+        "aggregate": {"quality": agg, "throughput": {}, "peers": {}},
+        "headline": bench.headline_rows(agg, {"main": "diloco-h20-int8"}, 2, 20),
+        "not_compared": [{"what": "hivemind", "why": "because of a test"}],
+        "plots": {},
+    }
+    text = report.render([(tmp_path / "results.json", results)], tmp_path)
+    assert text.startswith("<!-- GENERATED")
+    assert "2.1235" in text  # the final loss, formatted from the results
+    assert f"{80000 / 1234:.1f}x" in text  # the byte ratio
+    assert "Test CPU 9000" in text and "because of a test" in text
+    assert "scripts/bench_suite.py --profile unit" in text
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _png(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_smoke_suite_end_to_end_on_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, doc, work = tmp_path / "out", tmp_path / "BENCH.md", tmp_path / "work"
+    argv = [
+        "--profile", "smoke", "--rates", "loopback", "--peers", "",
+        "--work-dir", str(work), "--out", str(out), "--doc", str(doc),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    quality = res["aggregate"]["quality"]
+    assert set(quality) == {"ddp", "diloco-h4"}
+    ddp, dil = quality["ddp"], quality["diloco-h4"]
+    # Fair comparison: the same tokens at every evaluation, the same model at step 0.
+    assert [p["tokens"] for p in ddp["curve"]] == [p["tokens"] for p in dil["curve"]]
+    assert dil["curve"][0]["loss"]["mean"] == ddp["curve"][0]["loss"]["mean"]
+    assert dil["curve"][0]["ratio_to_baseline"]["mean"] == 1.0
+    assert all(
+        q["curve"][-1]["loss"]["mean"] < q["curve"][0]["loss"]["mean"] - 0.3 for q in (ddp, dil)
+    )
+    # Bytes: DP is the ring estimate; DiLoCo with H=4 sends about 1/H of it.
+    n, steps = ddp["num_params"], res["settings"]["task"]["steps"]
+    assert ddp["bytes_sent"] == int(2 * (2 - 1) / 2 * 4 * n * steps) and ddp["bytes_sent_estimated"]
+    assert ddp["bytes_sent"] / dil["bytes_sent"] == pytest.approx(4.0, rel=0.01)
+    assert dil["outer_steps"] == steps // 4
+    # Throughput: a ceiling and a ratio to it, on loopback (no interface counters).
+    (block,) = res["aggregate"]["throughput"].values()
+    t = block["methods"]["diloco-h4"]
+    assert t["ratio_to_ceiling"] == pytest.approx(t["tokens_per_s"] / block["ceiling_tokens_per_s"])
+    assert t["wire"] is None
+    # Outputs: CSV rows, valid PNGs, and a generated document linking them.
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["table"], r["method"]) for r in rows} >= {
+        ("quality", "ddp"), ("quality", "diloco-h4"), ("throughput", "local"),
+        ("throughput", "diloco-h4"),
+    }  # fmt: skip
+    for name in ("loss_vs_tokens", "loss_vs_bytes", "loss_gap", "throughput_vs_rate"):
+        assert _png(out / f"{name}.png"), name
+    text = doc.read_text()
+    assert "GENERATED" in text and f"{dil['final_eval_loss']['mean']:.4f}" in text
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (doc.parent / link).exists(), link
+    main_row = next(h for h in res["headline"] if h["id"] == "main")
+    assert main_row["byte_ratio"] == pytest.approx(ddp["bytes_sent"] / dil["bytes_sent"])
+
+    # A second invocation reuses every cached run and launches nothing.
+    def no_launch(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a cached run was launched again")
+
+    monkeypatch.setattr(bench, "run_workers", no_launch)
+    assert bench.main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["aggregate"]["quality"] == res["aggregate"]["quality"]
+
+
+def _can_shape() -> str | None:
+    try:
+        bench.wansim.check_prerequisites()
+    except (PermissionError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.dist
+def test_tiny_shaped_run_wire_bytes_agree_with_the_library(tmp_path: Path) -> None:
+    why = _can_shape()
+    if why is not None:
+        pytest.skip(why)
+    out = tmp_path / "out"
+    argv = [
+        "--profile", "smoke", "--phases", "throughput", "--rates", "20mbit",
+        "--throughput-methods", "diloco-h4", "--work-dir", str(tmp_path / "work"),
+        "--out", str(out), "--doc", str(tmp_path / "B.md"),
+    ]  # fmt: skip
+    try:
+        assert bench.main(argv) == 0
+    except RuntimeError as e:  # the container refused namespaces
+        pytest.skip(f"network namespaces unavailable: {e}")
+    res = json.loads((out / "results.json").read_text())
+    t = res["aggregate"]["throughput"]["20mbit"]["methods"]["diloco-h4"]
+    w = t["wire"]
+    assert w is not None and w["from_step"] is not None and w["lib_bytes"] > 0
+    # The interface carries the library's payload plus headers and framing, never less.
+    assert w["wire_tx_bytes"] >= w["lib_bytes"]
+    assert w["wire_over_lib_pct"] < 10.0
+    assert abs(w["residual_after_headers_pct"]) < 3.0
+    assert t["ratio_to_ceiling"] > 0 and math.isfinite(t["ratio_to_ceiling"])
