@@ -1,0 +1,50 @@
+"""Print the README's streaming/compression table from benchmarks/results.json.
+
+.venv/bin/python scripts/readme_table.py   # paste-free: the README section is this output
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROWS = [
+    "ddp",
+    "diloco-h20",
+    "streaming-p4-h20-o1",
+    "diloco-h20-int8",
+    "diloco-h20-topk0.01",
+    "diloco-h20-topk0.01-ef",
+    "diloco-h20-topk0.01-ef0.95-m0",
+]
+
+
+def main(path: str = "benchmarks/results.json") -> str:
+    results = json.loads(Path(path).read_text())
+    agg = results["aggregate"]["quality"]
+    lines = [
+        f"Measured by `scripts/bench_suite.py` (profile `{results['profile']}`; M=2 workers, "
+        f"{agg['ddp']['num_params']:,}-parameter byte GPT, {agg['ddp']['steps']} inner steps, "
+        f"seeds {agg['ddp']['seeds']}; printed by `scripts/readme_table.py`):",
+        "",
+        "| method | final eval loss | bytes sent per worker | peak bytes per sync |",
+        "|---|---|---|---|",
+    ]
+    for name in ROWS:
+        if name not in agg:
+            continue
+        a = agg[name]
+        loss = a["final_eval_loss"]
+        peak = a.get("peak_sync_bytes")
+        est = " (ring estimate)" if a.get("bytes_sent_estimated") else ""
+        lines.append(
+            f"| {a['label']} | {loss['mean']:.4f} ± {loss['std']:.4f} | "
+            f"{a['bytes_sent'] / 2**20:.2f} MiB{est} | "
+            f"{'—' if not peak else f'{peak / 2**10:.0f} KiB'} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(main(*sys.argv[1:]))
