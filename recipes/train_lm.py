@@ -181,6 +181,21 @@ def make_compression(cfg: TrainConfig) -> Any:
     return compressor
 
 
+def load_training_corpus(cfg: TrainConfig) -> Any:
+    """The corpus the config names (the embedded stdlib source by default)."""
+    return load_corpus(
+        cfg.dataset,
+        cache_dir=cfg.data_dir,
+        heldout_fraction=cfg.heldout_fraction,
+        split=cfg.split,
+        text_field=cfg.text_field,
+        dataset_config=cfg.dataset_config,
+        data_files=cfg.data_files,
+        streaming=cfg.streaming,
+        max_bytes=cfg.max_bytes,
+    )
+
+
 def make_backend(cfg: TrainConfig) -> Any:
     """The swarm backend for ``--backend hivemind``; None lets DiLoCo pick (torch.distributed)."""
     if cfg.backend != "hivemind":
@@ -264,17 +279,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     compression = make_compression(cfg) if cfg.mode == "diloco" else None
     resume = prepare_run_dir(cfg, rt)
 
-    corpus = load_corpus(
-        cfg.dataset,
-        cache_dir=cfg.data_dir,
-        heldout_fraction=cfg.heldout_fraction,
-        split=cfg.split,
-        text_field=cfg.text_field,
-        dataset_config=cfg.dataset_config,
-        data_files=cfg.data_files,
-        streaming=cfg.streaming,
-        max_bytes=cfg.max_bytes,
-    )
+    corpus = load_training_corpus(cfg)
     # The smallest shard decides, so that every rank raises alike (none waits in a collective).
     smallest = min(
         hi - lo

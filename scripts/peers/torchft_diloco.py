@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -154,8 +155,10 @@ def build_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+@functools.cache
 def load_recipe() -> ModuleType:
-    """``recipes/train_lm.py`` as a module: its optimizer, schedule and eval are reused as-is."""
+    """``recipes/train_lm.py`` as a module (loaded once): its optimizer, schedule, corpus and
+    eval are reused as-is."""
     path = REPO / "recipes" / "train_lm.py"
     spec = importlib.util.spec_from_file_location("lowcomm_recipe_train_lm", path)
     assert spec is not None and spec.loader is not None, path
@@ -182,19 +185,9 @@ def make_model(cfg: Any) -> torch.nn.Module:
 
 def load_data(cfg: Any) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
     """(corpus, fixed eval batches), exactly as the recipe builds them."""
-    from lowcomm.data import eval_batches, load_corpus
+    from lowcomm.data import eval_batches
 
-    corpus = load_corpus(
-        cfg.dataset,
-        cache_dir=cfg.data_dir,
-        heldout_fraction=cfg.heldout_fraction,
-        split=cfg.split,
-        text_field=cfg.text_field,
-        dataset_config=cfg.dataset_config,
-        data_files=cfg.data_files,
-        streaming=cfg.streaming,
-        max_bytes=cfg.max_bytes,
-    )
+    corpus = load_recipe().load_training_corpus(cfg)
     evals = eval_batches(
         corpus.val, num_batches=cfg.eval_batches, batch_size=cfg.batch_size, seq_len=cfg.seq_len
     )
