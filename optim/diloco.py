@@ -831,9 +831,54 @@ class DiLoCo(torch.optim.Optimizer):
             else:
                 self._pending.append(pending)
 
+    def flush(self) -> int:
+        """Land every sync still in flight now; call it after the last training step.
+
+        Without it, a sync launched near the end (``overlap_steps``, or eager/delayed, which
+        consume a round's average at the next round) would be on the wire but never applied:
+        the final θ would miss it and :attr:`stats` would not count its bytes.
+
+        * ``mix``: each in-flight sync is applied as if its ``overlap_steps`` had passed.
+        * ``delayed``: the last round's mean is applied (the step the next round would take).
+        * ``eager``: the last round's average minus this worker's own share, which eager
+          already applied; every worker's pseudo-gradient of every round then lands once.
+
+        Training may continue afterwards: the next round of a flushed eager/delayed fragment
+        starts like the first one. Collective-free; every worker must flush at the same step
+        (elastic backends: a worker that flushes and goes on may resync).
+
+        Returns:
+            The number of fragment syncs applied.
+        """
+        applied = 0
+        with torch.no_grad():
+            for pending in sorted(self._pending, key=lambda p: p.launch_step):
+                self._apply_mix(pending)
+                applied += 1
+            self._pending = []
+            for frag, previous in sorted(self._previous.items()):
+                result = previous.result_now()
+                s = self._stats
+                s.peak_sync_bytes = max(s.peak_sync_bytes, result.bytes_sent)
+                s.num_peers = result.num_peers
+                if result.total_weight <= 0:
+                    self._skip(frag)
+                    continue
+                grad = result.tensors[0].reshape(-1)
+                if self.overlap_mode == "eager" and previous.weight > 0:
+                    grad = grad - previous.sent * (previous.weight / result.total_weight)
+                self._outer_step(frag, grad)
+                self._reset_local(frag)
+                applied += 1
+            self._previous = {}
+        if applied:
+            self._after_outer_step()
+        return applied
+
     def close(self) -> None:
-        """Wait for syncs in flight and release the backend."""
-        for p in self._pending:
+        """Wait for syncs in flight (without applying them: see :meth:`flush`) and release
+        the backend."""
+        for p in self._pending + list(self._previous.values()):
             p.result_now()
         self.backend.close()
 

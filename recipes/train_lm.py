@@ -458,6 +458,10 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             step += 1
             loss_sum += loss.detach()
             loss_count += 1
+            if step == cfg.steps and diloco is not None:
+                # Land the syncs still in flight: the final model, its evaluation, the last
+                # log line and the byte counters all include them.
+                diloco.flush()
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()

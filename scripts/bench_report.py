@@ -296,7 +296,7 @@ def _wire(res: dict[str, Any]) -> str:
             if not w:
                 continue
             lib = fmt_bytes(w["lib_bytes"]) + (" (est.)" if w["lib_bytes_estimated"] else "")
-            if w["in_flight_syncs_at_end"]:
+            if w.get("in_flight_syncs_at_end"):  # results cached before DiLoCo.flush()
                 lib += (
                     f" + {fmt_bytes(w['in_flight_bytes_estimate'])} in flight at the end "
                     f"({w['in_flight_syncs_at_end']} sync)"

@@ -768,50 +768,16 @@ def throughput_record(m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def syncs_at_end(method: Method, steps: int) -> tuple[list[int], list[int]]:
-    """Fragments of the syncs applied by ``steps``, and of those still in flight after it.
-
-    From the library's own schedule: fragment syncs start after every multiple of ``H/P``
-    and land ``overlap_steps`` later, so with overlap the sync started at the last step is
-    never applied; its bytes are on the wire but not yet in the library's counter (which
-    counts a sync when it is waited for).
-    """
-    if method.mode != "diloco":
-        return [], []
-    from lowcomm.optim.schedule import StaggeredSchedule
-
+def method_key(method: Method) -> dict[str, Any]:
+    """What a cached result of ``method`` depends on: its options, and for methods with a
+    sync in flight at the end, that the recipe lands it (``DiLoCo.flush``) before the final
+    evaluation and the last byte count, which results cached before it did not."""
     opts = method.options
-    sched = StaggeredSchedule(int(opts["sync_every"]), int(opts["fragments"]))
-    tau = int(opts["overlap_steps"])
-    applied: list[int] = []
-    in_flight: list[int] = []
-    for s in range(1, steps + 1):
-        (applied if s + tau <= steps else in_flight).extend(sched.due(s))
-    return applied, in_flight
-
-
-def fragment_shares(task: dict[str, Any], fragments: int) -> list[float]:
-    """Each fragment's share of the parameter bytes, from the library's own partition."""
-    import torch
-
-    from lowcomm.gpt import GPT, GPTConfig
-    from lowcomm.optim.fragments import fragment_bytes, partition
-
-    if fragments == 1:
-        return [1.0]
-    with torch.device("meta"):
-        model = GPT(
-            GPTConfig(
-                block_size=task["seq_len"],
-                n_layer=task["n_layer"],
-                n_head=task["n_head"],
-                n_embd=task["n_embd"],
-                tie_weights=task["tie_weights"],
-            )
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    sizes = fragment_bytes(partition(model, params, fragments))
-    return [b / sum(sizes) for b in sizes]
+    overlapped = int(opts.get("overlap_steps") or 0) > 0 or opts.get("overlap_mode") not in (
+        None,
+        "mix",
+    )
+    return {**opts, "flushed_at_end": True} if method.mode == "diloco" and overlapped else opts
 
 
 def window_log_step(method: Method, steps: int) -> int:
@@ -834,30 +800,20 @@ def window_log_step(method: Method, steps: int) -> int:
     return first
 
 
-def wire_comparison(
-    method: Method, launch: dict[str, Any], metrics: dict[str, Any], task: dict[str, Any]
-) -> dict[str, Any] | None:
+def wire_comparison(launch: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any] | None:
     """Host 0's interface counter beside rank 0's library counter over the same window.
 
-    A sync still in flight at the end (see :func:`syncs_at_end`) is added to the library's
-    side as its fragment's share of the bytes of a full round, the round's bytes inferred
-    from the applied syncs (exact for dense compressors, whose bytes scale with the
-    fragment's size).
+    The recipe lands the syncs still in flight before its last log record, so the library's
+    count at that record covers every byte the run sent.
     """
     if not launch.get("wire"):
         return None
     logs = metrics["logs"]
     last = logs[-1]
     start_step = launch.get("wire_log_step")
-    lib_total = int(last.get("bytes_sent", 0))
-    lib = lib_total - (bytes_at(logs, start_step) if start_step is not None else 0)
-    applied, in_flight = syncs_at_end(method, int(last["step"]))
-    in_flight_bytes = 0
-    if applied and in_flight:
-        shares = fragment_shares(task, int(method.options["fragments"]))
-        per_round = lib_total / sum(shares[f] for f in applied)
-        in_flight_bytes = round(per_round * sum(shares[f] for f in in_flight))
-    expected = lib + in_flight_bytes
+    lib = int(last.get("bytes_sent", 0)) - (
+        bytes_at(logs, start_step) if start_step is not None else 0
+    )
     tx, packets = launch["wire"][0]["tx_bytes"], launch["wire"][0]["tx_packets"]
     headers = HEADER_BYTES_PER_PACKET * packets
     return {
@@ -865,13 +821,11 @@ def wire_comparison(
         "to_step": int(last["step"]),
         "lib_bytes": lib,
         "lib_bytes_estimated": bool(metrics["summary"]["bytes_sent_estimated"]),
-        "in_flight_syncs_at_end": len(in_flight),
-        "in_flight_bytes_estimate": in_flight_bytes,
         "wire_tx_bytes": tx,
         "wire_tx_packets": packets,
         "header_bytes": headers,
-        "wire_over_lib_pct": 100.0 * (tx / expected - 1) if expected else None,
-        "residual_after_headers_pct": 100.0 * ((tx - headers) / expected - 1) if expected else None,
+        "wire_over_lib_pct": 100.0 * (tx / lib - 1) if lib else None,
+        "residual_after_headers_pct": 100.0 * ((tx - headers) / lib - 1) if lib else None,
     }
 
 
@@ -904,7 +858,7 @@ def quality_phase(
         for seed in st.seeds:
             n += 1
             key = run_key(
-                {"kind": "quality", "task": st.task, "method": method.options, "seed": seed,
+                {"kind": "quality", "task": st.task, "method": method_key(method), "seed": seed,
                  "workers": st.workers}
             )  # fmt: skip
             path = st.work_dir / "quality" / method.name / f"seed{seed}.json"
@@ -999,7 +953,7 @@ def throughput_phase(
         for method, repeat in plan:
             extra = {**base_extra, "log_every": window_log_step(method, steps)}
             key = run_key(
-                {"kind": "throughput", "task": st.task, "method": method.options, "rate": rate,
+                {"kind": "throughput", "task": st.task, "method": method_key(method), "rate": rate,
                  "extra": extra, "workers": st.workers, "repeat": repeat}
             )  # fmt: skip
             name = method.name + (f"-r{repeat}" if repeat else "")
@@ -1036,7 +990,7 @@ def throughput_phase(
                 **launch,
                 **throughput_record(metrics),
             }
-            rec["wire_compare"] = wire_comparison(method, launch, metrics, st.task)
+            rec["wire_compare"] = wire_comparison(launch, metrics)
             _save(path, rec)
             logger.info("  %.3g tokens/s", rec["tokens_per_s"] or float("nan"))
             records.append(rec)
@@ -1468,7 +1422,7 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
         "final_eval_loss_std", "loss_ratio_vs_dp_mean", "loss_ratio_vs_dp_std",
         "bytes_sent_per_worker", "bytes_estimated", "byte_ratio_dp_over_method",
         "tokens_per_s", "ratio_to_ceiling", "wire_window_from_step", "lib_bytes_window",
-        "lib_in_flight_estimate", "wire_tx_bytes_host0", "wire_tx_packets_host0",
+        "wire_tx_bytes_host0", "wire_tx_packets_host0",
         "wire_over_lib_pct", "residual_after_headers_pct",
     ]  # fmt: skip
     rows: list[dict[str, Any]] = []
@@ -1497,7 +1451,6 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
                 "tokens_per_s": t["tokens_per_s"], "ratio_to_ceiling": t["ratio_to_ceiling"],
                 "bytes_estimated": t["lib_bytes_estimated"],
                 "wire_window_from_step": w.get("from_step"), "lib_bytes_window": w.get("lib_bytes"),
-                "lib_in_flight_estimate": w.get("in_flight_bytes_estimate"),
                 "wire_tx_bytes_host0": w.get("wire_tx_bytes"),
                 "wire_tx_packets_host0": w.get("wire_tx_packets"),
                 "wire_over_lib_pct": w.get("wire_over_lib_pct"),

@@ -46,6 +46,7 @@ class Config:
     mix: float = 0.5
     same_data: bool = False
     seed: int = 0
+    flush: bool = False  # land the syncs still in flight after the last step
 
 
 def replay(
@@ -95,6 +96,9 @@ def replay(
                 pending.append((frag, step + cfg.overlap_steps, mean))
             else:
                 outer(frag, mean)
+    if cfg.flush:
+        for frag, _, mean in pending:
+            outer(frag, mean)
     return glob, local
 
 
@@ -153,4 +157,14 @@ def replay_overlapped(
             for i in idx:
                 local[m][i] = glob[m][i].clone()
         last[frag] = (deltas, mean)
+    if cfg.flush:
+        # Delayed applies the last mean; eager the part of it not applied yet (the others').
+        for frag, (deltas, mean) in last.items():
+            for m in workers:
+                if mode == "delayed":
+                    outer(m, frag, mean)
+                else:
+                    outer(m, frag, [pm - d / cfg.workers for pm, d in zip(mean, deltas[m])])
+                for i in cfg.fragments[frag]:
+                    local[m][i] = glob[m][i].clone()
     return glob, local

@@ -100,31 +100,14 @@ def test_method_grammar_rejects(name: str, rule: str) -> None:
         bench.parse_method(name)
 
 
-def test_syncs_at_end_matches_a_hand_replay_of_the_schedule() -> None:
-    # P=2, H=4: fragment syncs start after steps 2, 4, ..., 16; with tau=1 the one started
-    # at step 16 would land at 17, after the run.
-    # Fragment p syncs after steps s with s % 4 == 2p.
-    assert bench.syncs_at_end(bench.parse_method("streaming-p2-h4"), 16) == (
-        [1, 0, 1, 0, 1, 0, 1],
-        [0],
-    )
-    # Without overlap every sync is applied within its step.
-    assert bench.syncs_at_end(bench.parse_method("diloco-h4"), 16) == ([0] * 4, [])
-    assert bench.syncs_at_end(bench.parse_method("diloco-h100"), 99) == ([], [])
-    assert bench.syncs_at_end(bench.parse_method("ddp"), 16) == ([], [])
-
-
-def test_fragment_shares_follow_the_library_partition() -> None:
-    from lowcomm.gpt import GPT, GPTConfig
-    from lowcomm.optim.fragments import partition
-
-    task = bench.task_config(bench.PROFILES["default"], [], "cpu")
-    shares = bench.fragment_shares(task, 4)
-    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64))
-    frags = partition(model, list(model.parameters()), 4)
-    total = sum(p.numel() for p in model.parameters())
-    assert shares == pytest.approx([sum(p.numel() for p in f) / total for f in frags])
-    assert bench.fragment_shares(task, 1) == [1.0]
+def test_cache_key_of_overlapped_methods_records_the_final_flush() -> None:
+    # Results of overlapped methods cached before the recipe flushed are stale; others are not.
+    for name in ("ddp", "diloco-h4", "diloco-h4-int8", "streaming-p4-h20-o0"):
+        method = bench.parse_method(name)
+        assert bench.method_key(method) == method.options
+    for name in ("streaming-p2-h4", "streaming-p4-h12-o2", "diloco-h4-o1"):
+        key = bench.method_key(bench.parse_method(name))
+        assert key["flushed_at_end"] is True
 
 
 def test_window_starts_late_and_away_from_sync_starts() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 
@@ -50,6 +51,8 @@ def train(rank: int, cfg: Config, state: dict | None = None, stop: int | None = 
         loss_fn(params, x, y).backward()
         opt.step()
         opt.zero_grad()
+    if cfg.flush:
+        opt.flush()
     return [g.clone() for g in opt.global_tensors()], [p.detach().clone() for p in params], opt
 
 
@@ -312,13 +315,26 @@ def test_identical_data_on_m_workers_equals_one_worker():
 
 
 @pytest.mark.dist
-def test_streaming_overlap_matches_replay_over_gloo():
-    cfg = Config(workers=3, steps=12, sync_every=4, fragments=((0, 1), (2, 3)), overlap_steps=1)
+@pytest.mark.parametrize("flush", [False, True])
+def test_streaming_overlap_matches_replay_over_gloo(flush):
+    cfg = Config(
+        workers=3,
+        steps=12,
+        sync_every=4,
+        fragments=((0, 1), (2, 3)),
+        overlap_steps=1,
+        flush=flush,
+    )
     results = run_ranks(_dist_train, 3, cfg, {})
     ref_glob, ref_local = replay([p.detach() for p in make_model(0).parameters()], cfg)
-    for rank, (glob, local, _) in enumerate(results):
+    for rank, (glob, local, stats) in enumerate(results):
         assert_close(glob, ref_glob)
         assert_close(local, ref_local[rank])
+        # Syncs start after steps 2, 4, ..., 12; the last one lands only when flushed.
+        assert stats.fragment_syncs == (6 if flush else 5)
+    if flush:
+        unflushed = run_ranks(_dist_train, 3, dataclasses.replace(cfg, flush=False), {})
+        assert results[0][2].bytes_sent > unflushed[0][2].bytes_sent
 
 
 def _shape_mismatch(rank: int, world: int):

@@ -293,3 +293,17 @@ def test_torchrun_ddp(data_dir: Path, tmp_path: Path) -> None:
     a, b = final_state(tmp_path / "run", 0), final_state(tmp_path / "run", 1)
     assert_identical(a["model"], b["model"])  # gradients were all-reduced every step
     assert a["evals"][-1][1] < a["evals"][0][1] - 0.5
+
+
+def test_syncs_in_flight_at_the_end_are_landed(
+    recipe: ModuleType, data_dir: Path, tmp_path: Path
+) -> None:
+    # P=2, H=4, tau=1: the sync started at step 16 would land at step 17; the recipe flushes
+    # it, so all 8 fragment syncs (4 outer steps) are in the final model and the counters.
+    summary = recipe.main(
+        tiny(data_dir, tmp_path / "run", "--fragments", "2", "--overlap-steps", "1")
+    )
+    assert summary["outer_steps"] == 4
+    state = final_state(tmp_path / "run")["optimizer"]["lowcomm"]
+    assert state["stats"]["fragment_syncs"] == 8
+    assert not state["pending"]

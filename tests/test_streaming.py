@@ -154,7 +154,7 @@ def test_stats_show_peak_bytes_near_one_pth_and_overlap():
 # -- eager and delayed --------------------------------------------------------------------------
 
 
-def _overlapped(rank: int, world: int, cfg: Config, mode: str):
+def _overlapped(rank: int, world: int, cfg: Config, mode: str, flush: bool = False):
     model = make_model(cfg.seed)
     params = list(model.parameters())
     opt = DiLoCo(
@@ -170,7 +170,8 @@ def _overlapped(rank: int, world: int, cfg: Config, mode: str):
         loss_fn(params, x, y).backward()
         opt.step()
         opt.zero_grad()
-    out = [g.clone() for g in opt.global_tensors()], [q.detach().clone() for q in params]
+    flushed = opt.flush() if flush else 0
+    out = [g.clone() for g in opt.global_tensors()], [q.detach().clone() for q in params], flushed
     opt.close()
     return out
 
@@ -178,15 +179,18 @@ def _overlapped(rank: int, world: int, cfg: Config, mode: str):
 @pytest.mark.dist
 @pytest.mark.parametrize("mode", ["eager", "delayed"])
 @pytest.mark.parametrize("fragments", [((0, 1, 2, 3),), ((0, 2), (1, 3))])
-def test_eager_and_delayed_match_replay(mode, fragments):
-    cfg = Config(workers=2, steps=16, sync_every=4, fragments=fragments)
-    results = run_ranks(_overlapped, 2, cfg, mode)
+@pytest.mark.parametrize("flush", [False, True])
+def test_eager_and_delayed_match_replay(mode, fragments, flush):
+    cfg = Config(workers=2, steps=16, sync_every=4, fragments=fragments, flush=flush)
+    results = run_ranks(_overlapped, 2, cfg, mode, flush)
     ref_glob, ref_local = replay_overlapped(
         [q.detach() for q in make_model(0).parameters()], cfg, mode
     )
-    for rank, (glob, local) in enumerate(results):
+    for rank, (glob, local, flushed) in enumerate(results):
         assert_close(glob, ref_glob[rank])
         assert_close(local, ref_local[rank])
+        assert flushed == (len(fragments) if flush else 0)
     same = all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
-    # Delayed keeps θ identical on all workers; eager lets it differ until the next round.
+    # Delayed keeps θ identical on all workers; eager lets it differ (each worker's outer
+    # momentum has seen its own fresh pseudo-gradient first), flushed or not.
     assert same == (mode == "delayed")
