@@ -298,8 +298,8 @@ def _wire(res: dict[str, Any]) -> str:
             lib = fmt_bytes(w["lib_bytes"]) + (" (est.)" if w["lib_bytes_estimated"] else "")
             if w.get("in_flight_syncs_at_end"):  # results cached before DiLoCo.flush()
                 lib += (
-                    f" + {fmt_bytes(w['in_flight_bytes_estimate'])} in flight at the end "
-                    f"({w['in_flight_syncs_at_end']} sync)"
+                    f" + {fmt_bytes(w['in_flight_bytes_estimate'])} estimated in flight at the "
+                    f"end ({w['in_flight_syncs_at_end']} sync; a run from before the flush)"
                 )
             pct = w["wire_over_lib_pct"]
             res_pct = w["residual_after_headers_pct"]
@@ -437,11 +437,9 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "`wire vs library` is the whole difference; `after 66 B/packet headers` subtracts "
         "Ethernet + IPv4 + TCP (with timestamps) headers per packet the counter saw (pure ACKs "
         "included), which leaves gloo's framing and the process group's own messages. "
-        "`in flight at the end`: with overlap, the fragment sync started at the last step is "
-        "never applied, so the library (which counts a sync when it is waited for) has not "
-        "counted it while the interface has; it is estimated as that fragment's share of the "
-        "parameters (the library's own partition) times the bytes of a full round, and added "
-        "to the library side. For DP the library column is the ring all-reduce estimate.",
+        "With overlap, the recipe lands the syncs still in flight after the last step "
+        "(`DiLoCo.flush()`) before its last log record, so the library's count covers every "
+        "sync the run started. For DP the library column is the ring all-reduce estimate.",
         _wire(res),
         "### Peers (loopback)",
         "Same task, seeds, data streams and token budget through `scripts/peers/*.py`; torchft "
