@@ -57,8 +57,6 @@ and averager processes and p2pd daemons, is killed), 2 when hivemind is not impo
 from __future__ import annotations
 
 import importlib.util
-import json
-import logging
 import math
 import os
 import sys
@@ -414,18 +412,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "state_downloads_per_worker": [r["state_downloads"] for r in results],
         },
     )
-    with open(args.out, "a", encoding="utf-8") as f:
-        f.write(json.dumps(summary) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
-    return summary
+    return shared.write_summary(args.out, summary)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        main()
-    except (RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    shared.cli(main)

@@ -629,13 +629,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
         },
     )
-    with open(args.out, "a", encoding="utf-8") as f:
+    return write_summary(args.out, summary)
+
+
+def write_summary(out: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Append ``summary`` to the JSONL file ``out``, print it (less the config), return it."""
+    with open(out, "a", encoding="utf-8") as f:
         f.write(json.dumps(summary) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
     return summary
 
 
-if __name__ == "__main__":
+def cli(main: Any) -> None:
+    """Run a peer script's ``main()`` as a command: logging on, exit 1 with the message on a
+    configuration or run error."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -644,3 +651,7 @@ if __name__ == "__main__":
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli(main)
