@@ -86,6 +86,20 @@ def _late(curve: list[dict[str, Any]]) -> list[float]:
     return [p["loss"]["mean"] for p in curve[cut:]]
 
 
+def _finish(
+    fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str, log_grid: bool = False
+) -> None:
+    """Label, grid and legend a panel, write it to ``path`` and free the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both" if log_grid else "major")
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+
+
 def plot_loss_vs_tokens(results: dict[str, Any], path: Path) -> None:
     """Mean eval loss against tokens, per method and peer."""
     quality = results["aggregate"]["quality"]
@@ -107,14 +121,14 @@ def plot_loss_vs_tokens(results: dict[str, Any], path: Path) -> None:
         _band(ax, xs, stats, colors[name])
         late += _late(p["curve"])
     _ylim_from_curves(ax, late)
-    ax.set_xlabel("training tokens (all workers)")
-    ax.set_ylabel("eval loss (nats/byte), mean ± std over seeds")
-    ax.set_title(_title(results, "Eval loss vs tokens"), fontsize=9)
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        path,
+        "training tokens (all workers)",
+        "eval loss (nats/byte), mean ± std over seeds",
+        _title(results, "Eval loss vs tokens"),
+    )
 
 
 def plot_loss_vs_bytes(results: dict[str, Any], path: Path) -> None:
@@ -156,14 +170,15 @@ def plot_loss_vs_bytes(results: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _bytes_label(v)))
     _ylim_from_curves(ax, late)
-    ax.set_xlabel("bytes sent per worker so far (log scale)")
-    ax.set_ylabel("eval loss (nats/byte), mean over seeds")
-    ax.set_title(_title(results, "Eval loss vs bytes on the wire"), fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        path,
+        "bytes sent per worker so far (log scale)",
+        "eval loss (nats/byte), mean over seeds",
+        _title(results, "Eval loss vs bytes on the wire"),
+        log_grid=True,
+    )
 
 
 def plot_loss_gap(results: dict[str, Any], path: Path) -> None:
@@ -183,14 +198,15 @@ def plot_loss_gap(results: dict[str, Any], path: Path) -> None:
         _band(ax, xs, stats, colors[name])
     ax.axhline(1.0, color="black", lw=0.8, ls=":", label="DP")
     ax.set_yscale("log")
-    ax.set_xlabel("inner steps")
-    ax.set_ylabel("eval loss / DP eval loss (same seed), log scale")
-    ax.set_title(_title(results, "Loss gap to DP vs steps"), fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        path,
+        "inner steps",
+        "eval loss / DP eval loss (same seed), log scale",
+        _title(results, "Loss gap to DP vs steps"),
+        log_grid=True,
+    )
 
 
 def plot_throughput(results: dict[str, Any], path: Path) -> None:
@@ -226,14 +242,14 @@ def plot_throughput(results: dict[str, Any], path: Path) -> None:
     ax.set_xticklabels([f"{r}\n(veth, no tbf)" if r == "unshaped" else r for r in order])
     ax.minorticks_off()
     ax.set_ylim(0, max(1.15, ax.get_ylim()[1]))
-    ax.set_xlabel("link rate per direction (tbf-shaped veth per worker)")
-    ax.set_ylabel("tokens/s ÷ ceiling measured in the same run")
-    ax.set_title(_title(results, "Throughput vs link rate"), fontsize=9)
-    ax.grid(alpha=0.3)
-    _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
+    _finish(
+        fig,
+        ax,
+        path,
+        "link rate per direction (tbf-shaped veth per worker)",
+        "tokens/s ÷ ceiling measured in the same run",
+        _title(results, "Throughput vs link rate"),
+    )
 
 
 def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
