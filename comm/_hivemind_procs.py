@@ -3,7 +3,8 @@
 Builds the DHT (:func:`_make_dht`) and the averagers (:func:`_build_averager`) as forked
 children that ignore Ctrl-C, runs the heartbeat thread (:func:`_heartbeat_loop`), downloads
 a peer's state (:func:`_fetch_state`), waits on one round in flight (:class:`_SwarmWork`),
-and shuts everything down in order (:func:`_shutdown_swarm`).
+and shuts everything down in order (:func:`_shutdown_swarm`); also the bootstrap node
+(:func:`start_bootstrap_dht`, public through :mod:`lowcomm.comm.hivemind`).
 
 Kept apart from :mod:`lowcomm.comm.hivemind` so that the public module holds the backend's
 protocol, and from :mod:`lowcomm.comm._hivemind_wire` (the hivemind subclasses themselves)
@@ -323,3 +324,35 @@ def _shutdown_swarm(averagers: list[Any], dht: Any) -> None:
         dht.join(5)
         if dht.is_alive():
             dht.kill()
+
+
+# -- bootstrap node ----------------------------------------------------------------------------
+
+
+def start_bootstrap_dht(
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+    announce_maddrs: Sequence[str] | None = None,
+    initial_peers: Sequence[str] = (),
+    identity_path: str | None = None,
+    start_timeout: float = 30.0,
+) -> tuple[Any, list[str]]:
+    """Start a DHT node that peers can use as their initial peer (what ``lowcomm dht`` runs).
+
+    It stores nothing of its own and does no training; it only keeps the swarm's address book.
+    Keep the returned object alive and call ``dht.shutdown()`` when done.
+
+    Args:
+        host_maddrs: where to listen, e.g. ``/ip4/0.0.0.0/tcp/31337`` for a fixed port.
+        announce_maddrs: public addresses to announce (behind NAT or in a container).
+        initial_peers: other bootstrap nodes to connect to (for redundancy).
+        identity_path: a private key file, so the peer id (and the multiaddrs) survive restarts.
+        start_timeout: seconds to wait for the daemon (and the initial peers) before failing.
+
+    Returns:
+        ``(dht, multiaddrs)``: the running DHT and the addresses to pass as ``initial_peers``.
+
+    Raises:
+        ConnectionError: if it cannot start or reach ``initial_peers`` within ``start_timeout``.
+    """
+    dht = _make_dht(initial_peers, host_maddrs, announce_maddrs, start_timeout, identity_path)
+    return dht, [str(m) for m in dht.get_visible_maddrs()]

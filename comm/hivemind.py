@@ -38,7 +38,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,10 +52,12 @@ from lowcomm.comm._hivemind_procs import (
     _sigterm_to_exit,
     _start_child,
     _SwarmWork,
+    start_bootstrap_dht,
 )
 from lowcomm.comm._hivemind_records import (
     _FAILURES,
     _PROTOCOL,
+    SwarmTimeouts,
     _alone_result,
     _codec_spec,
     _mac,
@@ -77,103 +78,6 @@ if TYPE_CHECKING:
 __all__ = ["HivemindBackend", "SwarmTimeouts", "start_bootstrap_dht"]
 
 logger = logging.getLogger(__name__)
-
-
-# -- timeouts ----------------------------------------------------------------------------------
-
-
-def _clamp(x: float, lo: float, hi: float) -> float:
-    return min(max(x, lo), hi)
-
-
-@dataclass(frozen=True)
-class SwarmTimeouts:
-    """Every timeout of the swarm, derived from one number: the round length.
-
-    With ``R = round_seconds``, the wall time of one outer round (``H`` inner steps):
-
-    * ``matchmaking_time = clamp(0.1 R, 1, 30)``: the first peer to reach a round waits this
-      long for the others, so peers up to 10% slower than the fastest still make the round.
-    * ``request_timeout = matchmaking_time / 2``: a would-be group leader must answer a join
-      request this fast (hivemind needs it below ``matchmaking_time`` to break A->B->A waits).
-    * ``matchmaking_timeout = 3 matchmaking_time``: after this a peer gives up and proceeds
-      alone; room for one more attempt when a group falls apart (a member killed mid-average).
-    * ``averaging_timeout = max(R, 5)``: the all-reduce of a formed group; an average that
-      takes longer than a round cannot keep up with training anyway.
-    * ``next_chunk_timeout = clamp(0.25 averaging_timeout, 2, 60)``: a peer that sends no part
-      for this long is dropped from the average (twice that for a peer reducing our parts).
-    * ``heartbeat_period = clamp(0.1 R, 1, 30)``; a peer counts as gone ``3`` periods (+2 s)
-      after its last heartbeat.
-
-    Attributes:
-        round_seconds: the estimate they derive from.
-    """
-
-    round_seconds: float
-    matchmaking_time: float
-    request_timeout: float
-    matchmaking_timeout: float
-    averaging_timeout: float
-    next_chunk_timeout: float
-    heartbeat_period: float
-    peer_ttl: float
-
-    @classmethod
-    def from_round_seconds(cls, round_seconds: float) -> SwarmTimeouts:
-        """Derive every timeout from ``round_seconds`` (the rule in the class docstring)."""
-        r = float(round_seconds)
-        if not math.isfinite(r) or r <= 0:
-            raise ValueError(f"round_seconds ({round_seconds}) must be a positive number")
-        mm = _clamp(0.1 * r, 1.0, 30.0)
-        avg = max(r, 5.0)
-        hb = _clamp(0.1 * r, 1.0, 30.0)
-        return cls(
-            round_seconds=r,
-            matchmaking_time=mm,
-            request_timeout=mm / 2,
-            matchmaking_timeout=3 * mm,
-            averaging_timeout=avg,
-            next_chunk_timeout=_clamp(0.25 * avg, 2.0, 60.0),
-            heartbeat_period=hb,
-            peer_ttl=3 * hb + 2.0,
-        )
-
-    @property
-    def wait_timeout(self) -> float:
-        """The most ``AverageWork.wait`` can block: matchmaking, all-reduce, and slack."""
-        return self.matchmaking_timeout + self.averaging_timeout + 10.0
-
-
-# -- bootstrap node ----------------------------------------------------------------------------
-
-
-def start_bootstrap_dht(
-    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
-    announce_maddrs: Sequence[str] | None = None,
-    initial_peers: Sequence[str] = (),
-    identity_path: str | None = None,
-    start_timeout: float = 30.0,
-) -> tuple[Any, list[str]]:
-    """Start a DHT node that peers can use as their initial peer (what ``lowcomm dht`` runs).
-
-    It stores nothing of its own and does no training; it only keeps the swarm's address book.
-    Keep the returned object alive and call ``dht.shutdown()`` when done.
-
-    Args:
-        host_maddrs: where to listen, e.g. ``/ip4/0.0.0.0/tcp/31337`` for a fixed port.
-        announce_maddrs: public addresses to announce (behind NAT or in a container).
-        initial_peers: other bootstrap nodes to connect to (for redundancy).
-        identity_path: a private key file, so the peer id (and the multiaddrs) survive restarts.
-        start_timeout: seconds to wait for the daemon (and the initial peers) before failing.
-
-    Returns:
-        ``(dht, multiaddrs)``: the running DHT and the addresses to pass as ``initial_peers``.
-
-    Raises:
-        ConnectionError: if it cannot start or reach ``initial_peers`` within ``start_timeout``.
-    """
-    dht = _make_dht(initial_peers, host_maddrs, announce_maddrs, start_timeout, identity_path)
-    return dht, [str(m) for m in dht.get_visible_maddrs()]
 
 
 # -- the backend -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +24,9 @@ from lowcomm.comm.base import AverageResult, AverageWork, Backend, ConsistencyEr
 from lowcomm.comm.compression.base import Compressor
 from lowcomm.comm.local import LocalBackend
 from lowcomm.optim.fragments import check_partition, partition
+from lowcomm.optim.outer import default_outer_optimizer, prime_outer_state
 from lowcomm.optim.schedule import StaggeredSchedule
+from lowcomm.optim.stats import DiLoCoStats
 
 __all__ = ["DiLoCo", "DiLoCoStats", "OVERLAP_MODES"]
 
@@ -33,56 +35,6 @@ logger = logging.getLogger(__name__)
 OVERLAP_MODES = ("mix", "eager", "delayed")
 _STATE_KEY = "lowcomm"
 _STATE_VERSION = 1
-
-
-def default_outer_optimizer(params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
-    """The outer optimizer of the DiLoCo paper: SGD, lr 0.7, Nesterov momentum 0.9."""
-    return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
-
-
-@dataclass
-class DiLoCoStats:
-    """What a :class:`DiLoCo` has done so far (``opt.stats``).
-
-    Attributes:
-        inner_steps: inner optimizer steps taken.
-        outer_steps: complete outer rounds (every fragment synced once more).
-        fragment_syncs: fragment syncs applied (``outer_steps * P`` plus the current round's).
-        bytes_sent: payload bytes this worker sent, from the backend's counters.
-        bytes_received: payload bytes this worker received.
-        comm_seconds: seconds the training loop was blocked waiting for averages.
-        peak_sync_bytes: the most bytes this worker sent for one fragment sync.
-        max_in_flight_bytes: the most bytes of parameter payload in flight at once (launched
-            but not yet applied), the figure streaming keeps near ``total / P``.
-        dense_bytes_per_sync: what one full sync of the model in fp32 would send, for the ratio.
-        compression_ratio: fp32 bytes / compressed bytes of the pseudo-gradients sent.
-        overlap_steps: inner steps the last sync was overlapped with (0: none).
-        mean_overlap_steps: mean over all syncs.
-        skipped_outer_steps: fragment syncs skipped because no finite contribution arrived.
-        nonfinite_rounds: syncs where this worker's own pseudo-gradient was NaN/Inf and was
-            left out of the average.
-        num_peers: workers in the last average.
-    """
-
-    inner_steps: int = 0
-    outer_steps: int = 0
-    fragment_syncs: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    comm_seconds: float = 0.0
-    peak_sync_bytes: int = 0
-    max_in_flight_bytes: int = 0
-    dense_bytes_per_sync: int = 0
-    compression_ratio: float = 1.0
-    overlap_steps: int = 0
-    mean_overlap_steps: float = 0.0
-    skipped_outer_steps: int = 0
-    nonfinite_rounds: int = 0
-    num_peers: int = 1
-
-    def as_dict(self) -> dict[str, Any]:
-        """A plain dict, for logging."""
-        return asdict(self)
 
 
 @dataclass(eq=False)
@@ -308,7 +260,7 @@ class DiLoCo(torch.optim.Optimizer):
         self._round_started: float | None = None
         self._elastic = bool(getattr(self.backend, "elastic", False))
         if self._elastic:
-            self._prime_outer_state()
+            prime_outer_state(self._outer)
         # Every worker starts from the reference worker's θ (rank 0's under torch.distributed,
         # a live peer's in a swarm, with its outer state and step counters too).
         self._sync_shared_state()
@@ -622,38 +574,6 @@ class DiLoCo(torch.optim.Optimizer):
                 offset = self._schedule.offset(f) or period
                 last = self._inner_steps - ((self._inner_steps - offset) % period)
                 self._last_sync[f] = last if last >= offset else 0
-
-    def _prime_outer_state(self) -> None:
-        """Create the outer optimizers' state now, so every swarm peer has the same keys.
-
-        torch creates it lazily at the first step; a joiner downloading a peer's state needs
-        the tensors to exist. Zeros give the same numbers as the lazy start for SGD without
-        dampening and for Adam/AdamW.
-        """
-        for outer in self._outer:
-            for group in outer.param_groups:
-                for g in group["params"]:
-                    st = outer.state[g]
-                    if isinstance(outer, torch.optim.SGD):
-                        if group.get("momentum", 0) and group.get("dampening", 0):
-                            raise ValueError(
-                                "an elastic backend needs SGD outer momentum without dampening "
-                                f"(dampening={group['dampening']}) so its state can be primed"
-                            )
-                        if group.get("momentum", 0):
-                            st["momentum_buffer"] = torch.zeros_like(g)
-                    elif isinstance(outer, torch.optim.Adam | torch.optim.AdamW):
-                        st["step"] = torch.tensor(0.0)
-                        st["exp_avg"] = torch.zeros_like(g)
-                        st["exp_avg_sq"] = torch.zeros_like(g)
-                        if group.get("amsgrad"):
-                            st["max_exp_avg_sq"] = torch.zeros_like(g)
-                    else:
-                        raise ValueError(
-                            f"outer optimizer {type(outer).__name__} cannot be used with an "
-                            f"elastic backend: joiners could not download its state; use SGD, "
-                            f"Adam or AdamW"
-                        )
 
     def _reset_local(self, frag: int) -> None:
         for i in self._fragments[frag]:

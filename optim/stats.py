@@ -1,0 +1,53 @@
+"""What a DiLoCo optimizer has done so far: the counters behind ``DiLoCo.stats``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["DiLoCoStats"]
+
+
+@dataclass
+class DiLoCoStats:
+    """What a :class:`DiLoCo` has done so far (``opt.stats``).
+
+    Attributes:
+        inner_steps: inner optimizer steps taken.
+        outer_steps: complete outer rounds (every fragment synced once more).
+        fragment_syncs: fragment syncs applied (``outer_steps * P`` plus the current round's).
+        bytes_sent: payload bytes this worker sent, from the backend's counters.
+        bytes_received: payload bytes this worker received.
+        comm_seconds: seconds the training loop was blocked waiting for averages.
+        peak_sync_bytes: the most bytes this worker sent for one fragment sync.
+        max_in_flight_bytes: the most bytes of parameter payload in flight at once (launched
+            but not yet applied), the figure streaming keeps near ``total / P``.
+        dense_bytes_per_sync: what one full sync of the model in fp32 would send, for the ratio.
+        compression_ratio: fp32 bytes / compressed bytes of the pseudo-gradients sent.
+        overlap_steps: inner steps the last sync was overlapped with (0: none).
+        mean_overlap_steps: mean over all syncs.
+        skipped_outer_steps: fragment syncs skipped because no finite contribution arrived.
+        nonfinite_rounds: syncs where this worker's own pseudo-gradient was NaN/Inf and was
+            left out of the average.
+        num_peers: workers in the last average.
+    """
+
+    inner_steps: int = 0
+    outer_steps: int = 0
+    fragment_syncs: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    comm_seconds: float = 0.0
+    peak_sync_bytes: int = 0
+    max_in_flight_bytes: int = 0
+    dense_bytes_per_sync: int = 0
+    compression_ratio: float = 1.0
+    overlap_steps: int = 0
+    mean_overlap_steps: float = 0.0
+    skipped_outer_steps: int = 0
+    nonfinite_rounds: int = 0
+    num_peers: int = 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dict, for logging."""
+        return asdict(self)
