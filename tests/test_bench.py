@@ -39,6 +39,7 @@ def _load(name: str) -> Any:
 
 bench = _load("bench_suite")
 report = _load("bench_report")
+launch = _load("bench_launch")
 
 
 # --------------------------------------------------------------------------- methods
@@ -198,11 +199,11 @@ def test_proc_net_counters_agree_with_sysfs() -> None:
     if not sysfs.exists():
         pytest.skip("no sysfs network statistics")
     before = int((sysfs / "tx_bytes").read_text())
-    got = bench.proc_net_counters(os.getpid(), "lo")
+    got = launch.proc_net_counters(os.getpid(), "lo")
     after = int((sysfs / "tx_bytes").read_text())
     assert before <= got["tx_bytes"] <= after
     with pytest.raises(KeyError):
-        bench.proc_net_counters(os.getpid(), "nosuchdev0")
+        launch.proc_net_counters(os.getpid(), "nosuchdev0")
 
 
 def test_report_prints_the_numbers_it_is_given(tmp_path: Path) -> None:
@@ -299,7 +300,7 @@ def test_smoke_suite_end_to_end_on_loopback(
     def no_launch(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a cached run was launched again")
 
-    monkeypatch.setattr(bench, "run_workers", no_launch)
+    monkeypatch.setattr(launch, "run_workers", no_launch)
     assert bench.main(argv) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["aggregate"]["quality"] == res["aggregate"]["quality"]
