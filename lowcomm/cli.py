@@ -90,6 +90,12 @@ def cmd_dht(argv: list[str]) -> int:
     parser.add_argument(
         "--announce-host", default=None, help="public address to announce (behind NAT)"
     )
+    parser.add_argument(
+        "--addrs-file",
+        default=None,
+        help="also write the multiaddrs there, one per line, once the node is up (for scripts "
+        "that start peers after it)",
+    )
     args = parser.parse_args(argv)
     _logging()
     from lowcomm.comm.hivemind import start_bootstrap_dht
@@ -109,6 +115,12 @@ def cmd_dht(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        if args.addrs_file:
+            # Whole or not at all: a reader polling for the file never sees half of it.
+            tmp = f"{args.addrs_file}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(f"{addr}\n" for addr in addrs))
+            os.replace(tmp, args.addrs_file)
         print("bootstrap DHT is up; peers join with:", flush=True)
         for addr in addrs:
             print(f"  lowcomm join --initial-peers {addr} [recipe options]", flush=True)

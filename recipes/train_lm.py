@@ -413,6 +413,9 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "peers": diloco.backend.world_size if backend is not None else world_size,
         }
 
+    def diloco_peers() -> int:
+        return diloco.stats.num_peers if diloco is not None else world_size
+
     def run_eval() -> None:
         with global_view():
             loss = evaluate(raw_model, eval_set, device, autocast)
@@ -516,7 +519,10 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         elapsed = time.perf_counter() - t_start
         steps_run = step - start_step
         s = stats()
-        bound = allreduce_bytes(num_params, world_size, steps_run)
+        # A swarm peer is a world of one; the per-step all-reduce it is compared with runs
+        # among the peers of its last round.
+        group = world_size if backend is None else max(world_size, diloco_peers())
+        bound = allreduce_bytes(num_params, group, steps_run)
         summary: dict[str, Any] = {
             "mode": cfg.mode,
             "world_size": world_size,

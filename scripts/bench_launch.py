@@ -32,6 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "train_lm.py"
 # Inside a fresh namespace every port is free; on loopback a free one is picked per run.
 NETNS_MASTER_PORT = 29500
+NETNS_DHT_PORT = 31337
+# torch.distributed rendezvous variables, which a swarm peer must not see: it refuses
+# WORLD_SIZE > 1 (every peer is a world of one, found through the DHT).
+_RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
 
 
 class RunFailed(RuntimeError):
@@ -69,6 +73,45 @@ def worker_env(rank: int, workers: int, addr: str, port: int, threads: int) -> d
         "MKL_NUM_THREADS": str(threads),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def start_bootstrap(
+    run_dir: Path, addr: str, sim: wansim.WanSim | None, timeout: float = 60.0
+) -> tuple[subprocess.Popen[Any], str]:
+    """A swarm run's bootstrap DHT (``lowcomm dht``), in host 0's namespace under ``sim``.
+
+    Returns:
+        The process (the caller kills it after the run) and the multiaddr peers join with.
+
+    Raises:
+        RunFailed: it exited or did not write its address within ``timeout`` seconds.
+    """
+    addrs, log_path = run_dir / "dht.addrs", run_dir / "dht.log"
+    port = NETNS_DHT_PORT if sim is not None else 0
+    argv = [sys.executable, "-m", "lowcomm.cli", "dht", "--host", addr, "--port", str(port)]
+    argv += ["--addrs-file", str(addrs)]
+    with open(log_path, "w", encoding="utf-8") as log:
+        kw: dict[str, Any] = {"stdout": log, "stderr": subprocess.STDOUT, "cwd": REPO}
+        if sim is not None:
+            proc = sim.popen(0, argv, **kw)
+        else:
+            proc = subprocess.Popen(argv, start_new_session=True, **kw)
+    deadline = time.monotonic() + timeout
+    while not addrs.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill([proc])
+            raise RunFailed(f"the bootstrap DHT did not come up:\n{_tail(log_path)}")
+        time.sleep(0.1)
+    return proc, addrs.read_text(encoding="utf-8").split()[0]
+
+
+def peer_argv(argv: list[str], run_dir: Path, rank: int, initial_peer: str) -> list[str]:
+    """Worker ``rank``'s command in a swarm run: its own run directory (peer 0 keeps the
+    run's, whose metrics the suite reads), the bootstrap address and the run's id."""
+    out = list(argv)
+    i = out.index("--run-dir")
+    out[i + 1] = str(run_dir if rank == 0 else run_dir / f"peer{rank}")
+    return [*out, f"--initial-peers={initial_peer}", f"--run-id=bench-{run_dir.name}"]
 
 
 def _first_train_record(path: Path) -> dict[str, Any] | None:
@@ -143,11 +186,14 @@ def run_workers(
     threads: int,
     timeout: float,
     sim: wansim.WanSim | None = None,
+    swarm: bool = False,
 ) -> dict[str, Any]:
     """Run ``argv`` once per worker and wait; read interface counters when ``sim`` is given.
 
     On loopback the workers rendezvous on 127.0.0.1 at a free port; under ``sim`` worker ``i``
     runs in host ``i``'s namespace (``GLOO_SOCKET_IFNAME`` its veth) and host 0's address.
+    With ``swarm`` the workers are hivemind peers instead: a bootstrap DHT starts first (on
+    host 0), and every worker joins through it as a world of one (:func:`peer_argv`).
 
     Returns:
         ``wall_s``; with ``sim`` also per-host counter deltas (tx/rx bytes and packets):
@@ -168,6 +214,7 @@ def run_workers(
     logs = [run_dir / f"rank{r}.log" for r in range(workers)]
     files = [open(p, "w", encoding="utf-8") for p in logs]  # noqa: SIM115 - closed below
     procs: list[subprocess.Popen[Any]] = []
+    helpers: list[subprocess.Popen[Any]] = []
     t0 = time.monotonic()
     out: dict[str, Any] = {}
     try:
@@ -175,15 +222,25 @@ def run_workers(
         addr = sim.host_address(0) if sim is not None else "127.0.0.1"
         before = sim.counters() if sim is not None else None
         snapshot, log_step = None, None
+        initial_peer = ""
+        if swarm:
+            dht, initial_peer = start_bootstrap(run_dir, addr, sim)
+            helpers.append(dht)
         for r in range(workers):
             env = worker_env(r, workers, addr, port, threads)
+            cmd = argv
+            if swarm:
+                cmd = peer_argv(argv, run_dir, r, initial_peer)
+                env = {k: v for k, v in env.items() if k not in _RENDEZVOUS_VARS}
             kw: dict[str, Any] = {"stdout": files[r], "stderr": subprocess.STDOUT, "cwd": REPO}
             if sim is not None:
-                procs.append(sim.popen(r, argv, env=env, **kw))
+                procs.append(sim.popen(r, cmd, env=env, **kw))
             else:
                 env["GLOO_SOCKET_IFNAME"] = "lo"
                 full = {**os.environ, **env}
-                procs.append(subprocess.Popen(argv, env=full, start_new_session=True, **kw))
+                for var in _RENDEZVOUS_VARS if swarm else ():
+                    full.pop(var, None)
+                procs.append(subprocess.Popen(cmd, env=full, start_new_session=True, **kw))
         while True:
             codes = [p.poll() for p in procs]
             if sim is not None and snapshot is None:
@@ -236,6 +293,7 @@ def run_workers(
             out["wire_setup"] = _counter_delta(before, start)
     finally:
         _kill(procs)
+        _kill(helpers)
         for f in files:
             f.close()
     return out
@@ -287,15 +345,19 @@ def bytes_at(logs: list[dict[str, Any]], step: int) -> int:
     return sent
 
 
-def quality_record(m: dict[str, Any]) -> dict[str, Any]:
-    """The per-run result of a quality run from its metrics."""
+def quality_record(m: dict[str, Any], peers: int = 1) -> dict[str, Any]:
+    """The per-run result of a quality run from its metrics.
+
+    ``peers``: a swarm run's peer 0 is a world of one and counts its own tokens; the swarm
+    trained ``peers`` times as many (its peers step in lockstep, round by round).
+    """
     s, logs = m["summary"], m["logs"]
     last = logs[-1] if logs else {}
     return {
         "evals": [
             {
                 "step": e["step"],
-                "tokens": e["tokens"],
+                "tokens": e["tokens"] * peers,
                 "loss": e["eval/loss"],
                 "bytes_sent": bytes_at(logs, e["step"]),
             }
@@ -313,21 +375,25 @@ def quality_record(m: dict[str, Any]) -> dict[str, Any]:
         "peak_sync_bytes": last.get("peak_sync_bytes"),
         "compression_ratio": last.get("compression_ratio"),
         "elapsed_s": s["elapsed_s"],
-        "tokens_per_s_incl_eval": s["tokens_per_s"],
+        "tokens_per_s_incl_eval": s["tokens_per_s"] * peers,
     }
 
 
-def throughput_record(m: dict[str, Any]) -> dict[str, Any]:
-    """tokens/s between the step-0 evaluation and the last step's log line, and the bytes."""
+def throughput_record(m: dict[str, Any], peers: int = 1) -> dict[str, Any]:
+    """tokens/s between the step-0 evaluation and the last step's log line, and the bytes.
+
+    ``peers``: as in :func:`quality_record`.
+    """
     s, logs = m["summary"], m["logs"]
     t0 = m["evals"][0]["time"]
     last = logs[-1]
     seconds = last["time"] - t0
+    tokens = last["tokens"] * peers
     return {
         "steps": last["step"],
-        "tokens": last["tokens"],
+        "tokens": tokens,
         "train_seconds": seconds,
-        "tokens_per_s": last["tokens"] / seconds if seconds > 0 else None,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
         "lib_bytes_sent_rank0": int(last.get("bytes_sent", 0)),
         "lib_bytes_received_rank0": last.get("bytes_received"),
         "lib_bytes_estimated": s["bytes_sent_estimated"],

@@ -40,6 +40,11 @@ class Method:
         return str(self.options["mode"])
 
     @property
+    def swarm(self) -> bool:
+        """Whether the workers are hivemind swarm peers (one bootstrap DHT, no process group)."""
+        return self.options.get("backend") == "hivemind"
+
+    @property
     def sync_every(self) -> int | None:
         """H, or None for DP and local training."""
         value = self.options.get("sync_every")
@@ -49,7 +54,9 @@ class Method:
 def parse_method(name: str) -> Method:
     """Build a :class:`Method` from its name.
 
-    Grammar: a kind (``ddp``, ``local``, ``diloco``, ``streaming``), then for the DiLoCo kinds
+    Grammar: a kind (``ddp``, ``local``, ``diloco``, ``streaming``, or ``swarm``: DiLoCo over
+    the hivemind backend, every worker a peer found through a bootstrap DHT), then for the
+    DiLoCo kinds
     any of ``h<H>`` (sync_every, default 20), ``p<P>`` (fragments; streaming default 4),
     ``o<tau>`` (overlap_steps; streaming default 1), one compression token (``int8``, ``int4``,
     ``fp16``, ``bf16``, ``topk<FRACTION>``), ``ef`` (error feedback) or ``ef<DECAY>`` (error
@@ -67,10 +74,10 @@ def parse_method(name: str) -> Method:
             raise ValueError(f"method {name!r}: {kind} takes no options (got {tokens[1:]})")
         label = "DP (DDP, all-reduce every step)" if kind == "ddp" else "local (no communication)"
         return Method(kind, (("mode", kind),), label)
-    if kind not in ("diloco", "streaming"):
+    if kind not in ("diloco", "streaming", "swarm"):
         raise ValueError(
-            f"method {name!r}: kind {kind!r} must be one of ddp, local, diloco, streaming "
-            "(e.g. diloco-h20-int8, streaming-p4-h20, diloco-h20-topk0.01-ef)"
+            f"method {name!r}: kind {kind!r} must be one of ddp, local, diloco, streaming, "
+            "swarm (e.g. diloco-h20-int8, streaming-p4-h20, diloco-h20-topk0.01-ef, swarm-h20)"
         )
     h, p, tau = 20, (4 if kind == "streaming" else 1), (1 if kind == "streaming" else 0)
     compression, ef, ef_decay = "none", False, None
@@ -117,7 +124,10 @@ def parse_method(name: str) -> Method:
         )
     if ef and compression == "none":
         raise ValueError(f"method {name!r}: ef needs a compression token (e.g. topk0.01)")
-    parts = [f"p{p}", f"h{h}", f"o{tau}"] if kind == "streaming" else [f"h{h}"]
+    if kind == "streaming":
+        parts = [f"p{p}", f"h{h}", f"o{tau}"]
+    else:  # fragments and overlap only when set, so that no two methods share a name
+        parts = [f"h{h}"] + [f"p{p}"] * (p > 1) + [f"o{tau}"] * (tau > 0)
     if compression != "none":
         parts.append(compression.replace("topk:", "topk"))
     if ef:
@@ -140,8 +150,12 @@ def parse_method(name: str) -> Method:
         options["outer_lr"] = outer_lr
     if momentum is not None:
         options["outer_momentum"] = momentum
-    label = ("Streaming DiLoCo" if kind == "streaming" else "DiLoCo") + f" H={h}"
-    if kind == "streaming":
+    if kind == "swarm":
+        options["backend"] = "hivemind"
+    label = {"streaming": "Streaming DiLoCo", "swarm": "Swarm DiLoCo (hivemind backend)"}.get(
+        kind, "DiLoCo"
+    ) + f" H={h}"
+    if kind == "streaming" or p > 1 or tau:
         label += f" P={p} τ={tau}"
     if compression.startswith("topk:"):
         label += f" top-k {float(compression[5:]) * 100:g}%"
@@ -253,6 +267,8 @@ PROFILES: dict[str, Profile] = {
             "diloco-h20-int8",
             "streaming-p4-h20",
             "diloco-h20-topk0.01-ef",
+            # The same averaging over lowcomm's hivemind backend (DHT, peers join and leave).
+            "swarm-h20-int8",
         ),
         throughput_steps=100,
         rates=("unshaped", "100mbit", "20mbit"),
@@ -288,6 +304,7 @@ PROFILES: dict[str, Profile] = {
             "diloco-h25-int8",
             "streaming-p4-h100",
             "diloco-h25-topk0.01-ef",
+            "swarm-h25-int8",
         ),
         throughput_steps=200,
         rates=("unshaped", "100mbit", "20mbit"),

@@ -284,7 +284,9 @@ def quality_phase(
             argv = recipe_argv(toml, method, seed, run_dir, {})
             logger.info("quality %d/%d: %s seed %d", n, total, method.name, seed)
             try:
-                launch = run_with_retry(argv, run_dir, st.workers, st.threads, st.run_timeout)
+                launch = run_with_retry(
+                    argv, run_dir, st.workers, st.threads, st.run_timeout, swarm=method.swarm
+                )
                 metrics = read_metrics(run_dir)
             except RunFailed as e:
                 logger.error("quality run %s seed %d failed: %s", method.name, seed, e)
@@ -298,7 +300,7 @@ def quality_phase(
                 "command": argv,
                 "wall_s": launch["wall_s"],
                 "exit_anomalies": launch.get("exit_anomalies"),
-                **quality_record(metrics),
+                **quality_record(metrics, st.workers if method.swarm else 1),
             }
             _save(path, rec)
             logger.info(
@@ -381,7 +383,13 @@ def throughput_phase(
             try:
                 with _network(rate, st.workers) as sim:
                     launch = run_with_retry(
-                        argv, run_dir, st.workers, st.threads, st.run_timeout, sim=sim
+                        argv,
+                        run_dir,
+                        st.workers,
+                        st.threads,
+                        st.run_timeout,
+                        sim=sim,
+                        swarm=method.swarm,
                     )
                 metrics = read_metrics(run_dir)
             except RunFailed as e:
@@ -398,7 +406,7 @@ def throughput_phase(
                 "seed": st.seeds[0],
                 "command": argv,
                 **launch,
-                **throughput_record(metrics),
+                **throughput_record(metrics, st.workers if method.swarm else 1),
             }
             rec["wire_compare"] = wire_comparison(launch, metrics)
             _save(path, rec)
@@ -687,8 +695,10 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
             {
                 "what": "peers under shaped links (throughput vs link rate)",
                 "why": "scripts/peers/*.py fork all workers from one parent process on "
-                "loopback; there is no one-process-per-host launch to place in the "
-                "simulator's namespaces, so peers are compared on loopback only",
+                "loopback (torchft's lighthouse and hivemind's DHT address are handed to the "
+                "workers in memory); a one-process-per-host launch for them is not built, so "
+                "torchft and hivemind's Optimizer are compared on loopback only. lowcomm's own "
+                "hivemind backend does run behind the shaped links: the swarm-* methods",
             }
         )
         not_compared.append(

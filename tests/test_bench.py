@@ -70,11 +70,18 @@ def test_method_grammar() -> None:
     assert bench.parse_method("diloco-h20-topk0.01-ef1").name == t.name
     assert bench.parse_method("ddp").options == {"mode": "ddp"}
     assert bench.parse_method("local").mode == "local"
+    # Fragments and overlap set on a non-streaming kind are part of its name.
+    assert bench.parse_method("diloco-p2-h20").name == "diloco-h20-p2"
+    assert bench.parse_method("diloco-h4-o1").name == "diloco-h4-o1"
+    sw = bench.parse_method("swarm-h25-int8")
+    assert sw.swarm and not m.swarm and sw.options["backend"] == "hivemind"
+    assert sw.options["compression"] == "int8" and "hivemind" in sw.label
     # Every generated option is one the recipe accepts.
     from lowcomm.config import load_config
 
     for name in (
         "diloco-h25-int8",
+        "swarm-h25-int8",
         "streaming-p4-h20",
         "diloco-h20-topk0.01-ef",
         "diloco-h20-topk0.01-ef0.95-m0",
@@ -340,3 +347,37 @@ def test_tiny_shaped_run_wire_bytes_agree_with_the_library(tmp_path: Path) -> No
     assert w["wire_over_lib_pct"] < 10.0
     assert abs(w["residual_after_headers_pct"]) < 3.0
     assert t["ratio_to_ceiling"] > 0 and math.isfinite(t["ratio_to_ceiling"])
+
+
+@pytest.mark.hivemind
+@pytest.mark.parametrize(
+    "rate", ["loopback", pytest.param("100mbit", marks=[pytest.mark.root, pytest.mark.slow])]
+)
+def test_swarm_method_trains_hivemind_peers_through_a_bootstrap_dht(
+    tmp_path: Path, rate: str
+) -> None:
+    pytest.importorskip("hivemind")
+    if rate != "loopback" and (why := _can_shape()) is not None:
+        pytest.skip(why)
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = [
+        "--profile", "smoke", "--phases", "throughput", "--rates", rate,
+        "--throughput-methods", "swarm-h4", "--set", "round_seconds=5",
+        "--work-dir", str(work), "--out", str(out), "--doc", str(tmp_path / "B.md"),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    t = res["aggregate"]["throughput"][rate]["methods"]["swarm-h4"]
+    assert t["tokens_per_s"] > 0
+    # Two peers, each a world of one in its own run directory, met in the last round.
+    (peer0,) = work.glob("runs/throughput/**/swarm-h4/metrics.jsonl")
+    peer1 = peer0.parent / "peer1" / "metrics.jsonl"
+    for path in (peer0, peer1):
+        m = launch.read_metrics(path.parent)
+        assert m["summary"]["world_size"] == 1 and m["summary"]["bytes_sent"] > 0
+    last = launch.read_metrics(peer0.parent)["logs"][-1]
+    assert last["peers"] == 2 and last["outer_steps"] == 16 // 4
+    if rate != "loopback":
+        w = t["wire"]
+        # The interface carries the payload plus DHT, heartbeats and libp2p framing.
+        assert w["wire_tx_bytes"] >= w["lib_bytes"] > 0
