@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -796,6 +797,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"bench_suite: {e}", file=sys.stderr)
         return 2
+
+    def stop(signum: int, _frame: Any) -> None:
+        # Unwinding runs every ``finally``: the workers of the run in progress are killed
+        # (each runs in its own session, so nothing else would stop them).
+        logger.warning("got signal %d: stopping; cached runs are kept", signum)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
     if args.report_only:
         path = st.out_dir / "results.json"
         results = json.loads(path.read_text(encoding="utf-8"))

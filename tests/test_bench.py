@@ -17,11 +17,15 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -381,3 +385,27 @@ def test_swarm_method_trains_hivemind_peers_through_a_bootstrap_dht(
         w = t["wire"]
         # The interface carries the payload plus DHT, heartbeats and libp2p framing.
         assert w["wire_tx_bytes"] >= w["lib_bytes"] > 0
+
+
+def test_sigterm_stops_the_suite_and_its_workers(tmp_path: Path) -> None:
+    # `nohup ... &` leaves SIGINT ignored, so kill(1)'s SIGTERM is how a user stops a suite;
+    # the workers run in sessions of their own and must not outlive it.
+    work = tmp_path / "work"
+    cmd = [
+        sys.executable, str(SCRIPTS / "bench_suite.py"), "--profile", "smoke",
+        "--phases", "quality", "--methods", "diloco-h4", "--steps", "4000",
+        "--work-dir", str(work), "--out", str(tmp_path / "out"), "--doc", str(tmp_path / "B.md"),
+    ]  # fmt: skip
+    suite = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = work / "runs" / "quality" / "diloco-h4" / "seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and "train/loss" in metrics.read_text()):
+        assert suite.poll() is None and time.monotonic() < deadline, "no training started"
+        time.sleep(0.2)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if str(metrics.parent) in " ".join(
+        p.info["cmdline"] or [])]  # fmt: skip
+    assert len(workers) == 2
+    suite.send_signal(signal.SIGTERM)
+    assert suite.wait(timeout=30) == 128 + signal.SIGTERM
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers outlived the suite: {alive}"
