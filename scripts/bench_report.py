@@ -150,7 +150,8 @@ def _settings(res: dict[str, Any]) -> str:
     return table(["setting", "value"], rows)
 
 
-def _headline(res: dict[str, Any]) -> str:
+def headline_table(res: dict[str, Any]) -> str:
+    """The headline comparisons of one profile's results as a Markdown table."""
     rows = []
     for h in res["headline"]:
         if not h["available"]:
@@ -410,7 +411,7 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "on worker r is a pure function of (seed, r, s)) and the same token budget for every "
         f"method; DP all-reduces gradients of the {s['workers']} workers' batches every step.",
         "### Headline",
-        _headline(res),
+        headline_table(res),
         "### Quality: final eval loss and bytes",
         "Loss ratios are paired by seed (same seed: same initialisation and data) and then "
         "averaged. Bytes are what each worker sent over the whole run, from lowcomm's own "

@@ -1,6 +1,9 @@
-"""Print the README's streaming/compression table from benchmarks/results.json.
+"""Print the README's benchmark tables from the suite's results.
 
-.venv/bin/python scripts/readme_table.py   # paste-free: the README section is this output
+.venv/bin/python scripts/readme_table.py   # the streaming/compression table (default profile)
+.venv/bin/python scripts/readme_table.py --headline   # the headline rows (headline profile)
+
+Paste-free: the README sections are this output.
 """
 
 from __future__ import annotations
@@ -46,5 +49,21 @@ def main(path: str = "benchmarks/results.json") -> str:
     return "\n".join(lines)
 
 
+def headline(path: str = "benchmarks/headline/results.json") -> str:
+    """The headline profile's comparisons, as BENCHMARKS.md shows them."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_report
+
+    results = json.loads(Path(path).read_text())
+    s = results["settings"]
+    intro = (
+        f"Headline (`scripts/bench_suite.py --profile {results['profile']}`: M={s['workers']} "
+        f"workers, {s['task']['steps']:,} inner steps, seeds {s['seeds']}; printed by "
+        "`scripts/readme_table.py --headline`):"
+    )
+    return intro + "\n\n" + bench_report.headline_table(results)
+
+
 if __name__ == "__main__":
-    print(main(*sys.argv[1:]))
+    args = sys.argv[1:]
+    print(headline(*args[1:]) if args[:1] == ["--headline"] else main(*args))
