@@ -526,6 +526,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         summary: dict[str, Any] = {
             "mode": cfg.mode,
             "world_size": world_size,
+            "swarm_peers": diloco_peers() if backend is not None else None,
             "rank": rank,
             "num_params": num_params,
             "steps": step,
@@ -558,7 +559,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The few lines rank 0 prints at the end of a run."""
     n = summary["world_size"]
     lines = [
-        f"== {summary['mode']}: {n} worker(s), {summary['steps_run']} inner steps, "
+        f"== {summary['mode']}: "
+        + (
+            f"swarm peer ({summary['swarm_peers']} in the last round)"
+            if summary.get("swarm_peers")
+            else f"{n} worker(s)"
+        )
+        + f", {summary['steps_run']} inner steps, "
         f"{summary['num_params']:,} parameters, {summary['tokens_per_s']:.3g} tokens/s ==",
         f"eval loss: {summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}",
     ]
