@@ -410,7 +410,10 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "comm_seconds": s.comm_seconds,
             "compression_ratio": s.compression_ratio,
             "peak_sync_bytes": s.peak_sync_bytes,
-            "peers": diloco.backend.world_size if backend is not None else world_size,
+            # Who met in the last average; the heartbeat view (live_peers) drops as soon as
+            # a peer that finished first leaves, so it is not what the last round had.
+            "peers": s.num_peers,
+            **({"live_peers": diloco.backend.world_size} if backend is not None else {}),
         }
 
     def diloco_peers() -> int:

@@ -381,7 +381,10 @@ def test_swarm_method_trains_hivemind_peers_through_a_bootstrap_dht(
         assert m["summary"]["world_size"] == 1 and m["summary"]["bytes_sent"] > 0
     m0 = launch.read_metrics(peer0.parent)
     last = m0["logs"][-1]
+    # `peers` is who was in the last average; `live_peers` (the heartbeat view) may already
+    # have dropped to 1 when the other peer finished first and left.
     assert last["peers"] == 2 and last["outer_steps"] == 16 // 4
+    assert last["live_peers"] in (1, 2)
     # Its summary compares with the per-step all-reduce among the 2 peers, not among 1.
     assert m0["summary"]["swarm_peers"] == 2 and m0["summary"]["allreduce_ratio"] > 1
     if rate != "loopback":
