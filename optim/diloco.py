@@ -95,6 +95,10 @@ class DiLoCo(torch.optim.Optimizer):
           times. Averages are issued in the same order on every worker.
         * ``state_dict()`` waits for syncs in flight (their results are saved, so a resumed
           run applies them at the same step, bit-identically).
+        * After the last step, ``flush()`` applies the syncs still in flight (overlap,
+          eager, delayed); without it the final θ misses them. Every worker flushes at the
+          same step.
+        * ``close()`` waits for what is still on the wire and releases the backend.
 
     Args:
         model: the model being trained; its trainable parameters that the inner optimizer
