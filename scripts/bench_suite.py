@@ -689,7 +689,15 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
     if dry_run:
         return None
     walls["total"] = time.monotonic() - t_all
-    if st.peers:
+    skipped_phases = [ph for ph in ("quality", "throughput", "peers") if ph not in st.phases]
+    if skipped_phases:
+        not_compared.append(
+            {
+                "what": f"phases {', '.join(skipped_phases)}",
+                "why": f"not run in this invocation (--phases {','.join(st.phases)})",
+            }
+        )
+    if st.peers and "peers" in st.phases:
         # The peer scripts fork every worker from one parent on loopback: they have no
         # per-host launch, so they cannot be put behind the simulator's links.
         not_compared.append(
@@ -699,7 +707,7 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
                 "loopback (torchft's lighthouse and hivemind's DHT address are handed to the "
                 "workers in memory); a one-process-per-host launch for them is not built, so "
                 "torchft and hivemind's Optimizer are compared on loopback only. lowcomm's own "
-                "hivemind backend does run behind the shaped links: the swarm-* methods",
+                "hivemind backend does run behind the shaped links: the swarm-* methods.",
             }
         )
         not_compared.append(

@@ -373,6 +373,9 @@ def test_swarm_method_trains_hivemind_peers_through_a_bootstrap_dht(
     res = json.loads((out / "results.json").read_text())
     t = res["aggregate"]["throughput"][rate]["methods"]["swarm-h4"]
     assert t["tokens_per_s"] > 0
+    # The phases left out are said to be left out, not silently missing from the report.
+    (skipped,) = [nc for nc in res["not_compared"] if nc["what"].startswith("phases")]
+    assert skipped["what"] == "phases quality, peers" and "--phases throughput" in skipped["why"]
     # Two peers, each a world of one in its own run directory, met in the last round.
     (peer0,) = work.glob("runs/throughput/**/swarm-h4/metrics.jsonl")
     peer1 = peer0.parent / "peer1" / "metrics.jsonl"
