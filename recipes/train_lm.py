@@ -410,9 +410,9 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "comm_seconds": s.comm_seconds,
             "compression_ratio": s.compression_ratio,
             "peak_sync_bytes": s.peak_sync_bytes,
-            # Who met in the last average; the heartbeat view (live_peers) drops as soon as
-            # a peer that finished first leaves, so it is not what the last round had.
-            "peers": s.num_peers,
+            # Who met in the last average (before the first: the backend's world); the
+            # heartbeat view (live_peers) drops as soon as a peer that finished first leaves.
+            "peers": s.num_peers if s.outer_steps else diloco.backend.world_size,
             **({"live_peers": diloco.backend.world_size} if backend is not None else {}),
         }
 

@@ -262,8 +262,13 @@ def torchrun(*args: str, cwd: Path, timeout: float = 150) -> str:
 @pytest.mark.dist
 def test_torchrun_two_ranks_and_bit_identical_resume(data_dir: Path, tmp_path: Path) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    out = torchrun(*tiny(data_dir, whole), cwd=tmp_path)
+    out = torchrun(*tiny(data_dir, whole, "--log-every", "2"), cwd=tmp_path)
     assert "== diloco: 2 worker(s), 16 inner steps" in out
+    # Both workers count as peers, before the first average (step 2) and after it.
+    lines = (whole / "metrics.jsonl").read_text().splitlines()
+    logs = [r for r in map(json.loads, lines) if "peers" in r]
+    assert logs[0]["outer_steps"] == 0 and len(logs) == 16 // 2
+    assert all(r["peers"] == 2 for r in logs)
     # H=4 and a 2-worker ring: DiLoCo sends 1/H of a per-step fp32 gradient all-reduce.
     assert "ratio: 4.0x fewer bytes" in out
     ranks = [final_state(whole, r) for r in range(2)]
