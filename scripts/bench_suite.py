@@ -100,6 +100,8 @@ PEER_SCRIPTS = {
 PEER_VERSIONS = {"torchft": "0.2.0", "hivemind": "1.1.12"}
 DEFAULT_TORCHFT_PYTHON = "/tmp/ftvenv/bin/python"
 RESULT_VERSION = 1
+# The suite's phases, in the order they run.
+PHASES = ("quality", "throughput", "peers")
 # Per packet the veth counter sees: Ethernet (14) + IPv4 (20) + TCP with timestamps (32).
 # A GSO super-packet counts once, with one set of headers, as the counter counts it.
 HEADER_BYTES_PER_PACKET = 66
@@ -585,7 +587,7 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
     )
     phases = _csv_list(args.phases)
     for ph in phases:
-        if ph not in ("quality", "throughput", "peers"):
+        if ph not in PHASES:
             raise ValueError(f"phase {ph!r} must be quality, throughput or peers")
     return Settings(
         profile=profile,
@@ -647,7 +649,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any recipe option")
-    p.add_argument("--phases", default="quality,throughput,peers")
+    p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument(
         "--work-dir", help="run directories and cached results (default runs/bench/<profile>)"
     )
@@ -689,7 +691,7 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
     if dry_run:
         return None
     walls["total"] = time.monotonic() - t_all
-    skipped_phases = [ph for ph in ("quality", "throughput", "peers") if ph not in st.phases]
+    skipped_phases = [ph for ph in PHASES if ph not in st.phases]
     if skipped_phases:
         not_compared.append(
             {
