@@ -141,7 +141,8 @@ class Backend(Protocol):
     def sync_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Make ``tensors`` (in place) equal to the reference worker's.
 
-        torch.distributed broadcasts rank 0's; a swarm downloads a live peer's.
+        torch.distributed broadcasts rank 0's and returns once every rank holds it; a swarm
+        downloads a live peer's.
         """
         ...
 

@@ -104,7 +104,14 @@ class TorchDistBackend:
             )
 
     def sync_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Broadcast rank 0's tensors into every rank's (in place), as DDP does at start."""
+        """Broadcast rank 0's tensors into every rank's (in place), as DDP does at start.
+
+        Returns on every rank only once every rank holds the state: a broadcast returns on
+        the sender as soon as its bytes are in the socket buffers, which on a slow link can
+        be seconds before they arrive, so a one-element all-reduce closes the call. Without
+        it the start-up transfer would still be on the wire during the first inner steps,
+        charged to them by anything that times or counts them.
+        """
         layout = [(k, tuple(t.shape), str(t.dtype)) for k, t in tensors.items()]
         layouts = self._gather_objects(layout)
         differ = [r for r, lay in enumerate(layouts) if lay != layouts[0]]
@@ -121,6 +128,15 @@ class TorchDistBackend:
             if buf is not t:
                 t.copy_(buf)
             self.state_bytes += t.numel() * t.element_size()
+        if not tensors:
+            return  # every rank has the same (empty) layout, so every rank returns here
+        # Each rank enters the all-reduce only after its receives completed, and its result
+        # needs every rank's share: when it returns, every rank holds the state.
+        device = next(iter(tensors.values())).device
+        done = torch.ones(1, device=device)
+        dist.all_reduce(done, group=self.group)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
 
     def average(
         self,

@@ -317,7 +317,7 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
         "final_eval_loss_std", "loss_ratio_vs_dp_mean", "loss_ratio_vs_dp_std",
         "bytes_sent_per_worker", "bytes_estimated", "byte_ratio_dp_over_method",
         "tokens_per_s", "ratio_to_ceiling", "wire_window_from_step", "lib_bytes_window",
-        "wire_tx_bytes_host0", "wire_tx_packets_host0",
+        "lib_in_flight_estimate", "wire_tx_bytes_host0", "wire_tx_packets_host0",
         "wire_over_lib_pct", "residual_after_headers_pct",
     ]  # fmt: skip
     rows: list[dict[str, Any]] = []
@@ -346,6 +346,8 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
                 "tokens_per_s": t["tokens_per_s"], "ratio_to_ceiling": t["ratio_to_ceiling"],
                 "bytes_estimated": t["lib_bytes_estimated"],
                 "wire_window_from_step": w.get("from_step"), "lib_bytes_window": w.get("lib_bytes"),
+                # Runs from before DiLoCo.flush() ended with syncs in flight (None since).
+                "lib_in_flight_estimate": w.get("in_flight_bytes_estimate"),
                 "wire_tx_bytes_host0": w.get("wire_tx_bytes"),
                 "wire_tx_packets_host0": w.get("wire_tx_packets"),
                 "wire_over_lib_pct": w.get("wire_over_lib_pct"),

@@ -200,9 +200,8 @@ def run_workers(
         ``wire`` from the first training log record (inner step ``log_every``) to the end of
         the run, ``wire_setup`` from before the launch to that record, and ``wire_log_step``,
         the step of that record (None if the run ended before it was seen: then ``wire`` is
-        the whole run). The window starts at a log record, not at step 0, because at low
-        rates the initial broadcast of the parameters is still draining from the socket
-        buffers when training starts.
+        the whole run). The window starts at a log record, not at step 0, so that the
+        start-up traffic (rendezvous, the parameter broadcast) stays out of it.
 
     Raises:
         RunFailed: a worker exited non-zero or ``timeout`` passed (all workers are killed).

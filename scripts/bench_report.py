@@ -433,8 +433,8 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         _throughput(res),
         "#### Bytes on the wire: interface counters beside the library's counters",
         "Host 0's veth counters against rank 0's library counter over the same window: from "
-        "the first training log record (by then the initial parameter broadcast, which can "
-        "still be draining at low rates when step 1 starts, is out) to the end of the run. "
+        "the first training log record (after the start-up: the rendezvous and the parameter "
+        "broadcast, which every rank has received before step 1) to the end of the run. "
         "`wire vs library` is the whole difference; `after 66 B/packet headers` subtracts "
         "Ethernet + IPv4 + TCP (with timestamps) headers per packet the counter saw (pure ACKs "
         "included), which leaves gloo's framing and the process group's own messages. "

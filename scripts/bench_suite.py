@@ -196,8 +196,9 @@ def method_key(method: Method) -> dict[str, Any]:
 def window_log_step(method: Method, steps: int) -> int:
     """The inner step at which the wire-counter window of a throughput run starts.
 
-    It is the run's first log record (``log_every``): late enough (a tenth of the run) that
-    the initial parameter broadcast has drained even on slow links, and not at or just after
+    It is the run's first log record (``log_every``): after the start-up (rendezvous and the
+    parameter broadcast, which ``sync_state`` returns from only once every rank has it, so
+    none of it drains into the first steps), a tenth into the run, and not at or just after
     the start of a sync, whose bytes the library counts when the sync completes on this
     worker while some of them can still be queued on the link.
     """
