@@ -589,7 +589,7 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
     phases = _csv_list(args.phases)
     for ph in phases:
         if ph not in PHASES:
-            raise ValueError(f"phase {ph!r} must be quality, throughput or peers")
+            raise ValueError(f"phase {ph!r} must be one of {', '.join(PHASES)}")
     return Settings(
         profile=profile,
         task=task,

@@ -112,6 +112,15 @@ def test_method_grammar_rejects(name: str, rule: str) -> None:
         bench.parse_method(name)
 
 
+def test_unknown_phase_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--phases", "quality,speed", "--work-dir", str(tmp_path / "work")]
+    assert bench.main(argv) == 2
+    assert "phase 'speed' must be one of quality, throughput, peers" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
 def test_cache_key_of_overlapped_methods_records_the_final_flush() -> None:
     # Results of overlapped methods cached before the recipe flushed are stale; others are not.
     for name in ("ddp", "diloco-h4", "diloco-h4-int8", "streaming-p4-h20-o0"):

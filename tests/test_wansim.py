@@ -566,9 +566,10 @@ dist.destroy_process_group()
 @pytest.mark.timeout(90)
 def test_sync_state_returns_once_the_state_crossed_a_slow_link(prefix: str) -> None:
     # A gloo broadcast returns on the sender while its bytes still sit in socket buffers
-    # (measured: 880 KB of 1 MB gone at 8 Mbit/s). TorchDistBackend.sync_state must not: the
-    # benchmark's wire window starts after it, and a transfer still draining into the first
-    # steps would be counted against them.
+    # (this test before the fix: 921,886 of 1,048,576 bytes had left host 0 when the call
+    # returned on rank 0). TorchDistBackend.sync_state must not: the benchmark's wire window
+    # starts after it, and a transfer still draining into the first steps would be counted
+    # against them.
     nbytes = 1 << 20
     repo = _PATH.parents[1]
     with wansim.WanSim(2, "8mbit", prefix=prefix) as sim:
