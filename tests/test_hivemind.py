@@ -551,14 +551,23 @@ def test_peer_joins_mid_run_and_matches_bit_for_bit(bootstrap: list[str], peers:
     version = int(joiner["synced"]["meta.outer_step"][0])
     assert version >= 2  # it joined a run in progress
     assert joiner["state_bytes"] > 0
-    # The downloaded state is the swarm's state at that version, bit for bit.
-    originals = [
-        results[i]["history"][version] for i in range(3) if version in results[i]["history"]
-    ]
-    assert originals
-    for original in originals:
-        assert torch.equal(
-            torch.from_numpy(joiner["synced"]["param.0"]), torch.from_numpy(original)
+    # The downloaded state is the swarm's state at that version, bit for bit: what every
+    # original peer held there, unless some round before it lacked one of them (under load
+    # a sender can time out; the peer left out averages alone, may carry that state into a
+    # round or two before it resyncs, and the final check below covers that).
+    downloaded = torch.from_numpy(joiner["synced"]["param.0"])
+    originals = {
+        i: torch.from_numpy(results[i]["history"][version])
+        for i in range(3)
+        if version in results[i]["history"]
+    }
+    same = [i for i, original in originals.items() if torch.equal(downloaded, original)]
+    logs = {i: results[i]["log"] for i in range(3)}
+    assert same, f"no peer held the downloaded state at version {version}: {logs}"
+    if len(same) < len(originals):
+        earlier = [e for log in logs.values() for e in log if e["step"] < version]
+        assert any(e["num_peers"] < 3 for e in earlier), (
+            f"peers disagree at version {version} although every round had all three: {logs}"
         )
     # Whatever rounds it missed, all four end with the same state.
     final = results[0]["final"]

@@ -49,7 +49,10 @@ def _volunteer(index: int, maddrs: list[str], rounds: int, h: int, joined: Any) 
             opt.step()
             opt.zero_grad()
             if opt.stats.inner_steps % h == 0:
-                history[opt.stats.fragment_syncs] = _snapshot(opt)
+                history[opt.stats.fragment_syncs] = {
+                    **_snapshot(opt),
+                    "peers": opt.stats.num_peers,
+                }
                 peers_seen.append(opt.stats.num_peers)
                 if index == 0 and opt.stats.fragment_syncs == 2:
                     joined.set()
@@ -70,15 +73,41 @@ def test_volunteer_joins_mid_run_with_theta_momentum_and_step(
     results = peers.collect([0, 1, 2, 3], timeout=140)
     joiner = results[3]["synced"]
     assert joiner["version"] >= 2 and joiner["inner_steps"] == joiner["version"] * h
-    # Right after construction the joiner holds the swarm's θ, outer momentum and step.
-    original = results[0]["history"][joiner["version"]]
-    for key in ("global", "momentum"):
-        for a, b in zip(joiner[key], original[key]):
-            assert torch.equal(torch.from_numpy(a), torch.from_numpy(b)), key
-    # From then on it trains with the others: same θ at every round both recorded.
-    later = [v for v in results[3]["history"] if v > joiner["version"]]
+    version = joiner["version"]
+
+    def equal(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> bool:
+        return all(
+            torch.equal(torch.from_numpy(x), torch.from_numpy(y))
+            for key in keys
+            for x, y in zip(a[key], b[key])
+        )
+
+    def all_full(upto: int) -> bool:
+        # Every round up to version ``upto`` had everyone: the three originals, then four.
+        return all(
+            snap["peers"] == (3 if v <= version else 4)
+            for r in results.values()
+            for v, snap in r["history"].items()
+            if "peers" in snap and v <= upto
+        )
+
+    # Right after construction the joiner holds the swarm's θ, outer momentum and step: what
+    # every original held there, unless a round before it lacked one of them (under load a
+    # sender can time out; the peer left out averages alone and resyncs later).
+    originals = {
+        i: results[i]["history"][version] for i in range(3) if version in results[i]["history"]
+    }
+    same = [i for i, o in originals.items() if equal(joiner, o, ("global", "momentum"))]
+    assert same, f"no original held the joiner's state at version {version}"
+    assert len(same) == len(originals) or not all_full(version), same
+    # From then on it trains with the others: same θ at every round all recorded.
+    later = [v for v in results[3]["history"] if v > version]
     assert later and 4 in results[3]["peers"]
+    matched = 0
     for v in later:
-        if v in results[0]["history"]:
-            for a, b in zip(results[3]["history"][v]["global"], results[0]["history"][v]["global"]):
-                assert torch.equal(torch.from_numpy(a), torch.from_numpy(b)), v
+        for i in range(3):
+            if v in results[i]["history"]:
+                ok = equal(results[3]["history"][v], results[i]["history"][v], ("global",))
+                matched += ok
+                assert ok or not all_full(v), (i, v)
+    assert matched
