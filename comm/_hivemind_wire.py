@@ -249,7 +249,11 @@ def _define_hivemind_classes() -> Any:  # noqa: C901 - one namespace of subclass
                 inputs = attach_event_on_finished(
                     self._generate_input_for_peer(peer_index), done_sending
                 )
-                stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+                # Opening the stream has no timeout of hivemind's own: a reducer that died
+                # after the group formed must not hold this peer until the averaging timeout.
+                stream = await asyncio.wait_for(
+                    self._get_peer_stub(peer_id).rpc_aggregate_part(inputs), self.reducer_timeout
+                )
                 if self.should_delay_results(self.peer_id):
                     await done_sending.wait()
                 part_index = 0
@@ -608,5 +612,10 @@ def _define_hivemind_classes() -> Any:  # noqa: C901 - one namespace of subclass
         "return": AsyncIterator[averaging_pb2.DownloadData],
     }
     return types.SimpleNamespace(
-        SwarmDHT=SwarmDHT, WireCodec=WireCodec, Averager=Averager, PeerID=PeerID, MPFuture=MPFuture
+        SwarmDHT=SwarmDHT,
+        WireCodec=WireCodec,
+        Averager=Averager,
+        Runner=Runner,
+        PeerID=PeerID,
+        MPFuture=MPFuture,
     )
