@@ -459,6 +459,7 @@ class DiLoCo(torch.optim.Optimizer):
         s = self._stats
         s.fragment_syncs += 1
         s.num_peers = result.num_peers
+        s.max_peers = max(s.max_peers, result.num_peers)
         s.peak_sync_bytes = max(s.peak_sync_bytes, result.bytes_sent)
         s.overlap_steps = overlap
         self._overlap_total += overlap
@@ -785,6 +786,7 @@ class DiLoCo(torch.optim.Optimizer):
                 s = self._stats
                 s.peak_sync_bytes = max(s.peak_sync_bytes, result.bytes_sent)
                 s.num_peers = result.num_peers
+                s.max_peers = max(s.max_peers, result.num_peers)
                 if result.total_weight <= 0:
                     self._skip(frag)
                     continue

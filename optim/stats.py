@@ -30,6 +30,9 @@ class DiLoCoStats:
         nonfinite_rounds: syncs where this worker's own pseudo-gradient was NaN/Inf and was
             left out of the average.
         num_peers: workers in the last average.
+        max_peers: the most workers in any one average so far. On an elastic backend a
+            round can fall back to fewer (a peer that timed out averages alone), so this,
+            not ``num_peers``, is how large the swarm this worker trained in was.
     """
 
     inner_steps: int = 0
@@ -47,6 +50,7 @@ class DiLoCoStats:
     skipped_outer_steps: int = 0
     nonfinite_rounds: int = 0
     num_peers: int = 1
+    max_peers: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict, for logging."""

@@ -416,8 +416,10 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             **({"live_peers": diloco.backend.world_size} if backend is not None else {}),
         }
 
-    def diloco_peers() -> int:
-        return diloco.stats.num_peers if diloco is not None else world_size
+    def swarm_size() -> int:
+        # The most peers in any one average: a round that fell back to fewer (a peer timed
+        # out and averaged alone, as the swarm allows) does not shrink what was trained in.
+        return diloco.stats.max_peers if diloco is not None else world_size
 
     def run_eval() -> None:
         with global_view():
@@ -523,13 +525,14 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         steps_run = step - start_step
         s = stats()
         # A swarm peer is a world of one; the per-step all-reduce it is compared with runs
-        # among the peers of its last round.
-        group = world_size if backend is None else max(world_size, diloco_peers())
+        # among as many peers as the largest round it averaged in.
+        group = world_size if backend is None else max(world_size, swarm_size())
         bound = allreduce_bytes(num_params, group, steps_run)
         summary: dict[str, Any] = {
             "mode": cfg.mode,
             "world_size": world_size,
-            "swarm_peers": diloco_peers() if backend is not None else None,
+            "swarm_peers": swarm_size() if backend is not None else None,
+            "last_round_peers": diloco.stats.num_peers if diloco is not None else world_size,
             "rank": rank,
             "num_params": num_params,
             "steps": step,
@@ -564,7 +567,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"== {summary['mode']}: "
         + (
-            f"swarm peer ({summary['swarm_peers']} in the last round)"
+            f"swarm peer (up to {summary['swarm_peers']} per round, "
+            f"{summary['last_round_peers']} in the last)"
             if summary.get("swarm_peers")
             else f"{n} worker(s)"
         )

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowcomm.comm.base import ConsistencyError, WireStats
+from lowcomm.comm.base import ConsistencyError, DoneWork, WireStats
 from lowcomm.comm.local import LocalBackend
 from lowcomm.optim.diloco import DiLoCo
 from lowcomm.testing import run_ranks
@@ -218,6 +218,42 @@ def test_world_size_changing_under_diloco_raises():
     backend.world = 2
     with pytest.raises(ConsistencyError, match="world size changed from 1 to 2"):
         opt.step()
+
+
+class ScriptedSwarmBackend(LocalBackend):
+    """An elastic backend whose rounds report a scripted number of peers."""
+
+    elastic = True
+
+    def __init__(self, peers: list[int]) -> None:
+        super().__init__()
+        self.peers = list(peers)
+
+    def average(self, tensors, **kw):  # type: ignore[no-untyped-def]
+        result = super().average(tensors, **kw).result
+        return DoneWork(dataclasses.replace(result, num_peers=self.peers.pop(0)))
+
+
+def test_stats_keep_the_largest_round_beside_the_last():
+    # A swarm round can fall back to fewer peers (one that timed out averages alone): the
+    # last round's count alone would understate the swarm this worker trained in.
+    model = make_model()
+    backend = ScriptedSwarmBackend([2, 3, 1])
+    opt = DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=1, backend=backend)
+    seen = []
+    for step in range(3):
+        x, y = batch(0, step, 1)
+        loss_fn(list(model.parameters()), x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        seen.append((opt.stats.num_peers, opt.stats.max_peers))
+    assert seen == [(2, 2), (3, 3), (1, 3)]
+    # A resumed run keeps the largest round it had seen.
+    state = opt.state_dict()
+    model2 = make_model()
+    opt2 = DiLoCo(model2, torch.optim.SGD(model2.parameters(), lr=0.1), sync_every=1)
+    opt2.load_state_dict(state)
+    assert opt2.stats.max_peers == 3 and opt2.stats.num_peers == 1
 
 
 def test_nonfinite_pseudo_gradient_skips_the_outer_step(caplog):
