@@ -455,12 +455,17 @@ class DiLoCo(torch.optim.Optimizer):
         self._previous[frag] = pending
         self._apply_delayed(frag, pending, previous, step)
 
+    def _record_result(self, result: AverageResult) -> None:
+        """Counters every landed average updates: its bytes and who was in it."""
+        s = self._stats
+        s.peak_sync_bytes = max(s.peak_sync_bytes, result.bytes_sent)
+        s.num_peers = result.num_peers
+        s.max_peers = max(s.max_peers, result.num_peers)
+
     def _record_sync(self, pending: _Pending, result: AverageResult, overlap: int) -> None:
         s = self._stats
         s.fragment_syncs += 1
-        s.num_peers = result.num_peers
-        s.max_peers = max(s.max_peers, result.num_peers)
-        s.peak_sync_bytes = max(s.peak_sync_bytes, result.bytes_sent)
+        self._record_result(result)
         s.overlap_steps = overlap
         self._overlap_total += overlap
 
@@ -783,10 +788,7 @@ class DiLoCo(torch.optim.Optimizer):
             self._pending = []
             for frag, previous in sorted(self._previous.items()):
                 result = previous.result_now()
-                s = self._stats
-                s.peak_sync_bytes = max(s.peak_sync_bytes, result.bytes_sent)
-                s.num_peers = result.num_peers
-                s.max_peers = max(s.max_peers, result.num_peers)
+                self._record_result(result)
                 if result.total_weight <= 0:
                     self._skip(frag)
                     continue
