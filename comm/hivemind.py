@@ -161,6 +161,12 @@ class HivemindBackend:
         host_maddrs: where this peer listens (``/ip4/0.0.0.0/tcp/0``: all interfaces, any port).
         announce_maddrs: public addresses to announce (behind NAT).
         start_timeout: seconds to join the DHT before failing with ConnectionError.
+        wait_for_peers: the first :meth:`sync_state` returns only once this many peers of the
+            run and configuration (this one included) are live, so that a run starts as the
+            swarm it is meant to be instead of one peer training alone while the others still
+            start (e.g. a benchmark's peers, or a run that should not begin below N machines).
+            1 (the default): start at once. Later joins and departures never wait.
+        wait_for_peers_timeout: seconds that wait may take before TimeoutError.
         max_norm: reject incoming parts whose L2 norm exceeds this (None: finite check only).
         handle_sigterm: turn SIGTERM into ``SystemExit`` (so ``close`` runs) when this is
             the main thread and no other SIGTERM handler is installed.
@@ -187,9 +193,19 @@ class HivemindBackend:
         start_timeout: float = 60.0,
         max_norm: float | None = None,
         handle_sigterm: bool = True,
+        wait_for_peers: int = 1,
+        wait_for_peers_timeout: float = 600.0,
     ) -> None:
         if not isinstance(run_id, str) or not run_id:
             raise ValueError(f"run_id ({run_id!r}) must be a non-empty string")
+        if isinstance(wait_for_peers, bool) or not isinstance(wait_for_peers, int):
+            raise ValueError(f"wait_for_peers ({wait_for_peers!r}) must be an int >= 1")
+        if wait_for_peers < 1:
+            raise ValueError(f"wait_for_peers ({wait_for_peers}) must be >= 1")
+        if not (wait_for_peers_timeout > 0 and math.isfinite(wait_for_peers_timeout)):
+            raise ValueError(
+                f"wait_for_peers_timeout ({wait_for_peers_timeout}) must be a positive number"
+            )
         if isinstance(initial_peers, str):
             initial_peers = [initial_peers]
         if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
@@ -197,6 +213,8 @@ class HivemindBackend:
         self.run_id = run_id
         self.timeouts = SwarmTimeouts.from_round_seconds(round_seconds)
         self.max_norm = max_norm
+        self.wait_for_peers = wait_for_peers
+        self.wait_for_peers_timeout = float(wait_for_peers_timeout)
         key = run_key.encode() if isinstance(run_key, str) else run_key
         self._key: bytes | None = key or None
         salt = hashlib.sha256(f"{_PROTOCOL}|{run_id}".encode() + (self._key or b"")).hexdigest()
@@ -410,7 +428,7 @@ class HivemindBackend:
         first = self._heartbeat is None or not self._history
         self._take_snapshot(tensors)
         self._state_server()  # from now on this peer serves its state to joiners
-        records = self._refresh()
+        records = self._await_peers() if first and self.wait_for_peers > 1 else self._refresh()
         if first and len(records) <= 1:
             # Peers started together may not have published yet: give them one heartbeat.
             time.sleep(min(self.timeouts.heartbeat_period, 2.0))
@@ -444,6 +462,39 @@ class HivemindBackend:
         self._round_base = int(step.reshape(-1)[0]) if step is not None else self._version
         with self._lock:
             self._calls.clear()
+
+    def _await_peers(self) -> dict[str, _Record]:
+        """The run's records once ``wait_for_peers`` peers (this one included) are live.
+
+        Raises:
+            TimeoutError: fewer were live after ``wait_for_peers_timeout`` seconds.
+        """
+        deadline = time.monotonic() + self.wait_for_peers_timeout
+        records: dict[str, _Record] = {}
+        said = -1
+        while True:
+            with contextlib.suppress(*_FAILURES):  # one slow DHT call is not the end of the wait
+                records = self._refresh()
+            live = max(len(records), 1)
+            if live >= self.wait_for_peers:
+                return records
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"hivemind run {self.run_id!r}: {live} of the {self.wait_for_peers} peers "
+                    f"it waits for (wait_for_peers) were live after "
+                    f"{self.wait_for_peers_timeout:g}s. Start the others with the same run id, "
+                    f"config and initial peers, or lower wait_for_peers"
+                )
+            if live != said:
+                said = live
+                logger.info(
+                    "hivemind run %r: %d of %d peers live; waiting for the rest (up to %gs)",
+                    self.run_id,
+                    live,
+                    self.wait_for_peers,
+                    self.wait_for_peers_timeout,
+                )
+            time.sleep(0.5)
 
     def publish_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Serve a snapshot of ``tensors`` to joiners; call after each applied outer step.

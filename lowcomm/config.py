@@ -59,6 +59,8 @@ RESUMABLE_KEYS = frozenset(
         "initial_peers",
         "run_key_file",
         "round_seconds",
+        "wait_for_peers",
+        "wait_for_peers_timeout",
         "accelerate",
         "ckpt_every",
         "ckpt_timeout",
@@ -159,6 +161,9 @@ class TrainConfig:
         run_key_file: a file holding the shared secret of a private swarm run (kept out of the
             config, checkpoints and logs; ``LOWCOMM_RUN_KEY`` works too).
         round_seconds: estimate of one outer round's wall time; swarm timeouts follow it.
+        wait_for_peers: a swarm peer starts training only once this many peers of the run
+            (itself included) are live; 1 starts at once.
+        wait_for_peers_timeout: seconds a swarm peer waits for them before failing.
     """
 
     config: str | None = None
@@ -222,6 +227,8 @@ class TrainConfig:
     run_id: str = "lowcomm"
     run_key_file: str | None = None
     round_seconds: float = 60.0
+    wait_for_peers: int = 1
+    wait_for_peers_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -235,6 +242,11 @@ class TrainConfig:
         _choice("backend", self.backend, ("auto", "hivemind"))
         if self.backend == "hivemind" and self.mode != "diloco":
             raise ValueError(f"backend 'hivemind' needs mode 'diloco', got mode {self.mode!r}")
+        if self.wait_for_peers > 1 and self.backend != "hivemind":
+            raise ValueError(
+                f"wait_for_peers ({self.wait_for_peers}) applies to backend 'hivemind' only "
+                f"(under torchrun every rank already waits for the others at start)"
+            )
         if not self.round_seconds > 0:
             raise ValueError(f"round_seconds ({self.round_seconds}) must be > 0")
         for name in (
@@ -250,6 +262,7 @@ class TrainConfig:
             "batch_size",
             "sync_every",
             "fragments",
+            "wait_for_peers",
         ):
             value = getattr(self, name)
             if value < 1:
@@ -258,7 +271,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name} ({value}) must be >= 0")
-        for name in ("inner_lr", "outer_lr", "ckpt_timeout"):
+        for name in ("inner_lr", "outer_lr", "ckpt_timeout", "wait_for_peers_timeout"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} ({value}) must be > 0")

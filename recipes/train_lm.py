@@ -207,7 +207,12 @@ def make_backend(cfg: TrainConfig) -> Any:
         key = Path(cfg.run_key_file).read_text().strip()
     peers = [a.strip() for a in cfg.initial_peers.split(",") if a.strip()]
     return HivemindBackend(
-        cfg.run_id, initial_peers=peers, run_key=key or None, round_seconds=cfg.round_seconds
+        cfg.run_id,
+        initial_peers=peers,
+        run_key=key or None,
+        round_seconds=cfg.round_seconds,
+        wait_for_peers=cfg.wait_for_peers,
+        wait_for_peers_timeout=cfg.wait_for_peers_timeout,
     )
 
 

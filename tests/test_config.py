@@ -78,6 +78,9 @@ def test_shipped_configs_load() -> None:
         (["--compression", "zip"], "unknown compression 'zip'"),
         (["--error-feedback"], "error_feedback needs a compression"),
         (["--config", "/nonexistent/x.toml"], "does not exist"),
+        (["--wait-for-peers", "2"], r"wait_for_peers \(2\) applies to backend 'hivemind' only"),
+        (["--backend", "hivemind", "--wait-for-peers", "0"], r"wait_for_peers \(0\) must be >= 1"),
+        (["--backend", "hivemind", "--wait-for-peers-timeout", "0"], "wait_for_peers_timeout"),
     ],
 )
 def test_bad_values_raise(argv: list[str], match: str) -> None:
@@ -114,6 +117,10 @@ def test_fingerprint_ignores_only_resumable_keys() -> None:
         base, steps=5000, eval_every=7, log_every=3, wandb=True, run_dir="elsewhere", keep=9
     )
     assert harmless.fingerprint() == base.fingerprint()
+    # Swarm peers that wait for different numbers of others at start still train together.
+    swarm = dataclasses.replace(base, backend="hivemind")
+    waits = dataclasses.replace(swarm, wait_for_peers=4, wait_for_peers_timeout=30.0)
+    assert waits.fingerprint() == swarm.fingerprint()
     for change in ({"seed": 1}, {"batch_size": 8}, {"n_layer": 2}, {"sync_every": 10}):
         assert dataclasses.replace(base, **change).fingerprint() != base.fingerprint(), change
 

@@ -675,6 +675,48 @@ def test_mismatched_fingerprint_refused(bootstrap: list[str]) -> None:
                 backend.close()
 
 
+def test_first_sync_waits_for_wait_for_peers(bootstrap: list[str]) -> None:
+    for bad in ({"wait_for_peers": 0}, {"wait_for_peers": 1.5}, {"wait_for_peers_timeout": 0}):
+        with pytest.raises(ValueError, match="wait_for_peers"):
+            _backend("waiting", bootstrap, **bad)
+    first = _backend("waiting", bootstrap, wait_for_peers=2, wait_for_peers_timeout=60)
+    second = None
+    returned, errors = threading.Event(), []
+
+    def sync() -> None:
+        try:
+            first.sync_state(_state(8, 0))
+            returned.set()
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            errors.append(e)
+
+    try:
+        first.check_consistent("fp")
+        thread = threading.Thread(target=sync, daemon=True)
+        thread.start()
+        # Alone, a peer's first sync_state returns within a heartbeat; told to wait for 2,
+        # it does not return while it is the only one.
+        assert not returned.wait(4.0) and not errors
+        second = _backend("waiting", bootstrap)
+        second.check_consistent("fp")
+        assert returned.wait(30) and not errors
+        assert first.world_size == 2
+    finally:
+        for backend in (first, second):
+            if backend is not None:
+                backend.close()
+    # Nobody comes: a clear TimeoutError after wait_for_peers_timeout, not a lone run.
+    lone = _backend("lonely", bootstrap, wait_for_peers=2, wait_for_peers_timeout=1.5)
+    try:
+        lone.check_consistent("fp")
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"1 of the 2 peers .* after 1.5s"):
+            lone.sync_state(_state(8, 0))
+        assert time.monotonic() - t0 >= 1.5
+    finally:
+        lone.close()
+
+
 def test_run_key_keeps_strangers_out(bootstrap: list[str]) -> None:
     a = _backend("private", bootstrap, run_key="s3cret")
     b = _backend("private", bootstrap, run_key="s3cret")
