@@ -105,13 +105,27 @@ def start_bootstrap(
     return proc, addrs.read_text(encoding="utf-8").split()[0]
 
 
-def peer_argv(argv: list[str], run_dir: Path, rank: int, initial_peer: str) -> list[str]:
+#: Seconds a swarm peer waits for the others at start before it fails the run.
+PEER_WAIT_S = 120.0
+
+
+def peer_argv(
+    argv: list[str], run_dir: Path, rank: int, initial_peer: str, workers: int
+) -> list[str]:
     """Worker ``rank``'s command in a swarm run: its own run directory (peer 0 keeps the
-    run's, whose metrics the suite reads), the bootstrap address and the run's id."""
+    run's, whose metrics the suite reads), the bootstrap address, the run's id, and a start
+    that waits for all ``workers`` peers (else a peer that starts a few seconds late on a
+    loaded machine finds the other done, and the run measures a lone peer, not a swarm)."""
     out = list(argv)
     i = out.index("--run-dir")
     out[i + 1] = str(run_dir if rank == 0 else run_dir / f"peer{rank}")
-    return [*out, f"--initial-peers={initial_peer}", f"--run-id=bench-{run_dir.name}"]
+    return [
+        *out,
+        f"--initial-peers={initial_peer}",
+        f"--run-id=bench-{run_dir.name}",
+        f"--wait-for-peers={workers}",
+        f"--wait-for-peers-timeout={PEER_WAIT_S:g}",
+    ]
 
 
 def _first_train_record(path: Path) -> dict[str, Any] | None:
@@ -229,7 +243,7 @@ def run_workers(
             env = worker_env(r, workers, addr, port, threads)
             cmd = argv
             if swarm:
-                cmd = peer_argv(argv, run_dir, r, initial_peer)
+                cmd = peer_argv(argv, run_dir, r, initial_peer, workers)
                 env = {k: v for k, v in env.items() if k not in _RENDEZVOUS_VARS}
             kw: dict[str, Any] = {"stdout": files[r], "stderr": subprocess.STDOUT, "cwd": REPO}
             if sim is not None:

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -421,30 +422,48 @@ def test_swarm_method_trains_hivemind_peers_through_a_bootstrap_dht(
         assert w["wire_tx_bytes"] >= w["lib_bytes"] > 0
 
 
-def _freeze_peer_while(peer_dir: Path, outer_steps: int, until: Path) -> bool:
-    """Once the swarm peer running in ``peer_dir`` logs ``outer_steps``, stop its process
-    group (SIGSTOP: a frozen machine) until ``until`` holds a run summary; False if it never
-    got there. The others cannot meet it in any later round, whatever the load."""
-    deadline = time.monotonic() + 180
-
-    def logged(path: Path, text: str) -> bool:
-        while time.monotonic() < deadline:
-            if path.exists() and text in path.read_text():
-                return True
-            time.sleep(0.02)
-        return False
-
-    if not logged(peer_dir / "metrics.jsonl", f'"outer_steps": {outer_steps},'):
-        return False
-    # The peer and the children it forked (same command line) share one session's group.
-    (group,) = {
+def _peer_group(peer_dir: Path) -> int | None:
+    """The process group of the swarm peer running in ``peer_dir`` (the peer and the children
+    it forked share one session's group), or None if it is not running."""
+    groups = {
         os.getpgid(p.pid)
         for p in psutil.process_iter(["cmdline"])
-        if str(peer_dir) in (p.info["cmdline"] or []) and "--run-dir" in p.info["cmdline"]
+        if str(peer_dir) in (p.info["cmdline"] or []) and "--run-dir" in (p.info["cmdline"] or [])
     }
+    assert len(groups) <= 1, groups
+    return groups.pop() if groups else None
+
+
+def _freeze_peer_while(peer_dir: Path, outer_steps: int | None, until: Path | float) -> bool:
+    """Stop the swarm peer running in ``peer_dir`` (SIGSTOP on its process group: a frozen
+    machine) once it logs ``outer_steps``, or as soon as its process exists when None; resume
+    it once ``until`` holds a run summary, or after ``until`` seconds. False if the peer never
+    got there. The others cannot meet it meanwhile, whatever the load."""
+    deadline = time.monotonic() + 180
+
+    def wait_for(ready: Callable[[], Any]) -> Any:
+        while time.monotonic() < deadline:
+            if found := ready():
+                return found
+            time.sleep(0.02)
+        return None
+
+    def logged(path: Path, text: str) -> bool:
+        return path.exists() and text in path.read_text()
+
+    if outer_steps is not None and not wait_for(
+        lambda: logged(peer_dir / "metrics.jsonl", f'"outer_steps": {outer_steps},')
+    ):
+        return False
+    group = wait_for(lambda: _peer_group(peer_dir))
+    if group is None:
+        return False
     os.killpg(group, signal.SIGSTOP)
     try:
-        return logged(until, '"summary/')
+        if isinstance(until, Path):
+            return bool(wait_for(lambda: logged(until, '"summary/')))
+        time.sleep(until)
+        return True
     finally:
         os.killpg(group, signal.SIGCONT)
 
@@ -465,6 +484,25 @@ def test_swarm_summary_counts_the_swarm_when_a_frozen_peer_left_the_last_round_a
         assert froze.result()
     for rank in (0, 1):
         assert _check_swarm_peer(peer1.parent, rank)["peers"] == 1
+
+
+@pytest.mark.hivemind
+def test_swarm_peers_start_together_when_one_comes_up_late(tmp_path: Path) -> None:
+    # Peer 1 comes up 12 s late (frozen from its first instant: a loaded machine, a slow
+    # import). Alone, peer 0 would run every round by itself well within that (CI once saw
+    # it end without having averaged once); the suite's peers wait for each other instead,
+    # so the swarm it measures is one of 2.
+    pytest.importorskip("hivemind")
+    work = tmp_path / "work"
+    peer1 = work / "runs" / "throughput" / "loopback" / "swarm-h4" / "peer1"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        froze = pool.submit(_freeze_peer_while, peer1, None, 12.0)
+        assert bench.main(_swarm_argv(tmp_path, "loopback")) == 0
+        assert froze.result()
+    for rank in (0, 1):
+        _check_swarm_peer(peer1.parent, rank)
+    waited = (peer1.parent / "rank0.log").read_text()
+    assert "1 of 2 peers live; waiting for the rest" in waited
 
 
 def test_sigterm_stops_the_suite_and_its_workers(tmp_path: Path) -> None:
