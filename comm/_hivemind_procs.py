@@ -31,6 +31,7 @@ from lowcomm.comm._hivemind_records import (
     _alone_result,
     _download_problem,
     _group_result,
+    _roundtrip,
 )
 from lowcomm.comm._hivemind_wire import _hivemind
 from lowcomm.comm.base import AverageResult, ConsistencyError, Timer
@@ -251,7 +252,6 @@ class _SwarmWork:
         averager: Any,
         control: Any,
         flat: torch.Tensor,
-        shapes: list[torch.Size],
         device: torch.device,
         weight: float,
         codec: Compressor,
@@ -262,7 +262,6 @@ class _SwarmWork:
         self._averager = averager
         self._control = control
         self._flat = flat
-        self._shapes = shapes
         self._device = device
         self._weight = weight
         self._codec = codec
@@ -294,13 +293,13 @@ class _SwarmWork:
                 with self._averager.get_tensors() as buffers:
                     out = buffers[0].clone()
         if summary is None:
-            self._result = _alone_result(
-                self._flat, self._shapes, self._device, self._weight, self._codec
-            )
-            backend._last_round_failed = True
+            self._result = _alone_result(self._flat, self._device, self._weight, self._codec)
         else:
-            self._result = _group_result(summary, out, self._shapes, self._device, self._round)
-            backend._last_round_failed = False
+            # What the others decoded of this peer's contribution (its averager encoded it).
+            own = _roundtrip(self._codec, self._flat)
+            if self._weight == 0:
+                own = torch.zeros_like(own)
+            self._result = _group_result(summary, out, own, self._weight, self._device, self._round)
         backend._finish(self._slot, self._result)
         return self._result
 

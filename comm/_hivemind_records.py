@@ -303,34 +303,24 @@ def _resync_plan(
 # -- round results -----------------------------------------------------------------------------
 
 
-def _split(
-    flat: torch.Tensor, shapes: list[torch.Size], device: torch.device
-) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for shape in shapes:
-        n = shape.numel()
-        out.append(flat[offset : offset + n].view(shape).to(device))
-        offset += n
-    return out
-
-
 def _alone_result(
-    flat: torch.Tensor,
-    shapes: list[torch.Size],
-    device: torch.device,
-    weight: float,
-    codec: Compressor,
+    flat: torch.Tensor, device: torch.device, weight: float, codec: Compressor
 ) -> AverageResult:
     """The result of a round this peer averaged by itself."""
     # The same encode/decode as a real average of one, so error feedback stays right.
-    out = _roundtrip(codec, _roundtrip(codec, flat))
-    return AverageResult(_split(out, shapes, device), 1 if weight > 0 else 0, float(weight))
+    own = _roundtrip(codec, flat)
+    mean = _roundtrip(codec, own)
+    used = float(weight) if weight > 0 else 0.0
+    if used == 0:
+        own = torch.zeros_like(own)
+    return AverageResult(mean.to(device), own.to(device), 1 if used > 0 else 0, used, used)
 
 
 def _group_result(
     summary: dict[str, Any],
     out: torch.Tensor,
-    shapes: list[torch.Size],
+    own: torch.Tensor,
+    own_weight: float,
     device: torch.device,
     round_id: int,
 ) -> AverageResult:
@@ -352,9 +342,11 @@ def _group_result(
             summary["declared_weight"],
         )
     return AverageResult(
-        _split(out, shapes, device),
+        out.to(device),
+        own.to(device),
         num_peers,
         total,
+        own_weight,
         int(summary["bytes_sent"]),
         int(summary["bytes_received"]),
     )

@@ -1,17 +1,24 @@
 """The backend contract: how pseudo-gradients are averaged between workers.
 
 A backend moves bytes; it knows nothing of optimizers. :class:`lowcomm.DiLoCo` calls it at
-start-up (``check_consistent``, ``sync_state``) and once per fragment per outer step
-(``average``), and reads ``stats`` for ``opt.stats``.
+start-up (``check_compressor``, ``check_consistent``, ``sync_state``) and once per fragment per
+outer step (``average``), and reads ``stats`` for ``opt.stats``. Backends whose workers come
+and go (a swarm) also implement :class:`ElasticBackend`.
 
-Writing your own: implement the four methods and two properties of :class:`Backend`; test it
-with :func:`lowcomm.testing.run_ranks` (torch.distributed style) or in one process.
+One pseudo-gradient is one flat fp32 tensor from end to end: ``average`` takes it, encodes it
+once, and returns the mean *and* this worker's own contribution as the receivers decoded it,
+so error feedback and eager updates reuse that instead of encoding again.
+
+Writing your own: implement the methods and properties of :class:`Backend` (about 20 lines
+for a transport that can all-gather; :class:`lowcomm.comm.LocalBackend` is the smallest
+example); test it with :func:`lowcomm.testing.run_ranks` (torch.distributed style) or in one
+process.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -26,6 +33,7 @@ __all__ = [
     "Backend",
     "ConsistencyError",
     "DoneWork",
+    "ElasticBackend",
     "WireStats",
 ]
 
@@ -65,16 +73,27 @@ class AverageResult:
     """The outcome of one average.
 
     Attributes:
-        tensors: the weighted mean, fp32, one tensor per input, same shapes and device.
+        mean: the weighted mean, a flat fp32 tensor on the input's device; identical on every
+            worker that took part. Non-finite when nothing finite arrived (then
+            ``total_weight`` is 0 and the caller must not use it).
+        own: this worker's contribution as the other workers decoded it (flat fp32, same
+            device): the input itself when the wire is lossless, else ``decode(encode(x))``.
+            Error feedback keeps ``x - own``; eager updates swap it for a fresh pseudo-gradient.
+            Zeros when ``own_weight`` is 0.
         num_peers: workers whose contribution is in the mean (this one included).
-        total_weight: sum of the weights of those contributions.
+        total_weight: sum of the weights of those contributions; 0 when no finite
+            contribution arrived or the mean itself was not finite.
+        own_weight: the weight this worker's contribution carried: the weight passed to
+            ``average``, or 0 when the backend left it out (it was not finite).
         bytes_sent: payload bytes this worker sent for this average.
         bytes_received: payload bytes this worker received for this average.
     """
 
-    tensors: list[torch.Tensor]
+    mean: torch.Tensor
+    own: torch.Tensor
     num_peers: int
     total_weight: float
+    own_weight: float
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -110,14 +129,19 @@ class DoneWork:
 
 @runtime_checkable
 class Backend(Protocol):
-    """Averages lists of tensors between workers.
+    """Averages flat fp32 tensors between workers.
 
     Call protocol:
-        * ``check_consistent``, ``sync_state`` and ``average`` are collective over the current
-          group: every worker calls them in the same order with tensors of the same shapes.
+        * ``check_compressor``, then ``check_consistent``, then ``sync_state``, once, at
+          start-up; then ``average`` once per fragment sync. ``check_consistent``,
+          ``sync_state`` and ``average`` are collective over the backend's workers: every
+          worker calls them in the same order with tensors of the same shapes.
         * ``average`` returns at once with an :class:`AverageWork`; the caller keeps computing
-          and calls ``wait`` later (this is what overlap is built on). Inputs must not be
+          and calls ``wait`` later (this is what overlap is built on). The input must not be
           modified until ``wait`` returns.
+        * A contribution that is not finite is left out (weight 0) by the backend, not by the
+          caller, so the caller need not read the tensor back (a host sync on an
+          accelerator); ``AverageResult.own_weight`` tells the caller it happened.
         * ``stats`` counts the payload bytes actually handed to the transport.
 
     Attributes:
@@ -134,6 +158,14 @@ class Backend(Protocol):
     @property
     def world_size(self) -> int: ...
 
+    def check_compressor(self, compressor: Compressor | None) -> None:
+        """Raise ValueError if this backend cannot carry ``compressor``'s payloads.
+
+        Called at construction of the optimizer, so an impossible combination fails before
+        any training (e.g. a sparse compressor on a transport that can only sum dense slices).
+        """
+        ...
+
     def check_consistent(self, fingerprint: str) -> None:
         """Raise :class:`ConsistencyError` unless every worker passed the same fingerprint."""
         ...
@@ -148,18 +180,18 @@ class Backend(Protocol):
 
     def average(
         self,
-        tensors: Sequence[torch.Tensor],
+        flat: torch.Tensor,
         *,
         weight: float = 1.0,
         compressor: Compressor | None = None,
         step: int | None = None,
     ) -> AverageWork:
-        """Start a weighted average ``sum_i w_i x_i / sum_i w_i`` of ``tensors`` over workers.
+        """Start a weighted average ``sum_i w_i x_i / sum_i w_i`` of ``flat`` over workers.
 
         Args:
-            tensors: floating tensors; the same shapes on every worker.
+            flat: this worker's 1-D fp32 contribution; the same length on every worker.
             weight: this worker's weight (e.g. inner steps or samples it did); >= 0, and 0
-                leaves this worker's tensors out of the mean.
+                leaves this worker's contribution out of the mean.
             compressor: how contributions are encoded on the wire; None sends fp32.
             step: the inner step at which this sync starts; names the round for backends
                 whose peers must agree on it (a swarm); lockstep backends ignore it.
@@ -168,6 +200,39 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release sockets, threads and daemons. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class ElasticBackend(Backend, Protocol):
+    """A backend whose workers join, leave and fall behind: a swarm.
+
+    :class:`lowcomm.DiLoCo` treats a backend as elastic when it satisfies this Protocol (it
+    checks ``isinstance(backend, ElasticBackend)``); it then keeps the whole shared state
+    (θ, outer optimizer state, counters) ready to serve and calls, after every applied outer
+    step, ``publish_state`` and then ``needs_resync``, downloading the swarm's state with
+    ``sync_state`` when that returns True. ``world_size`` may change at any time.
+
+    Call protocol: as :class:`Backend`, plus:
+        * ``publish_state(state)`` after each applied outer step: the snapshot joiners download.
+        * ``needs_resync()`` after ``publish_state``: True if this worker is behind or its state
+          differs from the swarm's; then call ``sync_state`` with the full state.
+        * ``set_round_seconds(seconds)`` whenever a round's wall time is measured; timeouts
+          follow it.
+    """
+
+    elastic: bool
+
+    def publish_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Serve a snapshot of ``tensors`` to joiners."""
+        ...
+
+    def needs_resync(self) -> bool:
+        """True if this worker must download the swarm's state with ``sync_state``."""
+        ...
+
+    def set_round_seconds(self, round_seconds: float) -> None:
+        """Re-derive timeouts from a measured round time."""
         ...
 
 

@@ -239,7 +239,6 @@ class HivemindBackend:
         self._records: dict[str, _Record] = {}
         self._last_seen_other = time.monotonic()  # start as if others might be around
         self._mismatch_warned: set[str] = set()
-        self._last_round_failed = False
         self._state_averager: Any = None
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
@@ -601,9 +600,22 @@ class HivemindBackend:
 
     # -- Backend protocol: averaging -----------------------------------------------------------
 
+    def check_compressor(self, compressor: Compressor | None) -> None:
+        """Refuse sparse compressors: hivemind's all-reduce sums dense slices.
+
+        Raises:
+            ValueError: ``compressor`` is sparse (top-k).
+        """
+        if compressor is not None and not getattr(compressor, "dense", False):
+            raise ValueError(
+                f"{type(compressor).__name__} is a sparse compressor: hivemind's all-reduce sums "
+                f"dense slices and cannot average sparse payloads. Use a dense one (fp16, bf16, "
+                f"int8, int4, int2) with HivemindBackend, or TorchDistBackend for top-k"
+            )
+
     def average(
         self,
-        tensors: Sequence[torch.Tensor],
+        flat: torch.Tensor,
         *,
         weight: float = 1.0,
         compressor: Compressor | None = None,
@@ -612,30 +624,24 @@ class HivemindBackend:
         """Start a weighted average with whoever comes to this round.
 
         Args:
-            tensors: floating tensors; the same shapes on every peer.
+            flat: this peer's 1-D fp32 contribution; the same length on every peer.
             weight: this peer's weight (inner steps or samples it did); >= 0.
             compressor: a dense compressor for the wire; None sends fp32.
             step: the round (e.g. the global outer step, or the inner step the sync started
                 at); peers group only within the same round. None: see the class docstring.
 
         Raises:
-            ValueError: bad weight, no tensors, or a sparse compressor.
+            ValueError: bad weight, an empty tensor, or a sparse compressor.
         """
         self._check_open()
         if not (weight >= 0 and math.isfinite(weight)):
             raise ValueError(f"weight ({weight}) must be a finite number >= 0")
-        if not tensors:
-            raise ValueError("average() needs at least one tensor")
+        if flat.numel() == 0:
+            raise ValueError("average() needs a non-empty tensor")
+        self.check_compressor(compressor)
         codec: Compressor = compressor if compressor is not None else Identity()
-        if not getattr(codec, "dense", False):
-            raise ValueError(
-                f"{type(codec).__name__} is a sparse compressor: hivemind's all-reduce sums "
-                f"dense slices and cannot average sparse payloads. Use a dense one (fp16, bf16, "
-                f"int8, int4, int2) with HivemindBackend, or TorchDistBackend for top-k"
-            )
-        shapes = [t.shape for t in tensors]
-        device = tensors[0].device
-        flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors])
+        device = flat.device
+        flat = flat.detach().reshape(-1).to("cpu", torch.float32)
         if not bool(torch.isfinite(flat).all()):
             logger.warning("hivemind: non-finite contribution; sending zeros with weight 0")
             flat = torch.zeros_like(flat)
@@ -658,7 +664,7 @@ class HivemindBackend:
             with contextlib.suppress(*_FAILURES):
                 self._refresh()
             if self._alone_for() > self.timeouts.peer_ttl:
-                result = _alone_result(flat, shapes, device, weight, codec)
+                result = _alone_result(flat, device, weight, codec)
                 self._finish(None, result)
                 return DoneWork(result)
         try:
@@ -676,12 +682,10 @@ class HivemindBackend:
         except _FAILURES as e:
             logger.warning("hivemind round %d: could not start averaging (%s)", round_id, e)
             self._discard_averager(slot)
-            result = _alone_result(flat, shapes, device, weight, codec)
+            result = _alone_result(flat, device, weight, codec)
             self._finish(None, result)
             return DoneWork(result)
-        work = _SwarmWork(
-            self, slot, averager, control, flat, shapes, device, weight, codec, round_id
-        )
+        work = _SwarmWork(self, slot, averager, control, flat, device, weight, codec, round_id)
         with self._lock:
             self._inflight[slot] = work
         with contextlib.suppress(*_FAILURES):

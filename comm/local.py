@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from lowcomm.comm.base import AverageResult, DoneWork, WireStats
+from lowcomm.comm.base import DoneWork, WireStats
 from lowcomm.comm.compression.base import Compressor
-from lowcomm.comm.reduce import Identity, dense_average, sparse_average
+from lowcomm.comm.reduce import (
+    Identity,
+    average_result,
+    dense_average,
+    finite_weight,
+    sparse_average,
+)
 
 __all__ = ["LocalBackend"]
 
 
 class LocalBackend:
-    """A world of one worker.
+    """A world of one worker: the explicit way to train alone.
 
-    ``average`` returns the worker's own tensors after the same encode/decode as a real
+    ``average`` returns the worker's own contribution after the same encode/decode as a real
     average (so a compressed single-process run sees the compressor's error), and sends
     nothing. ``check_consistent`` and ``sync_state`` have nobody to compare with.
 
-    Call protocol: none; everything completes immediately.
+    Call protocol: none; everything completes immediately, on the caller's thread.
     """
 
     elastic = False
@@ -30,6 +34,9 @@ class LocalBackend:
     def __init__(self) -> None:
         self.stats = WireStats()
 
+    def check_compressor(self, compressor: Compressor | None) -> None:
+        """Every compressor works here (dense or sparse)."""
+
     def check_consistent(self, fingerprint: str) -> None:
         """Nothing to compare with."""
 
@@ -38,17 +45,18 @@ class LocalBackend:
 
     def average(
         self,
-        tensors: Sequence[torch.Tensor],
+        flat: torch.Tensor,
         *,
         weight: float = 1.0,
         compressor: Compressor | None = None,
         step: int | None = None,
     ) -> DoneWork:
-        """Return ``tensors`` passed through ``compressor``'s encode/decode."""
+        """Return ``flat`` passed through ``compressor``'s encode/decode."""
         if weight < 0 or weight != weight:
             raise ValueError(f"weight ({weight}) must be >= 0")
         comp: Compressor = compressor if compressor is not None else Identity()
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+        flat = flat.detach().reshape(-1).to(torch.float32)
+        weights = finite_weight(flat, weight).tolist()
 
         def no_a2a(send: torch.Tensor, _s: list[int], _r: list[int]) -> torch.Tensor:
             return send
@@ -57,15 +65,11 @@ class LocalBackend:
             return buf
 
         if comp.dense:
-            out, _, _ = dense_average(flat, [weight], 0, comp, no_a2a, no_gather)
+            mean, own, _, _ = dense_average(flat, weights, 0, comp, no_a2a, no_gather)
         else:
-            out, _, _ = sparse_average(flat, [weight], comp, no_gather)
-        result, offset = [], 0
-        for t in tensors:
-            result.append(out[offset : offset + t.numel()].view(t.shape))
-            offset += t.numel()
+            mean, own, _, _ = sparse_average(flat, weights, 0, comp, no_gather)
         self.stats.num_averages += 1
-        return DoneWork(AverageResult(result, 1 if weight > 0 else 0, float(weight)))
+        return DoneWork(average_result(mean, own, weights, 0, 0, 0))
 
     def close(self) -> None:
         """Nothing to release."""

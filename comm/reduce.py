@@ -8,17 +8,35 @@ payloads (top-k) cannot be summed while compressed and are all-gathered whole.
 The transport is passed in as two functions, so the same arithmetic serves torch.distributed
 and a single process, and every worker sums contributions in rank order: the result is
 bit-identical on all workers, whatever the compressor.
+
+Each worker's contribution is encoded once. What the others decode from it (``own``) comes
+back beside the mean, for error feedback and eager updates.
+
+Weights are scaled by the largest one before the sum, so a long round (a weight of hundreds
+of steps) cannot push a large but finite contribution past fp32's range; a mean that still is
+not finite is reported as "no finite contribution" (total weight 0), never handed on.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 
+from lowcomm.comm.base import AverageResult
 from lowcomm.comm.compression.base import Compressor, Payload, check_payload
 
-__all__ = ["Identity", "chunk_bounds", "dense_average", "sparse_average"]
+__all__ = [
+    "Identity",
+    "average_result",
+    "chunk_bounds",
+    "dense_average",
+    "finite_weight",
+    "sparse_average",
+]
+
+logger = logging.getLogger(__name__)
 
 # (send buffer, send split sizes, receive split sizes) -> receive buffer
 AllToAll = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
@@ -55,6 +73,16 @@ def chunk_bounds(numel: int, world_size: int, granularity: int) -> list[tuple[in
     return [(min(r * per, numel), min((r + 1) * per, numel)) for r in range(world_size)]
 
 
+def finite_weight(flat: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight`` as a 1-element float64 tensor on ``flat``'s device, 0 if ``flat`` is not finite.
+
+    Computed on the device without reading ``flat`` back, so a backend can exchange it with
+    the other weights and learn the verdict on its own thread.
+    """
+    w = torch.tensor([float(weight)], dtype=torch.float64, device=flat.device)
+    return torch.where(torch.isfinite(flat).all(), w, torch.zeros_like(w))
+
+
 def _encode(compressor: Compressor, flat: torch.Tensor) -> torch.Tensor:
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=flat.device)
@@ -72,6 +100,15 @@ def _decode(compressor: Compressor, data: torch.Tensor, numel: int) -> torch.Ten
     return compressor.decompress(Payload(data, numel)).to(torch.float32)
 
 
+def _scales(weights: Sequence[float]) -> tuple[list[float], float]:
+    """Weights divided by the largest, and their sum: the terms of an overflow-safe mean."""
+    top = max(weights, default=0.0)
+    if top <= 0:
+        return [0.0] * len(weights), 0.0
+    scaled = [w / top for w in weights]
+    return scaled, sum(scaled)
+
+
 def dense_average(
     flat: torch.Tensor,
     weights: Sequence[float],
@@ -79,22 +116,24 @@ def dense_average(
     compressor: Compressor,
     all_to_all: AllToAll,
     all_gather: AllGather,
-) -> tuple[torch.Tensor, int, int]:
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Weighted mean of every worker's ``flat`` through compressed reduce-scatter/all-gather.
 
     Args:
-        flat: this worker's 1-D fp32 contribution.
-        weights: every worker's weight, in rank order (already exchanged).
+        flat: this worker's 1-D fp32 contribution (may be non-finite when its weight is 0).
+        weights: every worker's weight, in rank order (already exchanged; 0 for a worker
+            whose contribution is left out).
         rank: this worker's index into ``weights``.
         compressor: a dense compressor.
         all_to_all: the transport's uneven all-to-all of byte buffers.
         all_gather: the transport's all-gather of equal-size byte buffers.
 
     Returns:
-        (mean, bytes sent, bytes received); the mean is identical on every worker.
+        (mean, own, bytes sent, bytes received): the mean is identical on every worker;
+        ``own`` is this worker's contribution as the others decoded it.
     """
     world = len(weights)
-    total = float(sum(weights))
+    scaled, total = _scales(weights)
     bounds = chunk_bounds(flat.numel(), world, compressor.granularity)
     sizes = [compressor.nbytes(hi - lo) if hi > lo else 0 for lo, hi in bounds]
     send = torch.cat([_encode(compressor, flat[lo:hi]) for lo, hi in bounds])
@@ -102,10 +141,13 @@ def dense_average(
     mine = sizes[rank]
     received = all_to_all(send, sizes, [mine] * world)
     acc = torch.zeros(hi - lo, dtype=torch.float32, device=flat.device)
+    own_chunk = None
     for src in range(world):  # rank order: the same float sums on every worker
-        if weights[src] != 0.0:
+        if scaled[src] != 0.0:
             part = _decode(compressor, received[src * mine : (src + 1) * mine], hi - lo)
-            acc.add_(part, alpha=weights[src])
+            acc.add_(part, alpha=scaled[src])
+            if src == rank:
+                own_chunk = part
     if total > 0:
         acc.div_(total)
     pad = sizes[0]
@@ -119,31 +161,87 @@ def dense_average(
             for r, (b_lo, b_hi) in enumerate(bounds)
         ]
     )
+    own = _own(compressor, flat, weights[rank], send, sizes, bounds, rank, own_chunk)
     sent = sum(s for r, s in enumerate(sizes) if r != rank) + (world - 1) * pad
     recv = (world - 1) * mine + (world - 1) * pad
-    return out, sent, recv
+    return out, own, sent, recv
+
+
+def _own(
+    compressor: Compressor,
+    flat: torch.Tensor,
+    weight: float,
+    send: torch.Tensor,
+    sizes: list[int],
+    bounds: list[tuple[int, int]],
+    rank: int,
+    own_chunk: torch.Tensor | None,
+) -> torch.Tensor:
+    """This worker's contribution as the receivers decode it, from the bytes it sent."""
+    if weight == 0:
+        return torch.zeros_like(flat)
+    if isinstance(compressor, Identity):
+        return flat  # lossless: the bytes sent are the input's
+    parts, offset = [], 0
+    for r, ((lo, hi), size) in enumerate(zip(bounds, sizes)):
+        if r == rank and own_chunk is not None:
+            parts.append(own_chunk)  # already decoded while reducing
+        else:
+            parts.append(_decode(compressor, send[offset : offset + size], hi - lo))
+        offset += size
+    return torch.cat(parts)
 
 
 def sparse_average(
     flat: torch.Tensor,
     weights: Sequence[float],
+    rank: int,
     compressor: Compressor,
     all_gather: AllGather,
-) -> tuple[torch.Tensor, int, int]:
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Weighted mean of every worker's ``flat`` through an all-gather of whole payloads.
 
     Returns:
-        (mean, bytes sent, bytes received); the mean is identical on every worker.
+        (mean, own, bytes sent, bytes received): the mean is identical on every worker.
     """
     world = len(weights)
-    total = float(sum(weights))
+    scaled, total = _scales(weights)
     size = compressor.nbytes(flat.numel())
     gathered = all_gather(_encode(compressor, flat))
     acc = torch.zeros_like(flat, dtype=torch.float32)
+    own = torch.zeros_like(acc)
     for src in range(world):
-        if weights[src] != 0.0:
+        if scaled[src] != 0.0:
             part = _decode(compressor, gathered[src * size : (src + 1) * size], flat.numel())
-            acc.add_(part, alpha=weights[src])
+            acc.add_(part, alpha=scaled[src])
+            if src == rank:
+                own = part
     if total > 0:
         acc.div_(total)
-    return acc, (world - 1) * size, (world - 1) * size
+    return acc, own, (world - 1) * size, (world - 1) * size
+
+
+def average_result(
+    mean: torch.Tensor,
+    own: torch.Tensor,
+    weights: Sequence[float],
+    rank: int,
+    sent: int,
+    received: int,
+) -> AverageResult:
+    """The :class:`AverageResult` of a finished average; a non-finite mean counts as empty.
+
+    Reads the mean back once to check it (on the backend's thread, not the training loop's);
+    tensors without data (``device="meta"``) are taken as finite.
+    """
+    total = float(sum(weights))
+    peers = sum(1 for w in weights if w > 0)
+    if total > 0 and mean.device.type != "meta" and not bool(torch.isfinite(mean).all()):
+        # Every contribution was finite but their sum was not: nobody may step with it.
+        logger.warning(
+            "the average of %d contributions is not finite (a contribution near fp32's range?); "
+            "it is dropped on every worker",
+            peers,
+        )
+        total, peers = 0.0, 0
+    return AverageResult(mean, own, peers, total, float(weights[rank]), sent, received)

@@ -4,6 +4,13 @@ Implements DiLoCo (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication
 Language Models"), its streaming variant with overlapped fragment syncs (Douillard et al.
 2025, "Streaming DiLoCo with overlapping communication"), and eager updates (Kale et al.
 2025, "Eager Updates For Overlapped Communication and Computation in DiLoCo").
+
+One fragment sync, end to end: the pseudo-gradient is computed into one flat fp32 buffer on
+the parameters' device (staging the global parameters there when they live on the host),
+handed to the backend, which encodes it once and returns the mean and this worker's own
+decoded contribution; every mode (mix, eager, delayed, and ``flush``) lands it through
+:meth:`DiLoCo._result` (wait, error feedback, non-finite repair) and :meth:`DiLoCo._apply`
+(outer step, local update).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,21 +28,48 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowcomm.comm.base import AverageResult, AverageWork, Backend, ConsistencyError
+from lowcomm.comm.base import (
+    AverageResult,
+    AverageWork,
+    Backend,
+    ConsistencyError,
+    DoneWork,
+    ElasticBackend,
+)
 from lowcomm.comm.compression.base import Compressor
+from lowcomm.comm.compression.feedback import ErrorFeedback
 from lowcomm.comm.local import LocalBackend
+from lowcomm.optim.amp import scaled_inner_step
 from lowcomm.optim.fragments import check_partition, partition
 from lowcomm.optim.outer import default_outer_optimizer, prime_outer_state
+from lowcomm.optim.params import (
+    fp32_copy,
+    local_view,
+    refuse_flat_parameters,
+    repair_nonfinite,
+    shard_signature,
+    single_device,
+    synced_parameters,
+)
 from lowcomm.optim.schedule import StaggeredSchedule
-from lowcomm.optim.stats import DiLoCoStats
+from lowcomm.optim.stats import DiLoCoStats, MemoryReport
+from lowcomm.optim.wrapper import WrappingOptimizer
 
-__all__ = ["DiLoCo", "DiLoCoStats", "OVERLAP_MODES"]
+__all__ = ["MAX_SKIPPED_ROUNDS", "OVERLAP_MODES", "DiLoCo", "DiLoCoStats"]
 
 logger = logging.getLogger(__name__)
 
 OVERLAP_MODES = ("mix", "eager", "delayed")
+MAX_SKIPPED_ROUNDS = 3
+"""Consecutive syncs of one fragment with no finite average after which training stops.
+
+A worker whose own round was not finite is repaired and contributes again in the next one;
+when *nobody* contributes anything finite several rounds in a row, the global parameters or
+every worker have diverged, and going on would only burn compute while reporting success.
+"""
+
 _STATE_KEY = "lowcomm"
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 @dataclass(eq=False)
@@ -44,20 +79,14 @@ class _Pending:
     fragment: int
     land_step: int
     work: AverageWork
-    delta: torch.Tensor  # this worker's fresh pseudo-gradient (eager mode adds it)
-    sent: torch.Tensor  # what this worker contributed, decoded (eager mode subtracts it)
+    send: torch.Tensor  # what this worker handed to the backend (kept alive until the wait)
     weight: float
     launch_step: int
     nbytes: int
     result: AverageResult | None = field(default=None)
 
-    def result_now(self) -> AverageResult:
-        if self.result is None:
-            self.result = self.work.wait()
-        return self.result
 
-
-class DiLoCo(torch.optim.Optimizer):
+class DiLoCo(WrappingOptimizer):
     """Wraps an inner optimizer; every ``sync_every`` inner steps, averages pseudo-gradients.
 
     Per worker, with global parameters θ identical on all workers::
@@ -84,43 +113,66 @@ class DiLoCo(torch.optim.Optimizer):
     workers until the next round.
 
     ``DiLoCo`` subclasses ``torch.optim.Optimizer`` and shares ``param_groups``, ``state``
-    and ``defaults`` with the inner optimizer, so LR schedulers, step hooks, grad scalers,
-    accelerate and ``isinstance`` checks work on it.
+    and ``defaults`` with the inner optimizer, so LR schedulers, step hooks, accelerate and
+    ``isinstance`` checks work on it. ``torch.amp.GradScaler`` calls ``step()`` on every
+    iteration (DiLoCo declares ``_step_supports_amp_scaling``): a step with inf/NaN gradients
+    skips the inner update but still counts, so the sync schedule stays the same on every
+    worker.
+
+    Faults: a pseudo-gradient that is not finite (a NaN loss, an overflow) is left out of the
+    average by the backend; when the verdict comes back this worker resets every parameter
+    whose values or inner-optimizer state are not finite to θ and drops that state, so it is
+    back in the next round. An average that is not finite (nothing finite arrived) skips the
+    outer step on every worker; :data:`MAX_SKIPPED_ROUNDS` in a row stop training with an
+    error.
 
     Call protocol:
         * Construction is collective: every worker builds the same model and a ``DiLoCo`` with
           the same settings; the backend checks that (``check_consistent``) and gives every
           worker the reference worker's parameters (rank 0's under torch.distributed).
         * ``step()`` is collective at sync steps: every worker calls it the same number of
-          times. Averages are issued in the same order on every worker.
+          times. Averages are issued in the same order on every worker, on the backend's
+          own process group and thread, so the caller's collectives never interleave with
+          them.
         * ``state_dict()`` waits for syncs in flight (their results are saved, so a resumed
-          run applies them at the same step, bit-identically).
+          run applies them at the same step, bit-identically). Its tensors are host copies.
         * After the last step, ``flush()`` applies the syncs still in flight (overlap,
           eager, delayed); without it the final θ misses them. Every worker flushes at the
           same step.
-        * ``close()`` waits for what is still on the wire and releases the backend.
+        * ``close()`` waits for what is still on the wire and releases the backend (and the
+          process group DiLoCo created, if it created one). ``step()`` after ``close()``
+          raises.
 
     Args:
         model: the model being trained; its trainable parameters that the inner optimizer
             steps are synced. Frozen parameters (``requires_grad=False``) are left alone.
+            Under FSDP2 (``fully_shard``) each rank syncs its local shards; FSDP1 is refused.
         inner_optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
         sync_every: ``H``, inner steps between two syncs of one fragment.
         outer_optimizer: callable ``params -> torch.optim.Optimizer`` applied to the global
             copy; default ``SGD(lr=0.7, momentum=0.9, nesterov=True)``.
-        backend: how to average; None picks torch.distributed if a process group is
-            initialised, else a single process.
+        backend: how to average. None picks torch.distributed when a process group is
+            initialised; when the process was launched by ``torchrun`` (``WORLD_SIZE > 1``)
+            without one, DiLoCo initialises it from the environment (NCCL for CUDA
+            parameters, else gloo); otherwise a single process. ``LocalBackend()`` is the
+            explicit way to train alone.
         compression: a :class:`~lowcomm.comm.compression.base.Compressor` or an
-            ``ErrorFeedback`` wrapping one; None sends fp32.
+            :class:`~lowcomm.comm.compression.ErrorFeedback` wrapping one; None sends fp32.
         fragments: ``P``, or a list of parameter lists (your own partition).
         overlap_steps: ``τ``, inner steps between launching a sync and applying it
             (``mix`` mode); must be less than ``H/P``.
         mix: ``α`` in ``θ_i ← α·θ_i + (1−α)·θ`` when an overlapped sync lands (``τ > 0``).
         overlap_mode: ``"mix"``, ``"eager"`` or ``"delayed"``.
         fragment_strategy: ``"strided"`` (default) or ``"sequential"``, for integer ``P``.
-        global_device: where the fp32 global copy lives (default: with each parameter).
+        global_device: where the fp32 global copy, the outer optimizer's state and the
+            error-feedback residuals live (default: with the parameters). ``"cpu"`` for a
+            model on the GPU keeps them in pinned host memory and stages one fragment at a
+            time, so DiLoCo holds no persistent memory on the GPU (see :meth:`memory`).
     """
 
-    _inner: torch.optim.Optimizer
+    # torch.amp.GradScaler then calls step() every iteration, with ``grad_scale`` and
+    # ``found_inf`` set on this object, instead of skipping the call on inf gradients.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -129,7 +181,7 @@ class DiLoCo(torch.optim.Optimizer):
         sync_every: int = 500,
         outer_optimizer: Callable[[Sequence[torch.Tensor]], torch.optim.Optimizer] | None = None,
         backend: Backend | None = None,
-        compression: Any = None,
+        compression: Compressor | ErrorFeedback | None = None,
         fragments: int | Sequence[Sequence[nn.Parameter]] = 1,
         overlap_steps: int = 0,
         mix: float = 0.5,
@@ -137,61 +189,20 @@ class DiLoCo(torch.optim.Optimizer):
         fragment_strategy: str = "strided",
         global_device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(inner_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"inner_optimizer must be a torch.optim.Optimizer, got "
-                f"{type(inner_optimizer).__name__}"
-            )
-        if isinstance(inner_optimizer, DiLoCo):
-            raise TypeError("inner_optimizer is already a DiLoCo; wrap the inner optimizer once")
-        if overlap_mode not in OVERLAP_MODES:
-            raise ValueError(f"overlap_mode ({overlap_mode!r}) must be one of {OVERLAP_MODES}")
-        if not isinstance(overlap_steps, int) or overlap_steps < 0:
-            raise ValueError(f"overlap_steps ({overlap_steps!r}) must be an integer >= 0")
-        if not 0.0 <= mix <= 1.0:
-            raise ValueError(f"mix ({mix}) must be in [0, 1]")
-        if overlap_mode != "mix" and overlap_steps:
-            raise ValueError(
-                f"overlap_steps ({overlap_steps}) is for overlap_mode='mix'; "
-                f"'{overlap_mode}' always overlaps a whole period of sync_every steps"
-            )
+        _check_arguments(model, inner_optimizer, overlap_mode, overlap_steps, mix, compression)
 
-        # Optimizer.__init__ assigns state/param_groups/defaults and adds groups; those must
-        # not touch the inner optimizer, so they go to a scratch space until it returns.
-        self.__dict__["_inner"] = inner_optimizer
-        self.__dict__["_scratch"] = {}
-        super().__init__([p for g in inner_optimizer.param_groups for p in g["params"]], {})
-        del self.__dict__["_scratch"]
+        super().__init__(inner_optimizer)
 
         self.model = model
         self.overlap_mode = overlap_mode
         self.overlap_steps = overlap_steps
         self.mix = float(mix)
+        self._closed = False
+        self._owns_process_group = False
 
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        model_ids = {id(p) for p in model.parameters()}
-        inner_ids = [id(p) for g in inner_optimizer.param_groups for p in g["params"]]
-        foreign = [i for i in inner_ids if i not in model_ids]
-        if foreign:
-            raise ValueError(
-                f"inner_optimizer holds {len(foreign)} parameter(s) that are not the model's; "
-                f"build it from model.parameters()"
-            )
-        inner_set = set(inner_ids)
-        self._names = [n for n, p in named if id(p) in inner_set]
-        self._params: list[nn.Parameter] = [p for _, p in named if id(p) in inner_set]
-        unstepped = [n for n, p in named if id(p) not in inner_set]
-        if unstepped:
-            logger.warning(
-                "DiLoCo: %d trainable parameter(s) are not in the inner optimizer and will not "
-                "be synced: %s",
-                len(unstepped),
-                unstepped[:5],
-            )
-        if not self._params:
-            raise ValueError("the model has no trainable parameters in the inner optimizer")
+        refuse_flat_parameters(model)
+        self._names, self._params = synced_parameters(model, inner_optimizer)
+        self._device = single_device(self._names, self._params)
 
         # Fragments.
         if isinstance(fragments, int) and not isinstance(fragments, bool):
@@ -209,31 +220,30 @@ class DiLoCo(torch.optim.Optimizer):
             )
         index = {id(p): i for i, p in enumerate(self._params)}
         self._fragments: list[list[int]] = [[index[id(p)] for p in f] for f in frags]
+        self._fragment_numel = [
+            sum(local_view(self._params[i]).numel() for i in f) for f in self._fragments
+        ]
 
-        # Compression: a Compressor, or an ErrorFeedback (duck-typed: it has .compressor).
-        self._feedback = compression if hasattr(compression, "record") else None
+        self._feedback = compression if isinstance(compression, ErrorFeedback) else None
         self._compressor: Compressor | None = (
-            compression.compressor if self._feedback is not None else compression
+            compression.compressor if isinstance(compression, ErrorFeedback) else compression
         )
 
-        # Backend.
-        if backend is None:
-            if dist.is_available() and dist.is_initialized():
-                from lowcomm.comm.torch_dist import TorchDistBackend
-
-                backend = TorchDistBackend()
-            else:
-                backend = LocalBackend()
-        self.backend = backend
-        self._world_size = backend.world_size
+        self.backend = self._pick_backend(backend)
+        self.backend.check_compressor(self._compressor)
+        self._world_size = self.backend.world_size
+        self._elastic = isinstance(self.backend, ElasticBackend) and bool(self.backend.elastic)
 
         # Global copy (fp32), one outer optimizer per fragment.
-        self._global_device = torch.device(global_device) if global_device is not None else None
-        self.backend.check_consistent(self._fingerprint(sync_every, compression))
-        self._global = [
-            p.detach().to(self._global_device or p.device, torch.float32, copy=True)
-            for p in self._params
-        ]
+        self._global_device = (
+            torch.device(global_device) if global_device is not None else self._device
+        )
+        pin = (
+            self._global_device.type == "cpu"
+            and self._device.type == "cuda"
+            and torch.cuda.is_available()
+        )
+        self._global = [fp32_copy(local_view(p), self._global_device, pin) for p in self._params]
         make_outer = outer_optimizer or default_outer_optimizer
         self._outer = [make_outer([self._global[i] for i in f]) for f in self._fragments]
         for o in self._outer:
@@ -241,7 +251,6 @@ class DiLoCo(torch.optim.Optimizer):
                 raise TypeError(
                     f"outer_optimizer must return a torch.optim.Optimizer, got {type(o).__name__}"
                 )
-
         if self._feedback is not None and any(
             g.get("momentum", 0) or g.get("betas") for o in self._outer for g in o.param_groups
         ):
@@ -252,74 +261,105 @@ class DiLoCo(torch.optim.Optimizer):
                 "history and together they overshoot. Use an outer SGD without momentum "
                 "(SparseLoCo's decayed residual stands in for it)."
             )
+        if self._elastic:
+            prime_outer_state(self._outer)
+
         self._inner_steps = 0
         self._last_sync = [0] * len(self._fragments)
+        self._skipped_in_a_row = [0] * len(self._fragments)
         self._pending: list[_Pending] = []
         self._previous: dict[int, _Pending] = {}  # eager/delayed: last round's average
         self._stats = DiLoCoStats()
-        self._stats.dense_bytes_per_sync = 4 * sum(p.numel() for p in self._params)
+        self._stats.dense_bytes_per_sync = 4 * sum(self._fragment_numel)
         self._sent_numel = 0
         self._sent_bytes_compressed = 0
         self._overlap_total = 0
         self._round_started: float | None = None
-        self._elastic = bool(getattr(self.backend, "elastic", False))
-        if self._elastic:
-            prime_outer_state(self._outer)
+
+        self._check_shards()
+        self.backend.check_consistent(self._fingerprint())
         # Every worker starts from the reference worker's θ (rank 0's under torch.distributed,
         # a live peer's in a swarm, with its outer state and step counters too).
         self._sync_shared_state()
 
-    # -- the torch.optim contract: state and groups are the inner optimizer's ----------------
+    # -- construction helpers ----------------------------------------------------------------
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        scratch = self.__dict__.get("_scratch")
-        if scratch is not None:
-            return scratch.setdefault("param_groups", [])
-        return self._inner.param_groups
+    def _pick_backend(self, backend: Backend | None) -> Backend:
+        if backend is not None:
+            if not isinstance(backend, Backend):
+                raise TypeError(
+                    f"backend must implement lowcomm.comm.Backend (rank, world_size, stats, "
+                    f"check_compressor, check_consistent, sync_state, average, close), got "
+                    f"{type(backend).__name__}"
+                )
+            return backend
+        from lowcomm.comm.torch_dist import TorchDistBackend, init_process_group_from_env
 
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        scratch = self.__dict__.get("_scratch")
-        if scratch is not None:
-            scratch["param_groups"] = value
-        else:
-            self._inner.param_groups = value
+        # torchrun's environment says this process is one of several: training alone here
+        # would silently be N independent runs. accelerate does the same.
+        if (
+            dist.is_available()
+            and not dist.is_initialized()
+            and init_process_group_from_env(self._device)
+        ):
+            self._owns_process_group = True
+            logger.info(
+                "DiLoCo: launched as rank %s of %s (torchrun); initialised the process "
+                "group (%s). Pass backend=LocalBackend() to train alone.",
+                os.environ.get("RANK"),
+                os.environ.get("WORLD_SIZE"),
+                dist.get_backend(),
+            )
+        if dist.is_available() and dist.is_initialized():
+            return TorchDistBackend()
+        return LocalBackend()
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        scratch = self.__dict__.get("_scratch")
-        if scratch is not None:
-            return scratch.setdefault("state", {})
-        return self._inner.state
+    def _check_shards(self) -> None:
+        shards = [shard_signature(p) for p in self._params]
+        if all(s is None for s in shards):
+            return
+        blob = repr(list(zip(self._names, shards)))
+        try:
+            self.backend.check_consistent("shards:" + hashlib.sha256(blob.encode()).hexdigest())
+        except ConsistencyError as e:
+            raise ConsistencyError(
+                "DiLoCo's group spans ranks that hold different shards of the model's sharded "
+                "(DTensor/FSDP2) parameters; averaging them would mix different slices of each "
+                "weight. Average over the cross-replica group only: "
+                "TorchDistBackend(group=mesh['replicate'].get_group()), see "
+                f"lowcomm.comm.init_replica_mesh. ({e})"
+            ) from None
 
-    @state.setter
-    def state(self, value: Any) -> None:
-        scratch = self.__dict__.get("_scratch")
-        if scratch is not None:
-            scratch["state"] = value
-        else:
-            self._inner.state = value
+    def _fingerprint(self) -> str:
+        """What every worker of one run must agree on: model layout, config, outer optimizer."""
+        from lowcomm.comm.compression.registry import compression_spec
 
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
-        scratch = self.__dict__.get("_scratch")
-        if scratch is not None:
-            return scratch.setdefault("defaults", {})
-        return self._inner.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        scratch = self.__dict__.get("_scratch")
-        if scratch is not None:
-            scratch["defaults"] = value
-        else:
-            self._inner.defaults = value
-
-    @property
-    def inner_optimizer(self) -> torch.optim.Optimizer:
-        """The wrapped optimizer."""
-        return self._inner
+        layout = [
+            (n, tuple(local_view(p).shape), str(p.dtype)) for n, p in zip(self._names, self._params)
+        ]
+        outer = [
+            (
+                type(o).__module__ + "." + type(o).__qualname__,
+                [
+                    sorted((k, repr(v)) for k, v in g.items() if k != "params")
+                    for g in o.param_groups
+                ],
+            )
+            for o in self._outer
+        ]
+        blob = repr(
+            (
+                layout,
+                self._schedule.period,
+                self.fragments,
+                self.overlap_mode,
+                self.overlap_steps,
+                self.mix,
+                compression_spec(self._feedback or self._compressor),
+                outer,
+            )
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
     def outer_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -351,19 +391,42 @@ class DiLoCo(torch.optim.Optimizer):
             s.mean_overlap_steps = self._overlap_total / s.fragment_syncs
         return s
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the inner optimizer's gradients."""
-        self._inner.zero_grad(set_to_none=set_to_none)
+    def memory(self) -> MemoryReport:
+        """The memory DiLoCo holds beside the model and the inner optimizer, by device.
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Refused once constructed: the set of synced parameters is fixed at start."""
-        scratch = self.__dict__.get("_scratch")
-        if scratch is not None:
-            return  # Optimizer.__init__ adding the inner's groups again: they exist already.
-        raise RuntimeError(
-            "DiLoCo cannot add parameter groups after construction: the global copy, "
-            "fragments and outer optimizers are fixed; build a new DiLoCo"
-        )
+        Counts the global copy, the outer optimizers' state, error-feedback residuals and
+        the buffers of syncs in flight (eager/delayed keep one per fragment for a whole
+        round). Transient buffers of a sync (the staged pseudo-gradient, payloads, the
+        mean) live only while that sync is on the wire; ``max_in_flight_bytes`` in
+        :attr:`stats` bounds their payload.
+        """
+        held: dict[str, int] = {}
+        seen: set[int] = set()
+
+        def count(t: object) -> None:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                return
+            storage = local_view(t).untyped_storage()
+            if storage.data_ptr() in seen:
+                return
+            seen.add(storage.data_ptr())
+            held[str(t.device)] = held.get(str(t.device), 0) + storage.nbytes()
+
+        for g in self._global:
+            count(g)
+        for o in self._outer:
+            for st in o.state.values():
+                for v in st.values():
+                    count(v)
+        if self._feedback is not None:
+            for key in self._feedback.keys():  # noqa: SIM118 - ErrorFeedback is not a dict
+                count(self._feedback.residual(key))
+        for p in self._pending + list(self._previous.values()):
+            count(p.send)
+            if p.result is not None:
+                count(p.result.mean)
+                count(p.result.own)
+        return MemoryReport(held, sum(self._fragment_numel))
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -374,9 +437,17 @@ class DiLoCo(torch.optim.Optimizer):
             closure: passed to the inner optimizer (re-evaluates the loss).
 
         Returns:
-            The inner optimizer's return value (the loss when a closure is given).
+            The inner optimizer's return value (the loss when a closure is given; None when
+            a grad scaler skipped the step).
+
+        Raises:
+            RuntimeError: after :meth:`close`.
+            FloatingPointError: :data:`MAX_SKIPPED_ROUNDS` syncs of one fragment in a row
+                had no finite average.
         """
-        loss = self._inner.step(closure) if closure is not None else self._inner.step()
+        if self._closed:
+            raise RuntimeError("DiLoCo.step() after close(): build a new DiLoCo to train on")
+        loss = self._inner_step(closure)
         self._inner_steps += 1
         step = self._inner_steps
         with torch.no_grad():
@@ -384,76 +455,177 @@ class DiLoCo(torch.optim.Optimizer):
             landing = [p for p in self._pending if p.land_step <= step]
             for pending in landing:
                 self._pending.remove(pending)
-                self._apply_mix(pending)
+                self._land(pending)
             for frag in self._schedule.due(step):
                 self._sync(frag, step)
             if self._stats.fragment_syncs != applied:
                 self._after_outer_step()
         return loss
 
+    def _inner_step(self, closure: Callable[[], float] | None) -> Any:
+        # GradScaler.step() sets grad_scale/found_inf on this object around the call.
+        return scaled_inner_step(
+            self._inner,
+            self._params,
+            closure,
+            self.__dict__.get("grad_scale"),
+            self.__dict__.get("found_inf"),
+        )
+
+    def _check_world(self) -> None:
+        if self._elastic:
+            return
+        world = self.backend.world_size
+        if world != self._world_size:
+            raise ConsistencyError(
+                f"the backend's world size changed from {self._world_size} to {world} "
+                f"under DiLoCo; restart every worker from the last checkpoint"
+            )
+
+    def _pseudo_gradient(self, frag: int) -> torch.Tensor:
+        """Δ = θ − θ_i of one fragment, as one flat fp32 buffer on the parameters' device."""
+        out = torch.empty(self._fragment_numel[frag], dtype=torch.float32, device=self._device)
+        offset = 0
+        for i in self._fragments[frag]:
+            local = local_view(self._params[i])
+            n = local.numel()
+            view = out[offset : offset + n].view(local.shape)
+            # Stages θ when it lives on the host; a no-op move when it lives with the model.
+            view.copy_(self._global[i], non_blocking=True)
+            view.sub_(local)
+            offset += n
+        return out
+
     def _sync(self, frag: int, step: int) -> None:
-        if not getattr(self.backend, "elastic", False):
-            world = self.backend.world_size
-            if world != self._world_size:
-                raise ConsistencyError(
-                    f"the backend's world size changed from {self._world_size} to {world} "
-                    f"under DiLoCo; restart every worker from the last checkpoint"
-                )
-        idx = self._fragments[frag]
+        self._check_world()
         weight = float(step - self._last_sync[frag])
         self._last_sync[frag] = step
-        delta = torch.cat(
-            [
-                (
-                    self._global[i]
-                    - self._params[i].detach().to(self._global[i].device, torch.float32)
-                ).reshape(-1)
-                for i in idx
-            ]
-        )
-        if not bool(torch.isfinite(delta).all()):
-            # Left out of the average (weight 0) rather than poisoning everyone's θ.
-            self._stats.nonfinite_rounds += 1
-            logger.warning(
-                "DiLoCo rank %d step %d: non-finite pseudo-gradient in fragment %d; "
-                "leaving this worker's contribution out",
-                self.backend.rank,
-                step,
-                frag,
-            )
-            delta.zero_()
-            weight = 0.0
-        if self._feedback is not None and weight > 0:
-            key = f"fragment.{frag}"
-            send = self._feedback.prepare(key, delta)
-            sent = self._feedback.roundtrip(send)
-            self._feedback.record(key, send, sent)
-        elif self._compressor is not None and self.overlap_mode == "eager":
-            send = delta
-            sent = self._compressor.decompress(self._compressor.compress(delta))
-        else:
-            send = sent = delta
+        delta = self._pseudo_gradient(frag)
+        landed = None
+        if self.overlap_mode != "mix":
+            landed = self._previous.pop(frag, None)
+            if landed is not None:
+                # Before prepare(): error feedback must record last round's residual first.
+                self._result(landed)
+        send = self._feedback.prepare(f"fragment.{frag}", delta) if self._feedback else delta
         if self._round_started is None or frag == 0:
-            self._round_timing(frag)
-        work = self.backend.average([send], weight=weight, compressor=self._compressor, step=step)
+            self._round_timing()
+        work = self.backend.average(send, weight=weight, compressor=self._compressor, step=step)
         comp = self._compressor
         nbytes = comp.nbytes(send.numel()) if comp is not None else 4 * send.numel()
         self._sent_numel += send.numel()
         self._sent_bytes_compressed += nbytes
         land = step + (self.overlap_steps if self.overlap_mode == "mix" else self._schedule.period)
-        pending = _Pending(frag, land, work, delta, sent, weight, step, nbytes)
+        fresh = _Pending(frag, land, work, send, weight, step, nbytes)
         in_flight = nbytes + sum(p.nbytes for p in self._pending)
         self._stats.max_in_flight_bytes = max(self._stats.max_in_flight_bytes, in_flight)
         if self.overlap_mode == "mix":
             if self.overlap_steps == 0:
-                self._apply_mix(pending)
+                self._land(fresh)
             else:
-                self._pending.append(pending)
+                self._pending.append(fresh)
             return
         # eager / delayed: consume last round's average of this fragment, keep this one.
-        previous = self._previous.pop(frag, None)
-        self._previous[frag] = pending
-        self._apply_delayed(frag, pending, previous, step)
+        self._previous[frag] = fresh
+        self._land_overlapped(frag, landed, fresh, delta, step)
+
+    # -- landing: every mode goes through _result and _apply ---------------------------------
+
+    def _result(self, pending: _Pending) -> AverageResult:
+        """Wait for a sync once; record its error-feedback residual or repair this worker."""
+        if pending.result is None:
+            result = pending.result = pending.work.wait()
+            if result.own_weight == 0 and pending.weight > 0:
+                self._on_nonfinite(pending.fragment)
+            elif self._feedback is not None and result.own_weight > 0:
+                # residual = x − (what the others decoded of x), kept where θ lives.
+                home = self._global_device
+                self._feedback.record(
+                    f"fragment.{pending.fragment}", pending.send.to(home), result.own.to(home)
+                )
+        return pending.result
+
+    def _land(self, pending: _Pending) -> None:
+        """Apply a ``mix``-mode sync: outer step with the mean, then merge or reset."""
+        result = self._result(pending)
+        self._record_sync(result, self._inner_steps - pending.launch_step)
+        alpha = self.mix if self.overlap_steps > 0 else 0.0
+        self._apply(pending.fragment, result.mean if result.total_weight > 0 else None, alpha)
+
+    def _land_overlapped(
+        self,
+        frag: int,
+        landed: _Pending | None,
+        fresh: _Pending,
+        delta: torch.Tensor,
+        step: int,
+    ) -> None:
+        """Eager/delayed at a sync: step with last round's average (``landed``) and ``delta``."""
+        if landed is None:
+            # First round: no other worker's pseudo-gradient has arrived yet. Eager steps with
+            # its own (the best estimate of the others'); delayed has nothing to apply.
+            self._stats.fragment_syncs += 1
+            if self.overlap_mode == "eager" and bool(torch.isfinite(delta).all()):
+                self._apply(frag, delta, 0.0)
+            else:
+                self._update_local(frag, 0.0)
+            return
+        result = self._result(landed)
+        self._record_sync(result, step - landed.launch_step)
+        if result.total_weight <= 0:
+            self._apply(frag, None, 0.0)
+            return
+        mean, total = result.mean, result.total_weight
+        if self.overlap_mode == "delayed":
+            grad = mean
+        else:
+            # (1/M)(Δ_m(t) + Σ_{m'≠m} Δ_{m'}(t−1)), weighted. Whether this worker's fresh Δ is
+            # finite is decided on the device (the backend's verdict comes a round later):
+            # if it is not, this is the delayed step.
+            ok = torch.isfinite(delta).all()
+            delta = delta.to(mean.device)
+            if result.own_weight > 0:
+                # Swap this worker's stale share of last round's mean for its fresh Δ.
+                grad = mean + torch.where(ok, delta - result.own, 0.0) * (result.own_weight / total)
+            else:
+                # This worker sat out last round: its fresh share joins the others' mean.
+                w = ok.to(torch.float32) * fresh.weight
+                grad = (mean * total + torch.where(ok, delta, 0.0) * w) / (total + w)
+        self._apply(frag, grad, 0.0)
+
+    def _apply(self, frag: int, grad: torch.Tensor | None, alpha: float) -> None:
+        """Outer step with ``grad`` (None: no finite average, skip) and update θ_i."""
+        if grad is None:
+            self._skip(frag)
+            return
+        self._skipped_in_a_row[frag] = 0
+        self._outer_step(frag, grad)
+        self._update_local(frag, alpha)
+
+    def _outer_step(self, frag: int, grad: torch.Tensor) -> None:
+        grad = grad.to(self._global_device)
+        offset = 0
+        for i in self._fragments[frag]:
+            g = self._global[i]
+            n = g.numel()
+            g.grad = grad[offset : offset + n].view_as(g)
+            offset += n
+        self._outer[frag].step()
+        for i in self._fragments[frag]:
+            self._global[i].grad = None
+
+    def _update_local(self, frag: int, alpha: float) -> None:
+        """θ_i ← θ (``alpha`` 0) or ``alpha·θ_i + (1−alpha)·θ``, for one fragment."""
+        for i in self._fragments[frag]:
+            local, g = local_view(self._params[i]), self._global[i]
+            # A host θ is pinned, so these copies do not block; θ is next written by an
+            # outer step, which first reads a later result back, after these copies ran.
+            if alpha == 0.0:
+                local.copy_(g, non_blocking=True)
+            else:
+                merged = g.to(local.device, non_blocking=True) * (1.0 - alpha)
+                merged += local.to(torch.float32) * alpha
+                local.copy_(merged)
 
     def _record_result(self, result: AverageResult) -> None:
         """Counters every landed average updates: its bytes and who was in it."""
@@ -462,96 +634,70 @@ class DiLoCo(torch.optim.Optimizer):
         s.num_peers = result.num_peers
         s.max_peers = max(s.max_peers, result.num_peers)
 
-    def _record_sync(self, pending: _Pending, result: AverageResult, overlap: int) -> None:
+    def _record_sync(self, result: AverageResult, overlap: int) -> None:
         s = self._stats
         s.fragment_syncs += 1
         self._record_result(result)
         s.overlap_steps = overlap
         self._overlap_total += overlap
 
-    def _outer_step(self, frag: int, grad: torch.Tensor) -> None:
-        offset = 0
-        for i in self._fragments[frag]:
-            g = self._global[i]
-            n = g.numel()
-            g.grad = grad[offset : offset + n].view_as(g).to(g.device)
-            offset += n
-        self._outer[frag].step()
-        for i in self._fragments[frag]:
-            self._global[i].grad = None
+    def _skip(self, frag: int) -> None:
+        self._stats.skipped_outer_steps += 1
+        self._skipped_in_a_row[frag] += 1
+        logger.warning(
+            "DiLoCo rank %d step %d: no finite contribution to fragment %d; outer step "
+            "skipped, global parameters kept",
+            self.backend.rank,
+            self._inner_steps,
+            frag,
+        )
+        self._update_local(frag, 0.0)
+        if self._skipped_in_a_row[frag] >= MAX_SKIPPED_ROUNDS:
+            raise FloatingPointError(
+                f"DiLoCo: {self._skipped_in_a_row[frag]} syncs of fragment {frag} in a row had "
+                f"no finite average (step {self._inner_steps}): every worker's training has "
+                f"diverged. Resume from the last checkpoint with a lower learning rate"
+            )
 
-    def _apply_mix(self, pending: _Pending) -> None:
-        result = pending.result_now()
-        frag = pending.fragment
-        self._record_sync(pending, result, self._inner_steps - pending.launch_step)
-        if result.total_weight <= 0:
-            self._skip(frag)
-            return
-        self._outer_step(frag, result.tensors[0].reshape(-1))
-        alpha = self.mix if self.overlap_steps > 0 else 0.0
-        for i in self._fragments[frag]:
-            p, g = self._params[i], self._global[i]
-            if alpha == 0.0:
-                p.copy_(g)
-            else:
-                merged = g.to(p.device) * (1.0 - alpha) + p.to(torch.float32) * alpha
-                p.copy_(merged)
+    def _on_nonfinite(self, frag: int) -> None:
+        """This worker's own contribution was not finite: repair it for the next round."""
+        self._stats.nonfinite_rounds += 1
+        with torch.no_grad():
+            reset = repair_nonfinite(self._params, self._global, self._inner)
+        logger.warning(
+            "DiLoCo rank %d step %d: non-finite pseudo-gradient in fragment %d; it was left out "
+            "of the average, and %d parameter(s) with non-finite values or optimizer state "
+            "were reset to the global parameters",
+            self.backend.rank,
+            self._inner_steps,
+            frag,
+            len(reset),
+        )
 
-    def _apply_delayed(
-        self, frag: int, fresh: _Pending, previous: _Pending | None, step: int
-    ) -> None:
-        if previous is None:
-            # First round: no other worker's pseudo-gradient has arrived yet. Eager steps with
-            # its own (the best estimate of the others'); delayed has nothing to apply.
-            self._stats.fragment_syncs += 1
-            if self.overlap_mode == "delayed" or fresh.weight <= 0:
-                self._reset_local(frag)
-                return
-            grad = fresh.delta
-        else:
-            result = previous.result_now()
-            self._record_sync(previous, result, step - previous.launch_step)
-            if result.total_weight <= 0:
-                self._skip(frag)
-                return
-            mean = result.tensors[0].reshape(-1)
-            total = result.total_weight
-            if self.overlap_mode == "delayed" or fresh.weight <= 0:
-                grad = mean
-            elif previous.weight > 0:
-                # (1/M)(Δ_m(t) + Σ_{m'≠m} Δ_{m'}(t−1)), weighted: swap this worker's stale
-                # share of last round's mean for its fresh pseudo-gradient.
-                grad = mean + (fresh.delta - previous.sent) * (previous.weight / total)
-            else:
-                # This worker sat out last round: its fresh share joins the others' mean.
-                grad = (mean * total + fresh.delta * fresh.weight) / (total + fresh.weight)
-        self._outer_step(frag, grad)
-        self._reset_local(frag)
+    # -- swarm backends ----------------------------------------------------------------------
 
     def _after_outer_step(self) -> None:
         """Swarm backends: serve the new state to joiners; catch up if this worker fell behind."""
         if not self._elastic:
             return
-        publish = getattr(self.backend, "publish_state", None)
-        if publish is not None:
-            publish(self._shared_state())
-        needs = getattr(self.backend, "needs_resync", None)
-        if needs is not None and needs():
+        backend: ElasticBackend = self.backend  # type: ignore[assignment]
+        backend.publish_state(self._shared_state())
+        if backend.needs_resync():
             logger.warning(
                 "DiLoCo step %d: this worker's state differs from the swarm's; downloading it",
                 self._inner_steps,
             )
             # In-flight syncs were computed against the state being replaced.
-            for pending in self._pending:
-                pending.result_now()
+            for pending in self._pending + list(self._previous.values()):
+                if pending.result is None:
+                    pending.work.wait()
             self._pending, self._previous = [], {}
             self._sync_shared_state()
 
-    def _round_timing(self, frag: int) -> None:
+    def _round_timing(self) -> None:
         now = time.monotonic()
-        set_round = getattr(self.backend, "set_round_seconds", None)
-        if self._round_started is not None and set_round is not None:
-            set_round(now - self._round_started)
+        if self._round_started is not None and self._elastic:
+            self.backend.set_round_seconds(now - self._round_started)  # type: ignore[attr-defined]
         self._round_started = now
 
     def _shared_state(self) -> dict[str, torch.Tensor]:
@@ -574,7 +720,7 @@ class DiLoCo(torch.optim.Optimizer):
         with torch.no_grad():
             self.backend.sync_state(state)
             for p, g in zip(self._params, self._global):
-                p.copy_(g)
+                local_view(p).copy_(g)
         if "meta.inner_steps" in state:
             self._stats.fragment_syncs = int(state["meta.outer_step"].item())
             self._inner_steps = int(state["meta.inner_steps"].item())
@@ -585,73 +731,41 @@ class DiLoCo(torch.optim.Optimizer):
                 last = self._inner_steps - ((self._inner_steps - offset) % period)
                 self._last_sync[f] = last if last >= offset else 0
 
-    def _reset_local(self, frag: int) -> None:
-        for i in self._fragments[frag]:
-            self._params[i].copy_(self._global[i])
-
-    def _skip(self, frag: int) -> None:
-        self._stats.skipped_outer_steps += 1
-        logger.warning(
-            "DiLoCo rank %d step %d: no finite contribution to fragment %d; outer step "
-            "skipped, global parameters kept",
-            self.backend.rank,
-            self._inner_steps,
-            frag,
-        )
-        self._reset_local(frag)
-
     # -- global parameters -------------------------------------------------------------------
 
     @contextlib.contextmanager
     def global_parameters(self) -> Iterator[None]:
         """Temporarily load the global θ into the model (for evaluation or export)."""
         with torch.no_grad():
-            saved = [p.detach().clone() for p in self._params]
+            saved = [local_view(p).detach().clone() for p in self._params]
             for p, g in zip(self._params, self._global):
-                p.copy_(g)
+                local_view(p).copy_(g)
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, s in zip(self._params, saved):
-                    p.copy_(s)
+                    local_view(p).copy_(s)
 
     def global_tensors(self) -> list[torch.Tensor]:
-        """The fp32 global copy, in model parameter order (do not modify)."""
+        """The fp32 global copy, in model parameter order (local shards under FSDP2; do not
+        modify)."""
         return list(self._global)
 
     # -- state_dict --------------------------------------------------------------------------
 
-    def _fingerprint(self, sync_every: int, compression: Any) -> str:
-        layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in zip(self._names, self._params)]
-        try:
-            from lowcomm.comm.compression.registry import compression_spec
-
-            comp = compression_spec(compression)
-        except ImportError:  # pragma: no cover - registry ships with the package
-            comp = type(compression).__name__
-        blob = repr(
-            (
-                layout,
-                sync_every,
-                [len(f) for f in self._fragments],
-                self.overlap_mode,
-                self.overlap_steps,
-                comp,
-            )
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus ``"lowcomm"``: everything to resume exactly.
 
-        Syncs in flight are waited for and their averaged results saved.
+        Syncs in flight are waited for and their averaged results saved. Every tensor is a
+        host copy, so a checkpoint can be written, and later loaded, without a second copy
+        of the state on the accelerator.
         """
-        sd = self._inner.state_dict()
+        sd = _to_host(self._inner.state_dict())
         pending = []
         previous_ids = {id(p) for p in self._previous.values()}
         for p in self._pending + list(self._previous.values()):
-            result = p.result_now()
+            result = self._result(p)
             pending.append(
                 {
                     "fragment": p.fragment,
@@ -659,28 +773,30 @@ class DiLoCo(torch.optim.Optimizer):
                     "launch_step": p.launch_step,
                     "weight": p.weight,
                     "nbytes": p.nbytes,
-                    "delta": p.delta.detach().cpu().clone(),
-                    "sent": p.sent.detach().cpu().clone(),
-                    "result": [t.detach().cpu().clone() for t in result.tensors],
+                    "mean": result.mean.detach().to("cpu", copy=True),
+                    "own": result.own.detach().to("cpu", copy=True),
                     "num_peers": result.num_peers,
                     "total_weight": result.total_weight,
+                    "own_weight": result.own_weight,
                     "bytes_sent": result.bytes_sent,
+                    "bytes_received": result.bytes_received,
                     "previous": id(p) in previous_ids,
                 }
             )
         sd[_STATE_KEY] = {
             "version": _STATE_VERSION,
             "names": list(self._names),
-            "shapes": [tuple(p.shape) for p in self._params],
+            "shapes": [tuple(local_view(p).shape) for p in self._params],
             "fragments": [list(f) for f in self._fragments],
             "sync_every": self._schedule.period,
             "overlap_mode": self.overlap_mode,
             "overlap_steps": self.overlap_steps,
-            "global": [g.detach().cpu().clone() for g in self._global],
-            "outer": [o.state_dict() for o in self._outer],
+            "global": [g.detach().to("cpu", copy=True) for g in self._global],
+            "outer": [_to_host(o.state_dict()) for o in self._outer],
             "feedback": self._feedback.state_dict() if self._feedback is not None else None,
             "inner_steps": self._inner_steps,
             "last_sync": list(self._last_sync),
+            "skipped_in_a_row": list(self._skipped_in_a_row),
             "pending": pending,
             "stats": self.stats.as_dict(),
             "counters": [self._sent_numel, self._sent_bytes_compressed, self._overlap_total],
@@ -688,7 +804,7 @@ class DiLoCo(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved.
+        """Restore what :meth:`state_dict` saved (tensors may be on any device).
 
         Raises:
             ValueError: if the state comes from another model, fragment layout or config.
@@ -702,7 +818,7 @@ class DiLoCo(torch.optim.Optimizer):
             )
         expect = {
             "names": list(self._names),
-            "shapes": [tuple(p.shape) for p in self._params],
+            "shapes": [tuple(local_view(p).shape) for p in self._params],
             "fragments": [list(f) for f in self._fragments],
             "sync_every": self._schedule.period,
             "overlap_mode": self.overlap_mode,
@@ -717,6 +833,8 @@ class DiLoCo(torch.optim.Optimizer):
                     f"DiLoCo state dict does not match this optimizer: {key} is {got!r} in the "
                     f"checkpoint but {want!r} here"
                 )
+        if self._feedback is not None and mine["feedback"] is None:
+            raise ValueError("checkpoint has no error-feedback residuals but this run uses them")
         self._inner.load_state_dict(sd)
         with torch.no_grad():
             for g, saved in zip(self._global, mine["global"]):
@@ -724,42 +842,50 @@ class DiLoCo(torch.optim.Optimizer):
         for o, osd in zip(self._outer, mine["outer"]):
             o.load_state_dict(osd)
         if self._feedback is not None:
-            if mine["feedback"] is None:
-                raise ValueError(
-                    "checkpoint has no error-feedback residuals but this run uses them"
-                )
             self._feedback.load_state_dict(mine["feedback"])
         self._inner_steps = mine["inner_steps"]
         self._last_sync = list(mine["last_sync"])
+        self._skipped_in_a_row = list(mine.get("skipped_in_a_row", [0] * len(self._fragments)))
         self._sent_numel, self._sent_bytes_compressed, self._overlap_total = mine["counters"]
-        saved_stats = mine["stats"]
-        for k, v in saved_stats.items():
+        for k, v in mine["stats"].items():
             if k not in ("bytes_sent", "bytes_received", "comm_seconds"):
                 setattr(self._stats, k, v)
         self._pending, self._previous = [], {}
         for item in mine["pending"]:
-            device = self._global[self._fragments[item["fragment"]][0]].device
-            result = AverageResult(
-                [t.to(device) for t in item["result"]],
-                item["num_peers"],
-                item["total_weight"],
-                item["bytes_sent"],
-            )
-            pending = _Pending(
-                item["fragment"],
-                item["land_step"],
-                _Done(result),
-                item["delta"].to(device),
-                item["sent"].to(device),
-                item["weight"],
-                item["launch_step"],
-                item["nbytes"],
-                result,
-            )
+            pending = self._restore_pending(item, mine.get("version", 1))
             if item["previous"]:
                 self._previous[item["fragment"]] = pending
             else:
                 self._pending.append(pending)
+
+    def _restore_pending(self, item: dict[str, Any], version: int) -> _Pending:
+        device = self._device
+        if version < 2:
+            # v1 kept one tensor per input and the caller-side roundtrip as "sent".
+            mean, own, own_weight = item["result"][0], item["sent"], item["weight"]
+        else:
+            mean, own, own_weight = item["mean"], item["own"], item["own_weight"]
+        own = own.reshape(-1).to(device)
+        result = AverageResult(
+            mean.reshape(-1).to(device),
+            own,
+            item["num_peers"],
+            item["total_weight"],
+            own_weight,
+            item["bytes_sent"],
+            item.get("bytes_received", 0),
+        )
+        # Saved results were waited for, and their residuals recorded, before saving.
+        return _Pending(
+            item["fragment"],
+            item["land_step"],
+            DoneWork(result),
+            own,
+            item["weight"],
+            item["launch_step"],
+            item["nbytes"],
+            result,
+        )
 
     def flush(self) -> int:
         """Land every sync still in flight now; call it after the last training step.
@@ -783,20 +909,18 @@ class DiLoCo(torch.optim.Optimizer):
         applied = 0
         with torch.no_grad():
             for pending in sorted(self._pending, key=lambda p: p.launch_step):
-                self._apply_mix(pending)
+                self._land(pending)
                 applied += 1
             self._pending = []
             for frag, previous in sorted(self._previous.items()):
-                result = previous.result_now()
+                result = self._result(previous)
                 self._record_result(result)
-                if result.total_weight <= 0:
-                    self._skip(frag)
-                    continue
-                grad = result.tensors[0].reshape(-1)
-                if self.overlap_mode == "eager" and previous.weight > 0:
-                    grad = grad - previous.sent * (previous.weight / result.total_weight)
-                self._outer_step(frag, grad)
-                self._reset_local(frag)
+                grad = None
+                if result.total_weight > 0:
+                    grad = result.mean
+                    if self.overlap_mode == "eager" and result.own_weight > 0:
+                        grad = grad - result.own * (result.own_weight / result.total_weight)
+                self._apply(frag, grad, 0.0)
                 applied += 1
             self._previous = {}
         if applied:
@@ -805,18 +929,69 @@ class DiLoCo(torch.optim.Optimizer):
 
     def close(self) -> None:
         """Wait for syncs in flight (without applying them: see :meth:`flush`) and release
-        the backend."""
+        the backend, and the process group if DiLoCo initialised it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         for p in self._pending + list(self._previous.values()):
-            p.result_now()
+            if p.result is None:
+                p.result = p.work.wait()
         self.backend.close()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-@dataclass
-class _Done:
-    result: AverageResult
+# -- helpers ------------------------------------------------------------------------------------
 
-    def wait(self) -> AverageResult:
-        return self.result
 
-    def is_completed(self) -> bool:
-        return True
+def _check_arguments(
+    model: object,
+    inner: object,
+    overlap_mode: object,
+    overlap_steps: object,
+    mix: object,
+    compression: object,
+) -> None:
+    """User mistakes in DiLoCo's arguments, refused before anything is built."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(
+            f"inner_optimizer must be a torch.optim.Optimizer, got {type(inner).__name__}"
+        )
+    if isinstance(inner, DiLoCo):
+        raise TypeError("inner_optimizer is already a DiLoCo; wrap the inner optimizer once")
+    if overlap_mode not in OVERLAP_MODES:
+        raise ValueError(f"overlap_mode ({overlap_mode!r}) must be one of {OVERLAP_MODES}")
+    if isinstance(overlap_steps, bool) or not isinstance(overlap_steps, int) or overlap_steps < 0:
+        raise ValueError(f"overlap_steps ({overlap_steps!r}) must be an integer >= 0")
+    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix ({mix!r}) must be a number in [0, 1]")
+    if overlap_mode != "mix" and overlap_steps:
+        raise ValueError(
+            f"overlap_steps ({overlap_steps}) is for overlap_mode='mix'; "
+            f"'{overlap_mode}' always overlaps a whole period of sync_every steps"
+        )
+    if isinstance(compression, str):
+        raise TypeError(
+            f"compression must be a Compressor or ErrorFeedback object, not the string "
+            f"{compression!r}: build it with lowcomm.parse_compression({compression!r})"
+        )
+    if compression is not None and not isinstance(compression, (Compressor, ErrorFeedback)):
+        raise TypeError(
+            f"compression must be None, a lowcomm Compressor (dense, granularity, nbytes, "
+            f"compress, decompress) or an ErrorFeedback, got {type(compression).__name__}"
+        )
+
+
+def _to_host(obj: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor copied to the host."""
+    if isinstance(obj, torch.Tensor):
+        return local_view(obj).detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_host(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_host(v) for v in obj)
+    return obj

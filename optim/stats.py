@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["DiLoCoStats"]
+__all__ = ["DiLoCoStats", "MemoryReport"]
 
 
 @dataclass
@@ -55,3 +55,40 @@ class DiLoCoStats:
     def as_dict(self) -> dict[str, Any]:
         """A plain dict, for logging."""
         return asdict(self)
+
+
+@dataclass
+class MemoryReport:
+    """Memory a :class:`DiLoCo` holds beside the model and its inner optimizer
+    (``opt.memory()``).
+
+    Attributes:
+        bytes_by_device: bytes held per device (``"cpu"``, ``"cuda:0"``, ...): the fp32
+            global copy, the outer optimizers' state, error-feedback residuals, and the
+            buffers of syncs in flight.
+        num_params: elements of the synced parameters this worker holds (its local shards
+            under FSDP2).
+    """
+
+    bytes_by_device: dict[str, int]
+    num_params: int
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes held in host memory."""
+        return sum(b for d, b in self.bytes_by_device.items() if d == "cpu")
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes held on accelerators (every device but the host)."""
+        return sum(b for d, b in self.bytes_by_device.items() if d != "cpu")
+
+    @property
+    def host_bytes_per_param(self) -> float:
+        """Host bytes per synced parameter element."""
+        return self.host_bytes / max(1, self.num_params)
+
+    @property
+    def device_bytes_per_param(self) -> float:
+        """Accelerator bytes per synced parameter element."""
+        return self.device_bytes / max(1, self.num_params)

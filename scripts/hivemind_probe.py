@@ -60,7 +60,7 @@ def peer(index: int, args: argparse.Namespace, maddrs: list[str], out: Any, even
             if victim and step == args.kill_round:
                 out.put((index, "killed", step))
                 time.sleep(0.2)  # let the queue flush before the process dies
-            work = backend.average([x * 0.01], weight=1.0, step=step)
+            work = backend.average(x * 0.01, weight=1.0, step=step)
             if victim and step == args.kill_round:
                 from hivemind.averaging.control import AveragingStage
 
@@ -70,7 +70,7 @@ def peer(index: int, args: argparse.Namespace, maddrs: list[str], out: Any, even
                 time.sleep(0.05)
                 os.kill(os.getpid(), signal.SIGKILL)
             res = work.wait()
-            state["outer.0.momentum_buffer"].mul_(0.9).add_(res.tensors[0])
+            state["outer.0.momentum_buffer"].mul_(0.9).add_(res.mean)
             state["param.0"].sub_(0.1 * state["outer.0.momentum_buffer"])
             state["meta.outer_step"] += 1
             backend.publish_state(state)

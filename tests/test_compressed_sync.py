@@ -26,9 +26,9 @@ def _contribution(rank: int, n: int) -> torch.Tensor:
 def _average(rank: int, world: int, spec: str, n: int):
     backend = TorchDistBackend()
     comp = parse_compression(spec)
-    result = backend.average([_contribution(rank, n)], compressor=comp).wait()
+    result = backend.average(_contribution(rank, n), compressor=comp).wait()
     backend.close()
-    return result.tensors[0], result.bytes_sent, result.bytes_received, backend.stats.bytes_sent
+    return result.mean, result.bytes_sent, result.bytes_received, backend.stats.bytes_sent
 
 
 @pytest.mark.dist
@@ -83,7 +83,7 @@ def _bad_payload(rank: int, world: int):
 
     backend = TorchDistBackend()
     try:
-        backend.average([torch.ones(300)], compressor=Liar() if rank == 1 else Int8()).wait()
+        backend.average(torch.ones(300), compressor=Liar() if rank == 1 else Int8()).wait()
     except Exception as e:  # rank 1: the liar is caught; rank 0: its partner left
         return f"{type(e).__name__}: {e}"
     finally:

@@ -229,8 +229,8 @@ class ScriptedSwarmBackend(LocalBackend):
         super().__init__()
         self.peers = list(peers)
 
-    def average(self, tensors, **kw):  # type: ignore[no-untyped-def]
-        result = super().average(tensors, **kw).result
+    def average(self, flat, **kw):  # type: ignore[no-untyped-def]
+        result = super().average(flat, **kw).result
         return DoneWork(dataclasses.replace(result, num_peers=self.peers.pop(0)))
 
 

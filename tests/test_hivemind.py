@@ -223,18 +223,8 @@ def test_resync_rule() -> None:
 
 # -- averaging ---------------------------------------------------------------------------------
 
-# Three tensors, 300_077 elements: three hivemind parts of 2**17, so every peer reduces some.
-SHAPES = [(300, 1000), (77,), ()]
-NUMEL = sum(torch.Size(s).numel() for s in SHAPES)
-
-
-def _split(flat: torch.Tensor) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for shape in SHAPES:
-        n = torch.Size(shape).numel()
-        out.append(flat[offset : offset + n].reshape(shape))
-        offset += n
-    return out
+# 300_077 elements: three hivemind parts of 2**17, so every peer reduces some.
+NUMEL = 300_077
 
 
 def _average_rounds(
@@ -247,12 +237,12 @@ def _average_rounds(
         out = []
         for step, comp in enumerate(compressors):
             x = _contribution(index, step, NUMEL)
-            res = backend.average(_split(x), weight=float(index + 1), compressor=comp, step=step)
+            res = backend.average(x, weight=float(index + 1), compressor=comp, step=step)
             res = res.wait()
             out.append(
                 dict(
-                    flat=torch.cat([t.reshape(-1) for t in res.tensors]).numpy(),
-                    shapes=[tuple(t.shape) for t in res.tensors],
+                    flat=res.mean.numpy(),
+                    own=res.own.numpy(),
                     num_peers=res.num_peers,
                     total_weight=res.total_weight,
                     sent=res.bytes_sent,
@@ -280,7 +270,6 @@ def test_three_peers_average_weighted_mean_bit_identical(
         first = torch.from_numpy(rounds[0]["flat"])
         for r in rounds:
             assert r["num_peers"] == 3 and r["total_weight"] == pytest.approx(6.0)
-            assert r["shapes"] == [tuple(s) for s in SHAPES]
             assert torch.equal(torch.from_numpy(r["flat"]), first)  # bit for bit
         torch.testing.assert_close(first.double(), expected, rtol=1e-6, atol=1e-6)
         # Butterfly all-reduce: every part crosses the wire N-1 times each way.
@@ -333,19 +322,19 @@ def test_sparse_compressor_and_bad_weight_refused(bootstrap: list[str]) -> None:
     backend = _backend("sparse", bootstrap)
     try:
         with pytest.raises(ValueError, match="sparse"):
-            backend.average([torch.zeros(10)], compressor=TopK(0.1))
+            backend.average(torch.zeros(10), compressor=TopK(0.1))
         with pytest.raises(ValueError, match="weight"):
-            backend.average([torch.zeros(10)], weight=-1.0)
+            backend.average(torch.zeros(10), weight=-1.0)
         # Alone in its run: after the matchmaking timeout it proceeds alone, encoded and
         # decoded like a real average.
-        res = backend.average([torch.ones(3)], weight=2.0).wait()
-        assert res.num_peers == 1 and res.total_weight == 2.0
-        assert torch.equal(res.tensors[0], torch.ones(3))
+        res = backend.average(torch.ones(3), weight=2.0).wait()
+        assert res.num_peers == 1 and res.total_weight == 2.0 and res.own_weight == 2.0
+        assert torch.equal(res.mean, torch.ones(3)) and torch.equal(res.own, torch.ones(3))
         assert backend.world_size == 1
     finally:
         backend.close()
     with pytest.raises(RuntimeError, match="closed"):
-        backend.average([torch.zeros(1)])
+        backend.average(torch.zeros(1))
 
 
 # -- faults ------------------------------------------------------------------------------------
@@ -367,8 +356,8 @@ def _outer_round(
 ) -> Any:
     """A toy outer step (momentum SGD on the averaged x), then publish and catch up."""
     step = int(state["meta.outer_step"])
-    res = backend.average([x], weight=weight, step=step).wait()
-    state["outer.0.momentum_buffer"].mul_(0.9).add_(res.tensors[0])
+    res = backend.average(x, weight=weight, step=step).wait()
+    state["outer.0.momentum_buffer"].mul_(0.9).add_(res.mean)
     state["param.0"].sub_(0.1 * state["outer.0.momentum_buffer"])
     state["meta.outer_step"] += 1
     backend.publish_state(state)
@@ -395,7 +384,7 @@ def _kill_peer(
             if index == victim and step == 1:
                 from hivemind.averaging.control import AveragingStage
 
-                backend.average([x], weight=1.0, step=step)
+                backend.average(x, weight=1.0, step=step)
                 work = next(iter(backend._inflight.values()))
                 deadline = time.monotonic() + 30
                 while work._control.stage != AveragingStage.RUNNING_ALLREDUCE:
@@ -729,14 +718,14 @@ def test_run_key_keeps_strangers_out(bootstrap: list[str]) -> None:
             time.sleep(0.2)
         assert a.world_size == b.world_size == 2 and stranger.world_size == 1
         works = [
-            backend.average([torch.full((8,), float(i))], weight=1.0, step=0)
+            backend.average(torch.full((8,), float(i)), weight=1.0, step=0)
             for i, backend in enumerate((a, b, stranger))
         ]
         ra, rb, rs = (w.wait() for w in works)
         assert ra.num_peers == rb.num_peers == 2 and rs.num_peers == 1
-        assert torch.equal(ra.tensors[0], torch.full((8,), 0.5))
-        assert torch.equal(rb.tensors[0], ra.tensors[0])
-        assert torch.equal(rs.tensors[0], torch.full((8,), 2.0))
+        assert torch.equal(ra.mean, torch.full((8,), 0.5))
+        assert torch.equal(rb.mean, ra.mean)
+        assert torch.equal(rs.mean, torch.full((8,), 2.0))
     finally:
         for backend in (a, b, stranger):
             backend.close()
@@ -859,8 +848,8 @@ def _poisoning_peer(index: int, maddrs: list[str], bad: int, start: Any) -> dict
         backend.check_consistent("fp")
         start.wait(60)
         x = _contribution(index, 0, NUMEL)
-        res = backend.average([x], weight=1.0, step=0).wait()
-        return dict(flat=res.tensors[0].numpy(), num_peers=res.num_peers, total=res.total_weight)
+        res = backend.average(x, weight=1.0, step=0).wait()
+        return dict(flat=res.mean.numpy(), num_peers=res.num_peers, total=res.total_weight)
     finally:
         backend.close()
 

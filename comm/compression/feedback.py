@@ -23,13 +23,12 @@ Which to use when:
 Error feedback is not a :class:`~lowcomm.comm.compression.base.Compressor` (it holds state).
 DiLoCo uses it as::
 
-    x = ef.prepare(key, delta)   # delta + decay * residual
-    sent = ef.roundtrip(x)       # what the receivers will decode from this worker
-    ef.record(key, x, sent)      # residual = x - sent
-    backend.average([x], compressor=ef.compressor)
+    x = ef.prepare(key, delta)                          # delta + decay * residual
+    result = backend.average(x, compressor=ef.compressor).wait()
+    ef.record(key, x, result.own)                       # residual = x - what was decoded
 
-The backend compresses ``x`` in chunks cut at multiples of ``compressor.granularity``, which
-decodes to exactly ``sent`` (that is the granularity contract), so the residual is exact.
+``x`` is encoded once, by the backend, which returns what the receivers decoded of this
+worker's contribution beside the mean, so the residual is exact and nothing is encoded twice.
 """
 
 from __future__ import annotations
@@ -55,9 +54,10 @@ class ErrorFeedback:
     """Per-worker residual memory around a compressor.
 
     Call protocol: local to one worker, no communication. For each key, once per round call
-    :meth:`prepare`, then :meth:`roundtrip` (or decode what was sent some other way), then
-    :meth:`record`, and send ``x`` with :attr:`compressor`. Residuals are fp32 and live on the
-    device of the tensors passed to :meth:`prepare`. Not thread-safe for the same key.
+    :meth:`prepare`, send ``x`` with :attr:`compressor`, then :meth:`record` what the
+    receivers decoded of it (a backend returns that as ``AverageResult.own``;
+    :meth:`roundtrip` computes it without sending). Residuals are fp32 and live on the device
+    of the tensors passed to :meth:`record`. Not thread-safe for the same key.
 
     Args:
         compressor: the (stateless) compressor that encodes what is sent.
@@ -111,11 +111,9 @@ class ErrorFeedback:
                 f"delta for {key!r} has shape {tuple(delta.shape)} but its residual has shape "
                 f"{tuple(residual.shape)}; shapes must match every round"
             )
-        if residual.device != delta.device:
-            # Residuals loaded from a checkpoint sit on CPU until the first round.
-            residual = residual.to(delta.device)
-            self._residuals[key] = residual
-        return torch.add(delta.float(), residual, alpha=self.decay)
+        # The residual stays where record() put it (e.g. host memory, to keep the
+        # accelerator free); it is staged to delta's device for the sum only.
+        return torch.add(delta.float(), residual.to(delta.device), alpha=self.decay)
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """What receivers decode from ``x``: ``decompress(compress(x))``, in ``x``'s shape."""
