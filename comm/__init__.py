@@ -14,11 +14,13 @@ from lowcomm.comm.base import (
     Backend,
     ConsistencyError,
     DoneWork,
+    ElasticBackend,
     WireStats,
 )
 from lowcomm.comm.compression.base import Compressor, Payload, PayloadError
 from lowcomm.comm.local import LocalBackend
-from lowcomm.comm.torch_dist import TorchDistBackend
+from lowcomm.comm.replicas import ReplicaMesh, init_replica_mesh
+from lowcomm.comm.torch_dist import TorchDistBackend, init_process_group_from_env
 
 __all__ = [
     "AverageResult",
@@ -27,12 +29,16 @@ __all__ = [
     "Compressor",
     "ConsistencyError",
     "DoneWork",
+    "ElasticBackend",
     "HivemindBackend",
     "LocalBackend",
     "Payload",
     "PayloadError",
+    "ReplicaMesh",
     "TorchDistBackend",
     "WireStats",
+    "init_process_group_from_env",
+    "init_replica_mesh",
 ]
 
 

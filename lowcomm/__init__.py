@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from lowcomm.comm import Backend, LocalBackend, TorchDistBackend
+from lowcomm.comm import (
+    Backend,
+    ElasticBackend,
+    LocalBackend,
+    ReplicaMesh,
+    TorchDistBackend,
+    init_replica_mesh,
+)
 from lowcomm.comm.compression import (
     BF16,
     FP16,
@@ -16,7 +23,7 @@ from lowcomm.comm.compression import (
     parse_compression,
     sparseloco,
 )
-from lowcomm.optim import DiLoCo, DiLoCoStats, StaggeredSchedule
+from lowcomm.optim import DiLoCo, DiLoCoStats, MemoryReport, StaggeredSchedule
 
 __version__ = "0.1.0"
 
@@ -27,14 +34,18 @@ __all__ = [
     "Compressor",
     "DiLoCo",
     "DiLoCoStats",
+    "ElasticBackend",
     "ErrorFeedback",
     "HivemindBackend",
     "Int4",
     "Int8",
     "LocalBackend",
+    "MemoryReport",
+    "ReplicaMesh",
     "StaggeredSchedule",
     "TopK",
     "TorchDistBackend",
+    "init_replica_mesh",
     "parse_compression",
     "sparseloco",
 ]

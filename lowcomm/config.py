@@ -39,6 +39,7 @@ __all__ = [
     "MODES",
     "OVERLAP_MODES",
     "RESUMABLE_KEYS",
+    "SHARDS",
     "TrainConfig",
     "config_help",
     "load_config",
@@ -47,6 +48,7 @@ __all__ = [
 MODES = ("diloco", "ddp", "local")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16")
+SHARDS = ("ddp", "fsdp")
 OVERLAP_MODES = ("mix", "eager", "delayed")
 
 #: Keys that may differ between a checkpoint and the run resuming from it. They do not change
@@ -153,6 +155,13 @@ class TrainConfig:
         overlap_mode: ``mix`` (Streaming DiLoCo), ``eager`` or ``delayed`` (see DiLoCo).
         compression: compressor spec for the pseudo-gradient (``none``, ``int8``, ...).
         error_feedback: wrap the compressor in error feedback.
+        replicas: DiLoCo workers under torchrun; each is ``WORLD_SIZE / replicas`` ranks
+            training one copy of the model with ``shard`` inside (consecutive ranks form a
+            replica: a node under ``--nnodes R --nproc_per_node G``). 0: one rank per
+            replica (every rank is a DiLoCo worker).
+        shard: how the ranks of one replica share it: ``ddp`` (each holds the model, gradients
+            all-reduced every step) or ``fsdp`` (FSDP2 ``fully_shard``; each holds a shard,
+            and DiLoCo syncs each shard with the same shard of the other replicas).
         backend: ``auto`` (torch.distributed under torchrun, else one process) or
             ``hivemind`` (a volunteer swarm; what ``lowcomm join`` sets).
         initial_peers: comma-separated multiaddrs of live swarm peers (``lowcomm dht`` prints
@@ -221,6 +230,8 @@ class TrainConfig:
     overlap_mode: str = "mix"
     compression: str = "none"
     error_feedback: bool = False
+    replicas: int = 0
+    shard: str = "ddp"
     # swarm
     backend: str = "auto"
     initial_peers: str = ""
@@ -240,6 +251,16 @@ class TrainConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("overlap_mode", self.overlap_mode, OVERLAP_MODES)
         _choice("backend", self.backend, ("auto", "hivemind"))
+        _choice("shard", self.shard, SHARDS)
+        if self.replicas < 0:
+            raise ValueError(f"replicas ({self.replicas}) must be >= 0 (0: one rank per replica)")
+        if self.replicas and self.mode != "diloco":
+            raise ValueError(
+                f"replicas ({self.replicas}) groups ranks into DiLoCo workers: it needs mode "
+                f"'diloco', got mode {self.mode!r}"
+            )
+        if self.replicas and self.backend == "hivemind":
+            raise ValueError("replicas applies under torchrun, not to backend 'hivemind'")
         if self.backend == "hivemind" and self.mode != "diloco":
             raise ValueError(f"backend 'hivemind' needs mode 'diloco', got mode {self.mode!r}")
         if self.wait_for_peers > 1 and self.backend != "hivemind":

@@ -47,6 +47,7 @@ from lowcomm.optim.params import (
     local_view,
     refuse_flat_parameters,
     repair_nonfinite,
+    reshard_optimizer_state,
     shard_signature,
     single_device,
     synced_parameters,
@@ -396,9 +397,10 @@ class DiLoCo(WrappingOptimizer):
 
         Counts the global copy, the outer optimizers' state, error-feedback residuals and
         the buffers of syncs in flight (eager/delayed keep one per fragment for a whole
-        round). Transient buffers of a sync (the staged pseudo-gradient, payloads, the
-        mean) live only while that sync is on the wire; ``max_in_flight_bytes`` in
-        :attr:`stats` bounds their payload.
+        round): what was sent, and the mean and decoded own contribution it brings back
+        (counted at their size before they arrive). A sync's other buffers (payloads, the
+        backend's receive buffers) live only while it is on the wire; ``max_in_flight_bytes``
+        in :attr:`stats` bounds their payload.
         """
         held: dict[str, int] = {}
         seen: set[int] = set()
@@ -421,11 +423,18 @@ class DiLoCo(WrappingOptimizer):
         if self._feedback is not None:
             for key in self._feedback.keys():  # noqa: SIM118 - ErrorFeedback is not a dict
                 count(self._feedback.residual(key))
+        lossless = self._compressor is None
         for p in self._pending + list(self._previous.values()):
             count(p.send)
             if p.result is not None:
                 count(p.result.mean)
                 count(p.result.own)
+            else:
+                # Not waited for yet: the mean (and, for a lossy wire, the decoded own
+                # contribution) exist on the backend's side or will when it completes.
+                dev = str(p.send.device)
+                extra = 4 * p.send.numel() * (1 if lossless else 2)
+                held[dev] = held.get(dev, 0) + extra
         return MemoryReport(held, sum(self._fragment_numel))
 
     # -- stepping ----------------------------------------------------------------------------
@@ -835,7 +844,7 @@ class DiLoCo(WrappingOptimizer):
                 )
         if self._feedback is not None and mine["feedback"] is None:
             raise ValueError("checkpoint has no error-feedback residuals but this run uses them")
-        self._inner.load_state_dict(sd)
+        self._inner.load_state_dict(reshard_optimizer_state(self._inner, sd))
         with torch.no_grad():
             for g, saved in zip(self._global, mine["global"]):
                 g.copy_(saved)

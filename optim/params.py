@@ -24,13 +24,14 @@ __all__ = [
     "local_view",
     "refuse_flat_parameters",
     "repair_nonfinite",
+    "reshard_optimizer_state",
     "shard_signature",
     "single_device",
     "synced_parameters",
 ]
 
 
-def _dtensor_type() -> type | None:
+def _dtensor_type() -> Any:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -185,3 +186,43 @@ def fp32_copy(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=torch.float32, device=device, pin_memory=pin)
     out.copy_(t.detach())
     return out
+
+
+def reshard_optimizer_state(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """``state_dict`` with local-shard state of DTensor parameters wrapped as DTensors again.
+
+    :meth:`DiLoCo.state_dict` saves each rank's optimizer state as host copies of its local
+    shards (a per-rank checkpoint needs nothing more). ``torch.optim`` would load those as
+    plain tensors beside DTensor parameters and fail at the next step; this re-wraps every
+    state tensor shaped like its parameter's local shard with the parameter's mesh and
+    placements (scalars such as Adam's step stay as they are).
+    """
+    dtensor = _dtensor_type()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+        return state_dict
+    state: dict[Any, Any] = {}
+    for index, entry in state_dict["state"].items():
+        param: Any = params[int(index)]
+        if isinstance(param, dtensor):
+            local = param.to_local()
+            entry = {
+                key: dtensor.from_local(
+                    value.to(local.device),
+                    param.device_mesh,
+                    param.placements,
+                    run_check=False,
+                    shape=param.shape,
+                    stride=param.stride(),
+                )
+                if isinstance(value, torch.Tensor)
+                and not isinstance(value, dtensor)
+                and value.dim() > 0
+                and value.shape == local.shape
+                else value
+                for key, value in entry.items()
+            }
+        state[index] = entry
+    return {**state_dict, "state": state}

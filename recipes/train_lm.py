@@ -64,6 +64,7 @@ from lowcomm.data import eval_batches, load_corpus, sample_batch, shard_bounds
 from lowcomm.gpt import GPT, GPTConfig, parameter_signature
 from lowcomm.metrics import MetricsLogger, Progress, format_bytes
 from lowcomm.optim.diloco import DiLoCo
+from lowcomm.optim.params import local_view
 
 logger = logging.getLogger("lowcomm.recipes.train_lm")
 
@@ -110,6 +111,78 @@ class Runtime:
         """Tear down the process group if this runtime created it."""
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class Replicas:
+    """Which DiLoCo worker (replica) this rank belongs to, and its place inside it.
+
+    ``--replicas R`` under torchrun: ranks ``r·G .. r·G+G−1`` (``G = WORLD_SIZE / R``) train
+    replica ``r`` together (DDP or FSDP2 inside), and DiLoCo averages across replicas. By
+    default every rank is a replica of one rank.
+    """
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime) -> None:
+        self.mesh: Any = None
+        count = cfg.replicas or rt.world_size
+        if cfg.mode != "diloco" or count == rt.world_size:
+            self.count, self.index, self.size, self.rank_in = rt.world_size, rt.rank, 1, 0
+            return
+        if rt.world_size % count or cfg.batch_size % (rt.world_size // count):
+            raise ValueError(
+                f"replicas ({count}) must divide the world size ({rt.world_size}), and the "
+                f"ranks per replica ({rt.world_size // max(count, 1)}) must divide batch_size "
+                f"({cfg.batch_size}): each rank of a replica takes an equal slice of its batch"
+            )
+        from lowcomm.comm import init_replica_mesh
+
+        self.mesh = init_replica_mesh(count, "cuda" if rt.device.type == "cuda" else "cpu")
+        self.count, self.index = count, self.mesh.replica
+        self.size, self.rank_in = self.mesh.shard_size, self.mesh.shard_rank
+
+    def wrap(self, cfg: TrainConfig, model: nn.Module) -> nn.Module:
+        """The module to train through: DDP over the replica's ranks, or FSDP2 in place."""
+        if self.mesh is None:
+            return model
+        if cfg.shard == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            blocks = getattr(model, "blocks", [])
+            for block in blocks:
+                fully_shard(block, mesh=self.mesh.mesh["shard"])
+            fully_shard(model, mesh=self.mesh.mesh["shard"])
+            return model
+        return nn.parallel.DistributedDataParallel(model, process_group=self.mesh.shard_group)
+
+    def backend(self, cfg: TrainConfig) -> Any:
+        """DiLoCo's backend: the cross-replica group (None: every rank is a replica)."""
+        if self.mesh is None:
+            return None
+        from lowcomm.comm import TorchDistBackend
+
+        return TorchDistBackend(group=self.mesh.replicate_group, timeout=cfg.ckpt_timeout)
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of its replica's batch."""
+        per = batch_size // self.size
+        return slice(self.rank_in * per, (self.rank_in + 1) * per)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as host tensors, local shards under FSDP2 (a per-rank checkpoint)."""
+    return {k: local_view(v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def load_model_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`model_state`'s tensors back into the model (into local shards under FSDP2)."""
+    current = model.state_dict()
+    if set(current) != set(saved):
+        raise ValueError(
+            f"checkpoint model state has other keys: missing {sorted(set(current) - set(saved))[:5]}, "
+            f"unexpected {sorted(set(saved) - set(current))[:5]}"
+        )
+    with torch.no_grad():
+        for key, value in current.items():
+            local_view(value).copy_(saved[key])
 
 
 def prepare_run_dir(cfg: TrainConfig, rt: Runtime) -> Path | None:
@@ -283,17 +356,19 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     compression = make_compression(cfg) if cfg.mode == "diloco" else None
     resume = prepare_run_dir(cfg, rt)
+    replicas = Replicas(cfg, rt)
+    # Workers that see different data: every rank, or every replica of several ranks.
+    workers = replicas.count
 
     corpus = load_training_corpus(cfg)
     # The smallest shard decides, so that every rank raises alike (none waits in a collective).
     smallest = min(
-        hi - lo
-        for lo, hi in (shard_bounds(len(corpus.train), r, world_size) for r in range(world_size))
+        hi - lo for lo, hi in (shard_bounds(len(corpus.train), r, workers) for r in range(workers))
     )
     if smallest <= cfg.seq_len:
         raise ValueError(
             f"the smallest training shard holds {smallest} bytes, not more than seq_len "
-            f"({cfg.seq_len}); use more data or fewer workers ({world_size})"
+            f"({cfg.seq_len}); use more data or fewer workers ({workers})"
         )
     eval_set = eval_batches(
         corpus.val, num_batches=cfg.eval_batches, batch_size=cfg.batch_size, seq_len=cfg.seq_len
@@ -328,9 +403,9 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         )
 
     # Model wrapping and optimizer. DiLoCo must see the bare model: DDP (from accelerate or
-    # torch) would all-reduce every gradient, which is what DiLoCo is there to avoid.
+    # torch) across workers would all-reduce every gradient, which is what DiLoCo is there to
+    # avoid; DDP or FSDP2 *inside* a replica (--replicas) is what clusters run.
     acc = rt.accelerator
-    inner = make_inner_optimizer(cfg, raw_model)
     model: nn.Module = raw_model
     if acc is not None:
         model = acc.prepare_model(raw_model, evaluation_mode=cfg.mode != "ddp")
@@ -339,13 +414,17 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         model = nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    else:
+        model = replicas.wrap(cfg, raw_model)
+    # After wrapping: FSDP2 replaces the parameters with sharded ones.
+    inner = make_inner_optimizer(cfg, raw_model)
     if cfg.backend == "hivemind" and world_size > 1:
         raise ValueError(
             f"backend 'hivemind' runs one process per peer; got WORLD_SIZE={world_size} "
             "(start each volunteer with `lowcomm join`, not torchrun)"
         )
     backend = make_backend(cfg)
-    base_opt = make_optimizer(cfg, raw_model, inner, compression, backend)
+    base_opt = make_optimizer(cfg, raw_model, inner, compression, backend or replicas.backend(cfg))
     opt = acc.prepare_optimizer(base_opt) if acc is not None else base_opt
     sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: lr_factor(cfg, s))
     diloco = base_opt if isinstance(base_opt, DiLoCo) else None
@@ -364,8 +443,10 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     # Resume: everything that makes the continuation bit-identical.
     start_step, evals = 0, []
     if resume is not None:
-        state = ckpt.load_rank_state(resume, rank, map_location=device)
-        raw_model.load_state_dict(state["model"])
+        # To the host first: the model and optimizers copy it into place, so the
+        # accelerator never holds the checkpoint beside the live state.
+        state = ckpt.load_rank_state(resume, rank, map_location="cpu")
+        load_model_state(raw_model, state["model"])
         base_opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -430,7 +511,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         with global_view():
             loss = evaluate(raw_model, eval_set, device, autocast)
         evals.append((step, loss))
-        metrics.log(step, {"eval/loss": loss, "tokens": step * tokens_per_step * world_size})
+        metrics.log(step, {"eval/loss": loss, "tokens": step * tokens_per_step * workers})
         if rank == 0 and cfg.progress:
             progress.write(f"step {step}: eval loss {loss:.4f}")
         elif rank == 0:
@@ -449,11 +530,12 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                 batch_size=cfg.batch_size,
                 seq_len=cfg.seq_len,
                 seed=data_seed,
-                rank=rank,
-                world_size=world_size,
+                rank=replicas.index,
+                world_size=workers,
                 step=step,
             )
-            x, y = x.to(device), y.to(device)
+            rows = replicas.rows(cfg.batch_size)
+            x, y = x[rows].to(device), y[rows].to(device)
             with autocast():
                 _, loss = model(x, y)
             if acc is not None:
@@ -479,7 +561,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 train_loss = float(loss_sum) / loss_count
-                tps = loss_count * tokens_per_step * world_size / max(now - t_log, 1e-9)
+                tps = loss_count * tokens_per_step * workers / max(now - t_log, 1e-9)
                 s = stats()
                 metrics.log(
                     step,
@@ -487,7 +569,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                         "train/loss": train_loss,
                         "lr": sched.get_last_lr()[0],
                         "tokens_per_s": tps,
-                        "tokens": step * tokens_per_step * world_size,
+                        "tokens": step * tokens_per_step * workers,
                         **{k: v for k, v in s.items() if v is not None},
                     },
                 )
@@ -506,7 +588,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                 run_eval()
             if cfg.ckpt_every and (step % ckpt_period == 0 or step == cfg.steps):
                 state = {
-                    "model": raw_model.state_dict(),
+                    "model": model_state(raw_model),
                     "optimizer": base_opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "rng": {
@@ -531,11 +613,13 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         s = stats()
         # A swarm peer is a world of one; the per-step all-reduce it is compared with runs
         # among as many peers as the largest round it averaged in.
-        group = world_size if backend is None else max(world_size, swarm_size())
+        group = workers if backend is None else max(workers, swarm_size())
         bound = allreduce_bytes(num_params, group, steps_run)
         summary: dict[str, Any] = {
             "mode": cfg.mode,
             "world_size": world_size,
+            "replicas": workers,
+            "shard": cfg.shard if workers != world_size else None,
             "swarm_peers": swarm_size() if backend is not None else None,
             "last_round_peers": diloco.stats.num_peers if diloco is not None else world_size,
             "rank": rank,
@@ -552,7 +636,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "allreduce_ratio": bound / s["bytes_sent"] if s["bytes_sent"] else None,
             "outer_steps": s["outer_steps"],
             "elapsed_s": elapsed,
-            "tokens_per_s": steps_run * tokens_per_step * world_size / max(elapsed, 1e-9),
+            "tokens_per_s": steps_run * tokens_per_step * workers / max(elapsed, 1e-9),
             "run_dir": str(run_dir),
             "checkpoint": str(last_ckpt) if last_ckpt is not None else None,
         }
@@ -575,6 +659,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"swarm peer (up to {summary['swarm_peers']} per round, "
             f"{summary['last_round_peers']} in the last)"
             if summary.get("swarm_peers")
+            else f"{summary['replicas']} replicas of {n // summary['replicas']} ranks "
+            f"({summary['shard']})"
+            if summary.get("replicas", n) != n
             else f"{n} worker(s)"
         )
         + f", {summary['steps_run']} inner steps, "

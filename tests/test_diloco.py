@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lowcomm.comm.base import ConsistencyError, DoneWork, WireStats
+from lowcomm.comm.compression import Int8
 from lowcomm.comm.local import LocalBackend
 from lowcomm.optim.diloco import DiLoCo
 from lowcomm.testing import run_ranks
@@ -439,3 +440,38 @@ def test_error_feedback_with_outer_momentum_warns(caplog):
             outer_optimizer=outer_sgd(0.7, 0.0),
         )
     assert "momentum" not in caplog.text
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def _held_per_param(dtype: torch.dtype, **kw) -> list[float]:  # type: ignore[no-untyped-def]
+    model = make_model().to(dtype)
+    params = list(model.parameters())
+    opt = DiLoCo(model, torch.optim.SGD(params, lr=0.1), sync_every=2, **kw)
+    seen = [opt.memory().host_bytes_per_param]
+    for step in range(1, 5):
+        x, y = batch(0, 0, step)
+        ((model(x.to(dtype)).float() - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        seen.append(opt.memory().host_bytes_per_param)
+    assert opt.memory().device_bytes == 0  # a CPU run holds nothing anywhere else
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_report_counts_theta_outer_state_residuals_and_rounds_in_flight(dtype):
+    # fp32 θ (4 B/param) whatever the model's dtype; Nesterov's buffer (4 B) from the first
+    # outer step on.
+    assert _held_per_param(dtype) == [4.0, 4.0, 8.0, 8.0, 8.0]
+    plain = functools.partial(torch.optim.SGD, lr=0.7)
+    from lowcomm.comm.compression import ErrorFeedback
+
+    # Error feedback's residual: 4 B from the first round on; no outer momentum.
+    ef = _held_per_param(dtype, compression=ErrorFeedback(Int8()), outer_optimizer=plain)
+    assert ef == [4.0, 4.0, 8.0, 8.0, 8.0]
+    # Eager keeps last round's sync for a whole round: what was sent, the mean and the own
+    # decoded contribution (the sent tensor itself when the wire is lossless).
+    eager = _held_per_param(dtype, overlap_mode="eager")
+    assert eager == [4.0, 4.0, 16.0, 16.0, 16.0]

@@ -232,10 +232,11 @@ def test_wandb_offline(
 # -- torchrun ------------------------------------------------------------------------------------
 
 
-def torchrun(*args: str, cwd: Path, timeout: float = 150) -> str:
-    """Run the recipe under torchrun with 2 ranks; return its output. Reaps the process group."""
+def torchrun(*args: str, cwd: Path, timeout: float = 150, nproc: int = 2) -> str:
+    """Run the recipe under torchrun with ``nproc`` ranks; return its output. Reaps the group."""
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    cmd.append(str(nproc))
     proc = subprocess.Popen(
         [*cmd, str(RECIPE), *args],
         cwd=cwd,
@@ -257,6 +258,33 @@ def torchrun(*args: str, cwd: Path, timeout: float = 150) -> str:
             proc.wait()
     assert proc.returncode == 0, out[-4000:]
     return out
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_torchrun_replicas_of_two_ranks_train_like_two_single_rank_workers(
+    data_dir: Path, tmp_path: Path, shard: str
+) -> None:
+    plain, replicated = tmp_path / "plain", tmp_path / "replicated"
+    torchrun(*tiny(data_dir, plain, "--steps", "8"), cwd=tmp_path)
+    out = torchrun(
+        *tiny(data_dir, replicated, "--steps", "8", "--replicas", "2", "--shard", shard),
+        cwd=tmp_path,
+        nproc=4,
+    )
+    assert f"2 replicas of 2 ranks ({shard})" in out
+    # Replica r (ranks 2r, 2r+1, half a batch each) against worker r of the plain run.
+    for r in range(2):
+        want = final_state(plain, r)["optimizer"]["lowcomm"]["global"]
+        halves = [
+            final_state(replicated, 2 * r + i)["optimizer"]["lowcomm"]["global"] for i in (0, 1)
+        ]
+        got = halves[0] if shard == "ddp" else [torch.cat(p) for p in zip(*halves)]
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # One average per outer step among the 2 replicas, not among 4 ranks.
+    logs = [json.loads(line) for line in (replicated / "metrics.jsonl").read_text().splitlines()]
+    assert {r["peers"] for r in logs if "peers" in r} == {2}
 
 
 @pytest.mark.dist
