@@ -13,9 +13,11 @@ Launch (from the repository root)::
 (``accelerate launch --multi_gpu`` only picks accelerate's torchrun launcher; without GPUs
 the workers run on CPU over gloo.) Every config key can be overridden as ``--key=value`` or
 ``--key value``, dashes or underscores alike: ``--sync-every 50 --compression int8
---error-feedback --fragments 4``. ``--resume auto`` continues from the latest complete
-checkpoint in ``--run-dir``; ``--resume PATH`` from a given checkpoint (or run) directory;
-``--overwrite`` starts over in a run directory that holds checkpoints.
+--error-feedback --fragments 4``. ``--resume auto`` continues from the latest checkpoint in
+``--run-dir`` that verifies (sizes and SHA-256 digests; damaged newer ones are skipped with a
+warning); ``--resume PATH`` from a given checkpoint (or run) directory; ``--overwrite``
+starts over in a run directory that holds checkpoints. A run directory is locked while a run
+uses it: a second run there fails at once, on every rank.
 
 What one run does, per worker (rank r of N):
 
@@ -78,6 +80,7 @@ class Runtime:
     def __init__(self, cfg: TrainConfig) -> None:
         self.accelerator: Any = None
         self.owns_process_group = False
+        self.run_dir_lock: ckpt.RunDirLock | None = None  # taken by prepare_run_dir
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
         self.use_accelerate = cfg.accelerate or "ACCELERATE_MIXED_PRECISION" in os.environ
         if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -108,9 +111,21 @@ class Runtime:
             self.owns_process_group = True
 
     def close(self) -> None:
-        """Tear down the process group if this runtime created it."""
+        """Tear down the process group if this runtime created it; release the run dir."""
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+        if self.run_dir_lock is not None:
+            self.run_dir_lock.release()
+            self.run_dir_lock = None
+
+
+def launch_id() -> str:
+    """What every rank of one launch shares and overlapping launches do not: torchrun's run
+    id (a fresh uuid under ``--standalone``) and rendezvous address."""
+    env = os.environ
+    return "{}@{}:{}".format(
+        env.get("TORCHELASTIC_RUN_ID", ""), env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    )
 
 
 class Replicas:
@@ -186,20 +201,34 @@ def load_model_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
 
 
 def prepare_run_dir(cfg: TrainConfig, rt: Runtime) -> Path | None:
-    """Find the checkpoint to resume from and clear what an earlier attempt left behind.
+    """Lock the run directory, find the checkpoint to resume from (one that verifies) and
+    clear what an earlier attempt left behind.
 
-    Runs before the first collective, so rank 0's deletions happen before any rank of this
-    run writes a file. Every rank reaches the same decision from the same files.
+    Runs before the first collective, so a run dir held by a live run stops every rank here,
+    and rank 0's deletions happen before any rank of this run writes a file. Every rank
+    reaches the same decision from the same files. The lock stays with ``rt`` until
+    ``rt.close()``.
     """
     run_dir = Path(cfg.run_dir)
     root = ckpt.checkpoint_root(run_dir)
+    rt.run_dir_lock = ckpt.lock_run_dir(run_dir, rt.rank, run_id=launch_id())
     resume = ckpt.resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     existing = ckpt.list_checkpoints(root)
     # Checkpoints here that are not this run's past would be mixed up with its future.
     resumed_here = resume is not None and resume.parent.resolve() == root.resolve()
     resume_step = ckpt.step_of(resume) if resumed_here else -1  # type: ignore[arg-type]
-    foreign = [p for p in existing if ckpt.step_of(p) > resume_step]
+    newer = [p for p in existing if ckpt.step_of(p) > resume_step]
+    # --resume auto took the newest checkpoint that verifies: the newer ones failed
+    # verification (latest_checkpoint logged why), they are damaged, not another history.
+    damaged = newer if cfg.resume == "auto" and resume is not None else []
+    foreign = [p for p in newer if p not in damaged]
     if foreign and not cfg.overwrite:
+        if cfg.resume == "auto":
+            raise ValueError(
+                f"run_dir {run_dir} holds checkpoints but none of them verifies (e.g. "
+                f"{foreign[-1].name}; the warnings above say why): pass --overwrite to delete "
+                "them and start over, or use another --run-dir"
+            )
         hint = "--resume auto to continue the latest, " if resume is None else ""
         raise ValueError(
             f"run_dir {run_dir} already holds checkpoints this run would not continue from "
@@ -209,6 +238,9 @@ def prepare_run_dir(cfg: TrainConfig, rt: Runtime) -> Path | None:
     if rt.rank == 0:
         for p in foreign:
             logger.warning("--overwrite: deleting %s", p)
+            shutil.rmtree(p)
+        for p in damaged:
+            logger.warning("deleting %s: it does not verify (see above)", p)
             shutil.rmtree(p)
         ckpt.clean_incomplete(root)
         if resume is None and cfg.overwrite:

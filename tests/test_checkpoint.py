@@ -1,10 +1,20 @@
-"""Checkpoints: atomic writes, the manifest as completion marker, keep-last-k, validation."""
+"""Checkpoints: atomic writes, the manifest as completion marker, keep-last-k, validation,
+integrity (sizes and digests), the run directory lock."""
 
 from __future__ import annotations
 
+import builtins
+import errno
+import hashlib
 import json
+import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +25,11 @@ from lowcomm.config import RESUMABLE_KEYS, TrainConfig
 from lowcomm.gpt import GPT, GPTConfig, parameter_signature
 
 
+def weights(step: int) -> torch.Tensor:
+    """A tensor whose bytes are easy to find in a rank file."""
+    return torch.arange(256, dtype=torch.float32) + step
+
+
 def save(root: Path, step: int, world_size: int = 1, keep: int = 10, **kw) -> Path:
     out = None
     # Higher ranks first, as if rank 0 were the slowest: its manifest must still come last.
@@ -22,7 +37,7 @@ def save(root: Path, step: int, world_size: int = 1, keep: int = 10, **kw) -> Pa
         out = ckpt.save_checkpoint(
             root,
             step,
-            {"rank": rank, "w": torch.full((3,), float(step))},
+            {"rank": rank, "w": torch.full((3,), float(step)), "big": weights(step)},
             rank=rank,
             world_size=world_size,
             manifest={"fingerprint": "f", **kw},
@@ -83,11 +98,157 @@ def test_checkpoint_without_manifest_is_ignored(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["step_000000010"]
 
 
-def test_manifest_listing_a_missing_file_is_incomplete(tmp_path: Path) -> None:
+def test_manifest_listing_a_missing_file_is_incomplete(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     first = save(tmp_path, 1, world_size=2)
     second = save(tmp_path, 2, world_size=2)
+    third = save(tmp_path, 3, world_size=2)
     (second / "rank00001.pt").unlink()
-    assert ckpt.latest_checkpoint(tmp_path) == first
+    # A manifest that forgets a rank's file: that rank alone would refuse it.
+    manifest = json.loads((third / ckpt.MANIFEST).read_text())
+    del manifest["files"]["rank00001.pt"]
+    (third / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="lowcomm.checkpoint"):
+        assert ckpt.latest_checkpoint(tmp_path) == first
+    assert "skipping checkpoint step_000000002" in caplog.text
+    assert "missing file rank00001.pt" in caplog.text
+    assert "its manifest lists no rank00001.pt" in caplog.text
+
+
+def test_manifest_records_the_streamed_digest_of_every_rank_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = builtins.open
+
+    def no_reading_back(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        assert not (str(file).endswith(".pt") and "r" in mode), f"{file} was read back"
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_reading_back)
+    path = save(tmp_path, 4, world_size=3)
+    monkeypatch.undo()
+    files = ckpt.read_manifest(path)["files"]
+    for rank in range(3):
+        data = ckpt.rank_file(path, rank).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()  # the oracle: sha256sum of the file
+        assert files[f"rank{rank:05d}.pt"] == {"size": len(data), "sha256": digest}
+    assert sorted(p.name for p in path.iterdir())[-1] == "rank00002.pt"  # no sidecars left
+    assert ckpt.verify_checkpoint(path)["step"] == 4
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo[ValueError]) -> str:
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+def truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)  # as a full disk or a kill could
+
+
+def flip_16_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.find(weights(16).numpy().tobytes())
+    assert at > 0
+    for i in range(at + 512, at + 528):
+        data[i] ^= 0xFF
+    path.write_bytes(data)
+    # Why sizes are not enough: torch loads the damaged tensor without a word.
+    loaded = torch.load(path, weights_only=True)["big"]
+    assert loaded.shape == weights(16).shape and not torch.equal(loaded, weights(16))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (truncate, "size mismatch: rank00001.pt has"),
+        (flip_16_bytes, "digest mismatch: rank00001.pt"),
+    ],
+    ids=["truncated", "flipped-bytes"],
+)
+def test_damaged_rank_file_falls_back_to_the_previous_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: Callable[[Path], None], reason: str
+) -> None:
+    run = tmp_path / "run"
+    root = ckpt.checkpoint_root(run)
+    good = save(root, 8, world_size=2)
+    bad = save(root, 16, world_size=2)
+    damage(ckpt.rank_file(bad, 1))
+
+    with caplog.at_level(logging.WARNING, logger="lowcomm.checkpoint"):
+        assert ckpt.resolve_resume("auto", run) == good
+    assert "skipping checkpoint step_000000016, it does not verify" in caplog.text
+    assert reason in caplog.text
+    with pytest.raises(ValueError) as explicit:
+        ckpt.resolve_resume(str(bad), run)
+    assert f"--resume {bad}: checkpoint {bad}: {reason}" in one_line_error(explicit)
+    with pytest.raises(ValueError, match=reason):
+        ckpt.load_rank_state(bad, 1)  # not torch's unpickling traceback, nor a silent load
+    assert torch.equal(ckpt.load_rank_state(good, 1)["big"], weights(8))
+    # Complete means sizes only: a truncated checkpoint is incomplete (cleaned at start-up),
+    # one with flipped bytes is not (a resume skips it; the recipe then deletes it).
+    assert (bad in ckpt.list_checkpoints(root)) == (damage is flip_16_bytes)
+
+
+def test_half_written_manifest_is_incomplete(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    root = ckpt.checkpoint_root(run)
+    good = save(root, 8)
+    bad = save(root, 16)
+    manifest = bad / ckpt.MANIFEST
+    manifest.write_bytes(manifest.read_bytes()[:40])
+
+    with caplog.at_level(logging.WARNING, logger="lowcomm.checkpoint"):
+        assert ckpt.resolve_resume("auto", run) == good
+    assert "unreadable manifest.json" in caplog.text
+    with pytest.raises(ValueError) as explicit:
+        ckpt.resolve_resume(str(bad), run)
+    assert f"checkpoint {bad}: unreadable manifest.json (JSONDecodeError" in one_line_error(
+        explicit
+    )
+    assert ckpt.list_checkpoints(root) == [good]
+    assert ckpt.clean_incomplete(root) == [bad]
+
+
+def test_manifest_without_digests_is_checked_for_sizes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As an older lowcomm wrote it: {file: size}.
+    old = save(tmp_path, 8, world_size=2)
+    manifest = json.loads((old / ckpt.MANIFEST).read_text())
+    manifest["files"] = {name: e["size"] for name, e in manifest["files"].items()}
+    (old / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+    with caplog.at_level(logging.WARNING, logger="lowcomm.checkpoint"):
+        assert ckpt.latest_checkpoint(tmp_path) == old
+        assert ckpt.load_rank_state(old, 1)["rank"] == 1
+    assert caplog.text.count("records no file digests") == 1  # once per checkpoint
+    damaged = ckpt.rank_file(old, 1)
+    os.truncate(damaged, 100)
+    assert ckpt.latest_checkpoint(tmp_path) is None
+
+
+def test_full_disk_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = save(tmp_path, 8, world_size=2)
+
+    def disk_full(obj: object, f: object) -> None:
+        f.write(b"x" * 100)  # type: ignore[attr-defined]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    for rank in (1, 0):
+        with pytest.raises(OSError, match="No space left"):
+            ckpt.save_checkpoint(
+                tmp_path, 16, {}, rank=rank, world_size=2, manifest={}, keep=1, timeout=1
+            )
+    monkeypatch.undo()
+    assert list((tmp_path / "step_000000016").iterdir()) == []  # no partial file, no sidecar
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert ckpt.clean_incomplete(tmp_path) == [tmp_path / "step_000000016"]
 
 
 def test_rank0_waits_for_other_ranks(tmp_path: Path) -> None:
@@ -182,3 +343,56 @@ def test_validate_manifest() -> None:
         _validate(saved, TrainConfig(n_layer=3, n_embd=32, n_head=2), deeper)
     with pytest.raises(ValueError, match="world size is 2 in the checkpoint but 4 now"):
         _validate(saved, cfg, model, world_size=4)
+
+
+# -- the run directory lock ----------------------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from lowcomm import checkpoint as ckpt
+locks = [ckpt.lock_run_dir(sys.argv[1], int(r), run_id="first-run") for r in sys.argv[2:]]
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path, *ranks: int) -> Iterator[subprocess.Popen[str]]:
+    """Another process holds ``run_dir`` for ``ranks`` of its run (run id ``first-run``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(run_dir), *map(str, ranks)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_run_dir_lock_excludes_every_rank_of_another_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with hold_run_dir(run, 0) as first:
+        # A second run with more ranks than the first: rank 0 collides with the first run's
+        # rank 0, rank 1 collides with nothing of its own but still sees the first run.
+        for rank in (0, 1):
+            with pytest.raises(ValueError) as busy:
+                ckpt.lock_run_dir(run, rank, run_id="second-run")
+            assert (
+                f"run_dir {run} is in use by another live run: .lock.rank00000 is held by pid "
+                f"{first.pid} on host {socket.gethostname()} (its rank 0)"
+            ) in one_line_error(busy)
+        # The first run's own ranks share the directory.
+        with ckpt.lock_run_dir(run, 1, run_id="first-run"):
+            pass
+    # The first run died without releasing anything: the kernel released its lock.
+    with (
+        ckpt.lock_run_dir(run, 0, run_id="second-run") as lock,
+        ckpt.lock_run_dir(run, 1, run_id="second-run"),
+    ):
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        with pytest.raises(ValueError, match=f"held by pid {os.getpid()}"):
+            ckpt.lock_run_dir(run, 0, run_id="third-run")
+    ckpt.lock_run_dir(run, 0, run_id="third-run").release()  # free again after the with

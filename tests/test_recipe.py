@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,6 +20,8 @@ import pytest
 import torch
 
 from lowcomm import checkpoint as ckpt
+
+from .test_checkpoint import hold_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "train_lm.py"
@@ -177,6 +182,64 @@ def test_run_dir_guard(recipe: ModuleType, data_dir: Path, tmp_path: Path) -> No
     assert summary["steps_run"] == 8
     assert [p.name for p in ckpt.checkpoint_root(run).iterdir()] == ["step_000000008"]
     assert final_state(run)["step"] == 8
+
+
+def flip_bytes(path: Path) -> None:
+    """Flip 16 bytes inside the largest tensor: the file keeps its size and still loads."""
+    with zipfile.ZipFile(path) as z:
+        record = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", data, record.header_offset + 26)
+    at = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])
+    path.write_bytes(data)
+
+
+def test_resume_skips_checkpoints_that_do_not_verify(
+    recipe: ModuleType, data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    recipe.main(tiny(data_dir, run))
+    root = ckpt.checkpoint_root(run)
+    newest = root / "step_000000016"
+    flip_bytes(ckpt.rank_file(newest, 0))
+
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match=r"^--resume \S+step_000000016: .*digest mismatch"):
+        recipe.main(tiny(data_dir, other, "--resume", str(newest)))
+    assert not (other / "metrics.jsonl").exists()
+    # auto falls back to step 8, says so, replaces the damaged step 16 with a good one.
+    with caplog.at_level(logging.WARNING):
+        summary = recipe.main(tiny(data_dir, run, "--resume", "auto"))
+    assert "skipping checkpoint step_000000016, it does not verify" in caplog.text
+    assert summary["steps_run"] == 8
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000000008", "step_000000016"]
+    ckpt.verify_checkpoint(newest)
+
+    for p in ckpt.list_checkpoints(root):
+        flip_bytes(ckpt.rank_file(p, 0))
+    with pytest.raises(ValueError, match="none of them verifies"):
+        recipe.main(tiny(data_dir, run, "--resume", "auto"))
+
+
+def test_a_live_run_holds_its_run_dir(
+    recipe: ModuleType, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    with hold_run_dir(run, 0) as first:
+        # Every rank of a 2-worker second run stops before any collective (local mode has
+        # none at all, so each rank can run here alone).
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        for rank in (0, 1):
+            monkeypatch.setenv("RANK", str(rank))
+            with pytest.raises(ValueError, match=f"in use by another live run.*pid {first.pid}"):
+                recipe.main(tiny(data_dir, run, "--mode", "local"))
+        monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.delenv("RANK")
+    assert not (run / "metrics.jsonl").exists() and not ckpt.checkpoint_root(run).exists()
+    # The holder is gone (killed): the directory is free, and free again after each run.
+    for _ in range(2):
+        recipe.main(tiny(data_dir, run, "--steps", "4", "--overwrite"))
 
 
 def test_modes_agree_in_one_process(recipe: ModuleType, data_dir: Path, tmp_path: Path) -> None:
