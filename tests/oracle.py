@@ -7,7 +7,8 @@ from autograd on plain tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -47,6 +48,27 @@ class Config:
     same_data: bool = False
     seed: int = 0
     flush: bool = False  # land the syncs still in flight after the last step
+    # What the wire does to a flat fp32 vector (decode(encode(x))); None: lossless.
+    roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    ef_decay: float | None = None  # error feedback with this residual decay; None: none
+    weights: tuple[float, ...] | None = None  # per-worker weight in the mean; None: equal
+
+
+def _wire(cfg: Config, flat: torch.Tensor) -> torch.Tensor:
+    return flat if cfg.roundtrip is None else cfg.roundtrip(flat)
+
+
+def _mean(cfg: Config, contributions: list[torch.Tensor]) -> torch.Tensor:
+    """The weighted mean the backends compute: each contribution as decoded, summed in worker
+    order with weights scaled by the largest, divided, then encoded for the trip back."""
+    weights = list(cfg.weights or [1.0] * len(contributions))
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    acc = torch.zeros_like(contributions[0])
+    for w, x in zip(scaled, contributions):
+        if w:
+            acc = acc + _wire(cfg, x) * w
+    return _wire(cfg, acc / sum(scaled))
 
 
 def replay(
@@ -59,6 +81,7 @@ def replay(
     num_frags = len(cfg.fragments)
     spacing = cfg.sync_every // num_frags
     pending: list[tuple[int, int, list[torch.Tensor]]] = []
+    residuals: dict[tuple[int, int], torch.Tensor] = {}
 
     def outer(frag: int, mean: list[torch.Tensor]) -> None:
         for i, g in zip(cfg.fragments[frag], mean):
@@ -86,12 +109,20 @@ def replay(
             outer(frag, mean)
         if step % spacing == 0:
             frag = (step % cfg.sync_every) // spacing
-            mean = []
-            for i in cfg.fragments[frag]:
-                acc = torch.zeros_like(glob[i])
-                for m in range(cfg.workers):
-                    acc = acc + (glob[i] - local[m][i])
-                mean.append(acc / cfg.workers)
+            idx = cfg.fragments[frag]
+            sent = []
+            for m in range(cfg.workers):
+                x = torch.cat([(glob[i] - local[m][i]).reshape(-1) for i in idx])
+                if cfg.ef_decay is not None:
+                    e = residuals.get((m, frag))
+                    x = x if e is None else x + cfg.ef_decay * e
+                    residuals[(m, frag)] = x - _wire(cfg, x)
+                sent.append(x)
+            flat = _mean(cfg, sent)
+            mean, offset = [], 0
+            for i in idx:
+                mean.append(flat[offset : offset + glob[i].numel()].view_as(glob[i]))
+                offset += glob[i].numel()
             if cfg.overlap_steps:
                 pending.append((frag, step + cfg.overlap_steps, mean))
             else:
