@@ -15,12 +15,13 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# Appended to every command: a tiny model, few steps, files in the test's tmp dir. Nothing
-# here touches what a README line sets (sync_every, fragments, overlap, compression, mode),
-# and 60 steps reach the syncs of every fragment of a sync_every-50 schedule.
+# Appended to every command: a tiny model, few steps, files in the test's tmp dir, CPU (two
+# ranks on a lent machine's one GPU would share it under NCCL). Nothing here touches what a
+# README line sets (sync_every, fragments, overlap, compression, mode), and 60 steps reach
+# the syncs of every fragment of a sync_every-50 schedule.
 SHORTEN = shlex.split(
     "--steps 60 --warmup-steps 1 --n-layer 1 --n-embd 16 --n-head 1 --seq-len 16 "
-    "--batch-size 2 --eval-batches 1 --no-progress --overwrite"
+    "--batch-size 2 --eval-batches 1 --no-progress --overwrite --device cpu"
 )
 
 
