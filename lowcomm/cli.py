@@ -2,13 +2,18 @@
 
 ::
 
-    lowcomm train [--config recipes/configs/demo.toml] [--key=value ...]   # the recipe
-    lowcomm dht [--host 0.0.0.0] [--port 31337] [--run-key-file F]          # a bootstrap node
-    lowcomm join --initial-peers ADDR [--run-id ID] [recipe options ...]    # a volunteer peer
-    lowcomm bench [bench_suite options ...]                                 # the benchmark suite
+    lowcomm train [--config demo|tiny|FILE] [--key=value ...]          # the recipe, one process
+    lowcomm dht [--host 0.0.0.0] [--port 31337] [--addrs-file F]       # a bootstrap node
+    lowcomm join --initial-peers ADDR [--run-id ID] [--run-key-file F] [recipe options ...]
+                                                                       # a volunteer peer
+    lowcomm bench [bench_suite options ...]                            # the benchmark suite
+    lowcomm COMMAND --help                                             # a command's options
 
-``train`` and ``join`` run ``recipes/train_lm.py`` (found beside the package in a source
-checkout, or given with ``--recipe PATH``); ``join`` is ``train`` with the hivemind backend.
+``train`` and ``join`` run the recipe ``lowcomm.recipes.train_lm`` (shipped in the package, as
+are its configs ``demo`` and ``tiny``); ``join`` is ``train`` with the hivemind backend. A
+bootstrap DHT only introduces peers and carries no training data, so it needs no run key: the
+peers of a private run share theirs (``--run-key-file`` or ``LOWCOMM_RUN_KEY``) and
+authenticate each other. ``bench`` needs a source checkout (it runs ``scripts/``).
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_script(name: str, explicit: str | None) -> ModuleType:
+    # Only for `bench`: scripts/ is not part of the package (DESIGN.md), so it needs a checkout.
     path = Path(explicit) if explicit else _ROOT / name
     if not path.is_file():
         raise SystemExit(
             f"lowcomm: {name} not found at {path}; run from a source checkout of lowcomm or "
-            f"pass its path with --recipe/--script"
+            f"pass its path with --script"
         )
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
@@ -64,20 +70,38 @@ def _logging() -> None:
     )
 
 
+def _wants_help(argv: list[str]) -> bool:
+    return "-h" in argv or "--help" in argv
+
+
 def cmd_train(argv: list[str]) -> int:
     """Run the training recipe with ``argv`` as its options."""
-    recipe = _load_script("recipes/train_lm.py", _pop_option(argv, "--recipe"))
+    # Imported here, not at the top: torch and the recipe load only for the commands that train.
+    from lowcomm.recipes import train_lm
+
     _logging()
-    recipe.main(argv)
+    train_lm.main(argv)
     return 0
 
 
 def cmd_join(argv: list[str]) -> int:
     """Run the recipe as a volunteer peer over hivemind."""
-    if not any(a == "--initial-peers" or a.startswith("--initial-peers=") for a in argv):
-        raise SystemExit(
-            "lowcomm join: --initial-peers ADDR is required (the multiaddr printed by `lowcomm dht`)"
+    if _wants_help(argv):
+        print(
+            "usage: lowcomm join --initial-peers ADDR[,ADDR...] [--run-id ID] "
+            "[--run-key-file F] [recipe options ...]\n\n"
+            "The recipe (`lowcomm train`) as a volunteer peer of a hivemind swarm: ADDR is a\n"
+            "multiaddr `lowcomm dht` printed; peers with the same --run-id (and run key)\n"
+            "train together. The recipe's options follow.\n"
         )
+        return cmd_train(["--help"])
+    if not any(a == "--initial-peers" or a.startswith("--initial-peers=") for a in argv):
+        print(
+            "lowcomm: error: join needs --initial-peers ADDR (the multiaddr printed by "
+            "`lowcomm dht`)",
+            file=sys.stderr,
+        )
+        return 2
     return cmd_train(["--backend", "hivemind", *argv])
 
 

@@ -1,13 +1,14 @@
 """The training recipe's configuration: one flat dataclass, loaded from TOML plus overrides.
 
 Precedence, lowest first: the dataclass defaults, the TOML file named by ``--config``, then
-``--key=value`` / ``--key value`` options in the order given. Keys may be spelled with dashes
+``--key=value`` / ``--key value`` options in the order given. ``--config`` takes a path, or the
+name of a config shipped with lowcomm (``demo``, ``tiny``: :func:`shipped_configs`). Keys may be spelled with dashes
 or underscores (``--sync-every 50`` is ``sync_every = 50``). A boolean option given alone
 (``--wandb``) means true; ``--no-wandb`` means false.
 
 Example::
 
-    cfg = load_config(["--config", "recipes/configs/tiny.toml", "--steps=20", "--wandb"])
+    cfg = load_config(["--config", "tiny", "--steps=20", "--wandb"])
     cfg.fingerprint()  # identifies everything a checkpoint depends on
 
 Resuming checks that a checkpoint was written under the same configuration, except for the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.resources
 import json
 import sys
 import types
@@ -27,6 +29,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lowcomm.optim.schedule import StaggeredSchedule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +47,7 @@ __all__ = [
     "TrainConfig",
     "config_help",
     "load_config",
+    "shipped_configs",
 ]
 
 MODES = ("diloco", "ddp", "local")
@@ -98,7 +103,8 @@ class TrainConfig:
     steps, in every mode, so DiLoCo and DDP runs checkpoint at the same inner steps.
 
     Attributes:
-        config: the TOML file the values came from (informational).
+        config: the TOML file the values came from (informational; ``--config`` also takes
+            the name of a shipped config, stored here as its path).
         mode: ``diloco`` (DiLoCo outer loop), ``ddp`` (all-reduce gradients every step) or
             ``local`` (no communication: each worker trains alone; the throughput ceiling).
         run_dir: directory for metrics, config and checkpoints.
@@ -310,9 +316,20 @@ class TrainConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
-        if self.overlap_steps >= self.sync_every:
+        if self.overlap_steps and self.overlap_mode != "mix":
             raise ValueError(
-                f"overlap_steps ({self.overlap_steps}) must be < sync_every ({self.sync_every})"
+                f"overlap_steps ({self.overlap_steps}) is for overlap_mode 'mix'; "
+                f"{self.overlap_mode!r} always overlaps a whole period of sync_every steps"
+            )
+        # The schedule DiLoCo will build: fragments <= sync_every, and an overlapped sync must
+        # land before the next fragment's starts. Checked here so that every worker refuses
+        # the config at start, not after the process group, the corpus and the model.
+        spacing = StaggeredSchedule(self.sync_every, self.fragments).spacing
+        if self.overlap_steps >= spacing:
+            raise ValueError(
+                f"overlap_steps ({self.overlap_steps}) must be < the fragment spacing ({spacing}: "
+                f"the fewest inner steps between two fragment syncs with sync_every "
+                f"{self.sync_every} and fragments {self.fragments})"
             )
         if self.streaming and self.max_bytes == 0:
             raise ValueError(
@@ -415,6 +432,29 @@ def _check_toml_value(key: str, value: Any, path: Path) -> Any:
     return value
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with lowcomm (``lowcomm.recipes``' ``configs/``), by name.
+
+    Returns:
+        Name (the file name without ``.toml``) -> path, sorted by name.
+    """
+    root = Path(str(importlib.resources.files("lowcomm.recipes") / "configs"))
+    return {p.stem: p for p in sorted(root.glob("*.toml"))}
+
+
+def _config_file(value: str) -> Path:
+    """The TOML file ``--config value`` means: a path, else a shipped config's name."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    bare = path.name == value and path.suffix in ("", ".toml")
+    if bare and path.stem in shipped:
+        return shipped[path.stem]
+    what = "is not the name of a shipped config" if bare else "does not exist"
+    raise ValueError(f"config {value!r} {what}; pass a TOML file or one of: {', '.join(shipped)}")
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -486,7 +526,7 @@ def load_config(argv: list[str] | None = None, **defaults: Any) -> TrainConfig:
 
     Raises:
         ValueError: for an unknown key, a value of the wrong type, a missing or invalid TOML
-            file, or a value that breaks a rule of :meth:`TrainConfig.validate`.
+            file (or unknown config name), or a value that breaks a rule of :meth:`TrainConfig.validate`.
     """
     pairs = _parse_argv(list(argv or []))
     values: dict[str, Any] = {}
@@ -496,8 +536,9 @@ def load_config(argv: list[str] | None = None, **defaults: Any) -> TrainConfig:
         values[key] = value
     config_path = next((v for k, v in reversed(pairs) if k == "config"), None)
     if config_path is not None:
-        values.update(_read_toml(Path(config_path)))
-        values["config"] = config_path
+        path = _config_file(config_path)
+        values.update(_read_toml(path))
+        values["config"] = str(path)
     for key, value in pairs:
         if key != "config":
             values[key] = _from_string(key, value)

@@ -1,14 +1,19 @@
 r"""Train a small byte-level GPT with DiLoCo, synchronous DDP, or no communication at all.
 
-Launch (from the repository root)::
+Launch (from the repository root; ``--config demo`` and ``--config tiny`` name the configs
+shipped in ``recipes/configs/``, a path to a TOML file works too)::
 
-    python recipes/train_lm.py --config recipes/configs/tiny.toml        # 1 process
+    python recipes/train_lm.py --config tiny                             # 1 process
     torchrun --standalone --nproc_per_node 2 recipes/train_lm.py --config recipes/configs/demo.toml
     torchrun --standalone --nproc_per_node 2 recipes/train_lm.py --config recipes/configs/demo.toml \
         --mode ddp --run-dir runs/demo-ddp                                 # the synchronous baseline
     accelerate launch --multi_gpu --num_processes 2 recipes/train_lm.py \
         --config recipes/configs/demo.toml --run-dir runs/demo-accelerate
     python recipes/train_lm.py --help                                     # every option
+
+From an installed wheel (no checkout), ``lowcomm train --config demo [options]`` runs this
+module (``lowcomm.recipes.train_lm``) in one process, and ``torchrun --standalone
+--nproc_per_node 2 -m lowcomm.recipes.train_lm --config demo`` on two.
 
 (``accelerate launch --multi_gpu`` only picks accelerate's torchrun launcher; without GPUs
 the workers run on CPU over gloo.) Every config key can be overridden as ``--key=value`` or
@@ -726,13 +731,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     Returns:
         The summary dict (empty after ``--help``).
+
+    Raises:
+        SystemExit: with status 2 for an invalid configuration (unknown key, bad value,
+            impossible combination), after printing ``lowcomm: error: <why>`` to stderr;
+            every rank checks its options before any process group or training starts.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         print(config_help())
         return {}
-    cfg = load_config(argv)
+    try:
+        cfg = load_config(argv)
+    except ValueError as e:
+        # A user's mistake, not the program's: one line, not a traceback per rank.
+        print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     rt = Runtime(cfg)
     try:
         summary = train(cfg, rt)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lowcomm.config import RESUMABLE_KEYS, TrainConfig, config_help, load_config
+from lowcomm.config import RESUMABLE_KEYS, TrainConfig, config_help, load_config, shipped_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,27 @@ def test_shipped_configs_load() -> None:
     assert tiny.steps < demo.steps
 
 
+def test_shipped_configs_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = sorted((REPO / "recipes" / "configs").glob("*.toml"))
+    assert {n: p.resolve() for n, p in shipped_configs().items()} == {p.stem: p for p in files}
+    monkeypatch.chdir(tmp_path)  # names work from any directory
+    for name, path in shipped_configs().items():
+        by_name = load_config(["--config", name])
+        assert by_name == load_config(["--config", str(path)])
+        assert by_name == load_config(["--config", f"{name}.toml"])
+        assert Path(by_name.config).resolve() == (REPO / "recipes/configs" / f"{name}.toml")
+    # A file of that name in the working directory is what the user meant.
+    (tmp_path / "tiny").write_text("steps = 3\nwarmup_steps = 0\n")
+    assert load_config(["--config", "tiny"]).steps == 3
+
+
+def test_uneven_fragments_are_valid() -> None:
+    # fragments need not divide sync_every: offsets 0, 12, 25, 37, smallest gap 12.
+    cfg = load_config(["--sync-every", "50", "--fragments", "4", "--overlap-steps", "11"])
+    assert (cfg.sync_every, cfg.fragments, cfg.overlap_steps) == (50, 4, 11)
+    assert load_config(["--sync-every", "7", "--fragments", "7"]).fragments == 7
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
@@ -74,6 +95,13 @@ def test_shipped_configs_load() -> None:
         (["--inner-lr", "0"], "inner_lr"),
         (["--heldout-fraction", "1"], "heldout_fraction"),
         (["--overlap-steps", "5", "--sync-every", "5"], "overlap_steps"),
+        (["--sync-every", "10", "--fragments", "11"], r"fragments \(11\) must be <= sync_ev"),
+        (
+            ["--sync-every", "50", "--fragments", "4", "--overlap-steps", "12"],
+            r"overlap_steps \(12\) must be < the fragment spacing \(12:",
+        ),
+        (["--overlap-mode", "eager", "--overlap-steps", "1"], "overlap_mode 'mix'"),
+        (["--config", "tinyy"], "not the name of a shipped config; .* one of: demo, tiny"),
         (["--streaming"], "max_bytes"),
         (["--compression", "zip"], "unknown compression 'zip'"),
         (["--error-feedback"], "error_feedback needs a compression"),

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowcomm.comm import LocalBackend
 from lowcomm.optim.diloco import DiLoCo
 from lowcomm.optim.fragments import check_partition, fragment_bytes, partition
 from lowcomm.optim.schedule import StaggeredSchedule
@@ -17,18 +18,43 @@ from .test_diloco import assert_close, outer_sgd
 # -- schedule ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("h,p", [(1, 1), (12, 1), (12, 3), (12, 4), (12, 12), (100, 5)])
+@pytest.mark.parametrize(
+    "h,p",
+    [(1, 1), (12, 1), (12, 3), (12, 4), (12, 12), (100, 5), (10, 3), (50, 4), (7, 6), (13, 13)],
+)
 def test_each_fragment_syncs_exactly_once_per_h_steps(h, p):
     sched = StaggeredSchedule(h, p)
     for start in range(1, 3 * h):
         window = [f for s in range(start, start + h) for f in sched.due(s)]
         assert sorted(window) == list(range(p)), (start, window)
-    # Offsets p*H/P: fragment f first syncs after step f*H/P (fragment 0 after H).
+    # Offsets round_down(p*H/P): fragment f first syncs after step f*H//P (fragment 0 after H).
     first = {}
     for s in range(1, 2 * h + 1):
         for f in sched.due(s):
             first.setdefault(f, s)
     assert first == {f: (f * h // p or h) for f in range(p)}
+    assert [sched.offset(f) for f in range(p)] == [f * h // p for f in range(p)]
+
+
+@pytest.mark.parametrize("h", range(1, 25))
+def test_spacing_is_the_smallest_gap_between_syncs(h):
+    for p in range(1, h + 1):
+        sched = StaggeredSchedule(h, p)
+        steps = [s for s in range(1, 4 * h + 1) for _ in sched.due(s)]
+        gaps = [b - a for a, b in zip(steps, steps[1:])]
+        assert sched.spacing == min(gaps) == h // p, (h, p, steps)
+
+
+@pytest.mark.parametrize("h,p", [(1, 1), (4, 2), (12, 3), (12, 4), (50, 5), (100, 4), (8, 8)])
+def test_divisible_schedules_are_unchanged(h, p):
+    # The evenly spaced rule as it was before offsets were rounded: bit-identical training
+    # needs the same fragment after the same steps.
+    spacing = h // p
+    sched = StaggeredSchedule(h, p)
+    for step in range(-1, 5 * h):
+        before = [(step % h) // spacing] if step >= 1 and step % spacing == 0 else []
+        assert sched.due(step) == before, step
+    assert sched.spacing == spacing
 
 
 def test_p1_schedule_is_plain_diloco():
@@ -37,11 +63,60 @@ def test_p1_schedule_is_plain_diloco():
 
 
 @pytest.mark.parametrize(
-    "h,p,match", [(10, 3, "must divide"), (0, 1, "sync_every"), (4, 0, ">= 1")]
+    "h,p,match", [(3, 4, "must be <= sync_every"), (0, 1, "sync_every"), (4, 0, ">= 1")]
 )
 def test_bad_schedules_raise(h, p, match):
     with pytest.raises(ValueError, match=match):
         StaggeredSchedule(h, p)
+
+
+class RecordingBackend(LocalBackend):
+    """A world of one that records the step and weight of every average it is asked for."""
+
+    def __init__(self, joined_at: int = 0) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, float]] = []
+        self.joined_at = joined_at
+        self.elastic = joined_at > 0
+
+    def average(self, tensors, *, weight=1.0, compressor=None, step=None):
+        self.calls.append((step, weight))
+        return super().average(tensors, weight=weight, compressor=compressor, step=step)
+
+    def sync_state(self, tensors):
+        # A joiner downloads the swarm's counters: it continues at inner step joined_at.
+        if "meta.inner_steps" in tensors:
+            tensors["meta.inner_steps"].fill_(self.joined_at)
+
+
+def _train_rounded(backend: RecordingBackend, steps: int) -> DiLoCo:
+    model = TinyGPT(4, d=16)
+    inner = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = DiLoCo(model, inner, sync_every=10, fragments=4, overlap_steps=1, backend=backend)
+    for _ in range(steps):
+        for q in model.parameters():
+            q.grad = torch.randn_like(q)
+        opt.step()
+    return opt
+
+
+def test_diloco_follows_a_rounded_schedule():
+    # H=10, P=4: offsets 0, 2, 5, 7; each sync weighs the steps since that fragment's last.
+    backend = RecordingBackend()
+    opt = _train_rounded(backend, 21)
+    first_round = [(2, 2), (5, 5), (7, 7), (10, 10)]
+    assert backend.calls == first_round + [(12, 10), (15, 10), (17, 10), (20, 10)]
+    assert opt.stats.fragment_syncs == 8 and opt.stats.outer_steps == 2
+    opt.close()
+
+
+def test_a_joiner_continues_a_rounded_schedule():
+    # Joined at step 23: fragments last synced at 20, 22, 15, 17, so each next sync (25, 27,
+    # 30, 32) carries a whole period of steps, as on the peers that were there all along.
+    backend = RecordingBackend(joined_at=23)
+    opt = _train_rounded(backend, 10)
+    assert backend.calls == [(25, 10), (27, 10), (30, 10), (32, 10)]
+    opt.close()
 
 
 # -- fragments --------------------------------------------------------------------------------
