@@ -215,9 +215,9 @@ class DiLoCo(WrappingOptimizer):
             self._schedule = StaggeredSchedule(sync_every, len(frags))
         if overlap_steps >= self._schedule.spacing:
             raise ValueError(
-                f"overlap_steps ({overlap_steps}) must be less than the smallest gap between two "
-                f"fragment syncs (sync_every // fragments = {self._schedule.spacing}), so a "
-                f"sync lands before the next one starts"
+                f"overlap_steps ({overlap_steps}) must be less than the fragment spacing (the "
+                f"smallest gap between two fragment syncs, sync_every // fragments = "
+                f"{self._schedule.spacing}), so a sync lands before the next one starts"
             )
         index = {id(p): i for i, p in enumerate(self._params)}
         self._fragments: list[list[int]] = [[index[id(p)] for p in f] for f in frags]
