@@ -71,7 +71,11 @@ def test_bad_schedules_raise(h, p, match):
 
 
 class RecordingBackend(LocalBackend):
-    """A world of one that records the step and weight of every average it is asked for."""
+    """A world of one that records the step and weight of every average it is asked for.
+
+    With ``joined_at`` it is an elastic backend (a swarm) whose state download puts the
+    joiner at that inner step.
+    """
 
     def __init__(self, joined_at: int = 0) -> None:
         super().__init__()
@@ -79,14 +83,23 @@ class RecordingBackend(LocalBackend):
         self.joined_at = joined_at
         self.elastic = joined_at > 0
 
-    def average(self, tensors, *, weight=1.0, compressor=None, step=None):
+    def average(self, flat, *, weight=1.0, compressor=None, step=None):
         self.calls.append((step, weight))
-        return super().average(tensors, weight=weight, compressor=compressor, step=step)
+        return super().average(flat, weight=weight, compressor=compressor, step=step)
 
     def sync_state(self, tensors):
         # A joiner downloads the swarm's counters: it continues at inner step joined_at.
         if "meta.inner_steps" in tensors:
             tensors["meta.inner_steps"].fill_(self.joined_at)
+
+    def publish_state(self, tensors):
+        pass
+
+    def needs_resync(self):
+        return False
+
+    def set_round_seconds(self, round_seconds):
+        pass
 
 
 def _train_rounded(backend: RecordingBackend, steps: int) -> DiLoCo:
