@@ -16,7 +16,6 @@ decoded contribution; every mode (mix, eager, delayed, and ``flush``) lands it t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -39,6 +38,7 @@ from lowcomm.comm.base import (
 from lowcomm.comm.compression.base import Compressor
 from lowcomm.comm.compression.feedback import ErrorFeedback
 from lowcomm.comm.local import LocalBackend
+from lowcomm.optim.agreement import config_fingerprint, shard_fingerprint
 from lowcomm.optim.amp import scaled_inner_step
 from lowcomm.optim.fragments import check_partition, partition
 from lowcomm.optim.outer import default_outer_optimizer, prime_outer_state
@@ -48,11 +48,19 @@ from lowcomm.optim.params import (
     refuse_flat_parameters,
     repair_nonfinite,
     reshard_optimizer_state,
-    shard_signature,
     single_device,
     synced_parameters,
 )
 from lowcomm.optim.schedule import StaggeredSchedule
+from lowcomm.optim.state import (
+    load_shared,
+    outer_extras,
+    pending_record,
+    pending_result,
+    restore_outer_extras,
+    shared_tensors,
+    upgrade_v1,
+)
 from lowcomm.optim.stats import DiLoCoStats, MemoryReport
 from lowcomm.optim.wrapper import WrappingOptimizer
 
@@ -70,7 +78,7 @@ every worker have diverged, and going on would only burn compute while reporting
 """
 
 _STATE_KEY = "lowcomm"
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 
 
 @dataclass(eq=False)
@@ -316,12 +324,11 @@ class DiLoCo(WrappingOptimizer):
         return LocalBackend()
 
     def _check_shards(self) -> None:
-        shards = [shard_signature(p) for p in self._params]
-        if all(s is None for s in shards):
+        shards = shard_fingerprint(self._names, self._params)
+        if shards is None:
             return
-        blob = repr(list(zip(self._names, shards)))
         try:
-            self.backend.check_consistent("shards:" + hashlib.sha256(blob.encode()).hexdigest())
+            self.backend.check_consistent(shards)
         except ConsistencyError as e:
             raise ConsistencyError(
                 "DiLoCo's group spans ranks that hold different shards of the model's sharded "
@@ -332,35 +339,17 @@ class DiLoCo(WrappingOptimizer):
             ) from None
 
     def _fingerprint(self) -> str:
-        """What every worker of one run must agree on: model layout, config, outer optimizer."""
-        from lowcomm.comm.compression.registry import compression_spec
-
-        layout = [
-            (n, tuple(local_view(p).shape), str(p.dtype)) for n, p in zip(self._names, self._params)
-        ]
-        outer = [
-            (
-                type(o).__module__ + "." + type(o).__qualname__,
-                [
-                    sorted((k, repr(v)) for k, v in g.items() if k != "params")
-                    for g in o.param_groups
-                ],
-            )
-            for o in self._outer
-        ]
-        blob = repr(
-            (
-                layout,
-                self._schedule.period,
-                self.fragments,
-                self.overlap_mode,
-                self.overlap_steps,
-                self.mix,
-                compression_spec(self._feedback or self._compressor),
-                outer,
-            )
+        return config_fingerprint(
+            self._names,
+            self._params,
+            self._schedule.period,
+            self.fragments,
+            self.overlap_mode,
+            self.overlap_steps,
+            self.mix,
+            self._feedback or self._compressor,
+            self._outer,
         )
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
     def outer_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -402,40 +391,27 @@ class DiLoCo(WrappingOptimizer):
         backend's receive buffers) live only while it is on the wire; ``max_in_flight_bytes``
         in :attr:`stats` bounds their payload.
         """
-        held: dict[str, int] = {}
-        seen: set[int] = set()
-
-        def count(t: object) -> None:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                return
-            storage = local_view(t).untyped_storage()
-            if storage.data_ptr() in seen:
-                return
-            seen.add(storage.data_ptr())
-            held[str(t.device)] = held.get(str(t.device), 0) + storage.nbytes()
-
-        for g in self._global:
-            count(g)
+        tensors: list[torch.Tensor] = list(self._global)
         for o in self._outer:
             for st in o.state.values():
-                for v in st.values():
-                    count(v)
+                tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
         if self._feedback is not None:
             for key in self._feedback.keys():  # noqa: SIM118 - ErrorFeedback is not a dict
-                count(self._feedback.residual(key))
+                tensors.append(self._feedback.residual(key))  # type: ignore[arg-type]
+        coming: dict[str, int] = {}
         lossless = self._compressor is None
         for p in self._pending + list(self._previous.values()):
-            count(p.send)
+            tensors.append(p.send)
             if p.result is not None:
-                count(p.result.mean)
-                count(p.result.own)
+                tensors += [p.result.mean, p.result.own]
             else:
                 # Not waited for yet: the mean (and, for a lossy wire, the decoded own
                 # contribution) exist on the backend's side or will when it completes.
                 dev = str(p.send.device)
-                extra = 4 * p.send.numel() * (1 if lossless else 2)
-                held[dev] = held.get(dev, 0) + extra
-        return MemoryReport(held, sum(self._fragment_numel))
+                coming[dev] = coming.get(dev, 0) + 4 * p.send.numel() * (1 if lossless else 2)
+        return MemoryReport.of(
+            [local_view(t) for t in tensors], sum(self._fragment_numel), extra=coming
+        )
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -710,35 +686,30 @@ class DiLoCo(WrappingOptimizer):
         self._round_started = now
 
     def _shared_state(self) -> dict[str, torch.Tensor]:
-        """Everything a joiner needs to continue as this worker: θ, outer state, counters."""
-        state: dict[str, torch.Tensor] = {
-            f"param.{n}": g for n, g in zip(self._names, self._global)
-        }
-        if self._elastic:
-            for f, (frag, outer) in enumerate(zip(self._fragments, self._outer)):
-                for i in frag:
-                    for key, value in sorted(outer.state.get(self._global[i], {}).items()):
-                        if isinstance(value, torch.Tensor):
-                            state[f"outer.{f}.{self._names[i]}.{key}"] = value
-            state["meta.outer_step"] = torch.tensor([self._stats.fragment_syncs])
-            state["meta.inner_steps"] = torch.tensor([self._inner_steps])
-        return state
+        """The shared part of the state (:mod:`lowcomm.optim.state`), as live references."""
+        return shared_tensors(
+            self._names,
+            self._fragments,
+            self._global,
+            self._outer,
+            self._stats.fragment_syncs,
+            self._inner_steps,
+        )
 
     def _sync_shared_state(self) -> None:
         state = self._shared_state()
         with torch.no_grad():
-            self.backend.sync_state(state)
+            self.backend.sync_state(state)  # in place: θ and the outer state are live
             for p, g in zip(self._params, self._global):
                 local_view(p).copy_(g)
-        if "meta.inner_steps" in state:
-            self._stats.fragment_syncs = int(state["meta.outer_step"].item())
-            self._inner_steps = int(state["meta.inner_steps"].item())
-            period = self._schedule.period
-            for f in range(len(self._fragments)):
-                # The last step <= inner_steps at which fragment f synced (0: never).
-                offset = self._schedule.offset(f) or period
-                last = self._inner_steps - ((self._inner_steps - offset) % period)
-                self._last_sync[f] = last if last >= offset else 0
+        self._stats.fragment_syncs = int(state["meta.outer_step"].item())
+        self._inner_steps = int(state["meta.inner_steps"].item())
+        period = self._schedule.period
+        for f in range(len(self._fragments)):
+            # The last step <= inner_steps at which fragment f synced (0: never).
+            offset = self._schedule.offset(f) or period
+            last = self._inner_steps - ((self._inner_steps - offset) % period)
+            self._last_sync[f] = last if last >= offset else 0
 
     # -- global parameters -------------------------------------------------------------------
 
@@ -763,9 +734,21 @@ class DiLoCo(WrappingOptimizer):
 
     # -- state_dict --------------------------------------------------------------------------
 
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "names": list(self._names),
+            "shapes": [tuple(local_view(p).shape) for p in self._params],
+            "fragments": [list(f) for f in self._fragments],
+            "sync_every": self._schedule.period,
+            "overlap_mode": self.overlap_mode,
+            "overlap_steps": self.overlap_steps,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus ``"lowcomm"``: everything to resume exactly.
 
+        ``"lowcomm"`` holds the layout it belongs to, the ``shared`` part a joining swarm
+        peer would download (:mod:`lowcomm.optim.state`), and this ``worker``'s own part.
         Syncs in flight are waited for and their averaged results saved. Every tensor is a
         host copy, so a checkpoint can be written, and later loaded, without a second copy
         of the state on the accelerator.
@@ -774,46 +757,36 @@ class DiLoCo(WrappingOptimizer):
         pending = []
         previous_ids = {id(p) for p in self._previous.values()}
         for p in self._pending + list(self._previous.values()):
-            result = self._result(p)
+            record = pending_record(self._result(p), p.weight, p.nbytes)
             pending.append(
                 {
+                    **record,
                     "fragment": p.fragment,
                     "land_step": p.land_step,
                     "launch_step": p.launch_step,
-                    "weight": p.weight,
-                    "nbytes": p.nbytes,
-                    "mean": result.mean.detach().to("cpu", copy=True),
-                    "own": result.own.detach().to("cpu", copy=True),
-                    "num_peers": result.num_peers,
-                    "total_weight": result.total_weight,
-                    "own_weight": result.own_weight,
-                    "bytes_sent": result.bytes_sent,
-                    "bytes_received": result.bytes_received,
                     "previous": id(p) in previous_ids,
                 }
             )
         sd[_STATE_KEY] = {
             "version": _STATE_VERSION,
-            "names": list(self._names),
-            "shapes": [tuple(local_view(p).shape) for p in self._params],
-            "fragments": [list(f) for f in self._fragments],
-            "sync_every": self._schedule.period,
-            "overlap_mode": self.overlap_mode,
-            "overlap_steps": self.overlap_steps,
-            "global": [g.detach().to("cpu", copy=True) for g in self._global],
-            "outer": [_to_host(o.state_dict()) for o in self._outer],
-            "feedback": self._feedback.state_dict() if self._feedback is not None else None,
-            "inner_steps": self._inner_steps,
-            "last_sync": list(self._last_sync),
-            "skipped_in_a_row": list(self._skipped_in_a_row),
-            "pending": pending,
-            "stats": self.stats.as_dict(),
-            "counters": [self._sent_numel, self._sent_bytes_compressed, self._overlap_total],
+            "layout": self._layout(),
+            "shared": {k: _to_host(v) for k, v in self._shared_state().items()},
+            "outer_extras": outer_extras(self._outer),
+            "worker": {
+                "feedback": self._feedback.state_dict() if self._feedback is not None else None,
+                "last_sync": list(self._last_sync),
+                "skipped_in_a_row": list(self._skipped_in_a_row),
+                "pending": pending,
+                "stats": self.stats.as_dict(),
+                "counters": [self._sent_numel, self._sent_bytes_compressed, self._overlap_total],
+            },
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (tensors may be on any device).
+
+        Also reads the state dicts of lowcomm 0.1.0 (format version 1).
 
         Raises:
             ValueError: if the state comes from another model, fragment layout or config.
@@ -825,16 +798,10 @@ class DiLoCo(WrappingOptimizer):
                 f"state dict has no {_STATE_KEY!r} key: it is not a DiLoCo state dict "
                 f"(load an inner optimizer's with opt.inner_optimizer.load_state_dict)"
             )
-        expect = {
-            "names": list(self._names),
-            "shapes": [tuple(local_view(p).shape) for p in self._params],
-            "fragments": [list(f) for f in self._fragments],
-            "sync_every": self._schedule.period,
-            "overlap_mode": self.overlap_mode,
-            "overlap_steps": self.overlap_steps,
-        }
-        for key, want in expect.items():
-            got = mine.get(key)
+        if mine.get("version", 1) < 3:
+            mine = upgrade_v1(mine, list(self._layout()), len(self._fragments))
+        for key, want in self._layout().items():
+            got = mine["layout"].get(key)
             if key == "shapes":
                 got = [tuple(s) for s in got]
             if got != want:
@@ -842,59 +809,42 @@ class DiLoCo(WrappingOptimizer):
                     f"DiLoCo state dict does not match this optimizer: {key} is {got!r} in the "
                     f"checkpoint but {want!r} here"
                 )
-        if self._feedback is not None and mine["feedback"] is None:
+        worker = mine["worker"]
+        if self._feedback is not None and worker["feedback"] is None:
             raise ValueError("checkpoint has no error-feedback residuals but this run uses them")
         self._inner.load_state_dict(reshard_optimizer_state(self._inner, sd))
-        with torch.no_grad():
-            for g, saved in zip(self._global, mine["global"]):
-                g.copy_(saved)
-        for o, osd in zip(self._outer, mine["outer"]):
-            o.load_state_dict(osd)
+        for o in self._outer:
+            o.state.clear()
+        self._stats.fragment_syncs, self._inner_steps = load_shared(
+            mine["shared"], self._names, self._fragments, self._global, self._outer
+        )
+        restore_outer_extras(self._outer, mine["outer_extras"])
         if self._feedback is not None:
-            self._feedback.load_state_dict(mine["feedback"])
-        self._inner_steps = mine["inner_steps"]
-        self._last_sync = list(mine["last_sync"])
-        self._skipped_in_a_row = list(mine.get("skipped_in_a_row", [0] * len(self._fragments)))
-        self._sent_numel, self._sent_bytes_compressed, self._overlap_total = mine["counters"]
-        for k, v in mine["stats"].items():
-            if k not in ("bytes_sent", "bytes_received", "comm_seconds"):
+            self._feedback.load_state_dict(worker["feedback"])
+        self._last_sync = list(worker["last_sync"])
+        self._skipped_in_a_row = list(worker["skipped_in_a_row"])
+        self._sent_numel, self._sent_bytes_compressed, self._overlap_total = worker["counters"]
+        for k, v in worker["stats"].items():
+            if k not in ("bytes_sent", "bytes_received", "comm_seconds", "fragment_syncs"):
                 setattr(self._stats, k, v)
         self._pending, self._previous = [], {}
-        for item in mine["pending"]:
-            pending = self._restore_pending(item, mine.get("version", 1))
+        for item in worker["pending"]:
+            result = pending_result(item, self._device)
+            # Saved results were waited for, and their residuals recorded, before saving.
+            pending = _Pending(
+                item["fragment"],
+                item["land_step"],
+                DoneWork(result),
+                result.own,
+                item["weight"],
+                item["launch_step"],
+                item["nbytes"],
+                result,
+            )
             if item["previous"]:
                 self._previous[item["fragment"]] = pending
             else:
                 self._pending.append(pending)
-
-    def _restore_pending(self, item: dict[str, Any], version: int) -> _Pending:
-        device = self._device
-        if version < 2:
-            # v1 kept one tensor per input and the caller-side roundtrip as "sent".
-            mean, own, own_weight = item["result"][0], item["sent"], item["weight"]
-        else:
-            mean, own, own_weight = item["mean"], item["own"], item["own_weight"]
-        own = own.reshape(-1).to(device)
-        result = AverageResult(
-            mean.reshape(-1).to(device),
-            own,
-            item["num_peers"],
-            item["total_weight"],
-            own_weight,
-            item["bytes_sent"],
-            item.get("bytes_received", 0),
-        )
-        # Saved results were waited for, and their residuals recorded, before saving.
-        return _Pending(
-            item["fragment"],
-            item["land_step"],
-            DoneWork(result),
-            own,
-            item["weight"],
-            item["launch_step"],
-            item["nbytes"],
-            result,
-        )
 
     def flush(self) -> int:
         """Land every sync still in flight now; call it after the last training step.

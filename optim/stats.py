@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import torch
 
 __all__ = ["DiLoCoStats", "MemoryReport"]
 
@@ -72,6 +75,27 @@ class MemoryReport:
 
     bytes_by_device: dict[str, int]
     num_params: int
+
+    @classmethod
+    def of(
+        cls,
+        tensors: Sequence[torch.Tensor],
+        num_params: int,
+        extra: Mapping[str, int] | None = None,
+    ) -> MemoryReport:
+        """Count the storage behind ``tensors`` once each (views share it), plus ``extra``
+        bytes per device; tensors without data (``device="meta"``) count nothing."""
+        held = dict(extra or {})
+        seen: set[int] = set()
+        for t in tensors:
+            if t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            held[str(t.device)] = held.get(str(t.device), 0) + storage.nbytes()
+        return cls(held, num_params)
 
     @property
     def host_bytes(self) -> int:
