@@ -7,7 +7,7 @@ and shuts everything down in order (:func:`_shutdown_swarm`); also the bootstrap
 (:func:`start_bootstrap_dht`, public through :mod:`lowcomm.comm.hivemind`).
 
 Kept apart from :mod:`lowcomm.comm.hivemind` so that the public module holds the backend's
-protocol, and from :mod:`lowcomm.comm._hivemind_wire` (the hivemind subclasses themselves)
+protocol, and from :mod:`lowcomm.comm._hivemind_subclasses` (the hivemind subclasses themselves)
 so that neither module grows past the house limit. hivemind is imported only when a DHT or
 averager is built.
 """
@@ -15,9 +15,11 @@ averager is built.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing as mp
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -32,10 +34,11 @@ from lowcomm.comm._hivemind_records import (
     _download_problem,
     _group_result,
 )
-from lowcomm.comm._hivemind_wire import _hivemind
 from lowcomm.comm.base import AverageResult, ConsistencyError, Timer
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from lowcomm.comm.compression.base import Compressor
     from lowcomm.comm.hivemind import HivemindBackend, SwarmTimeouts
 
@@ -46,8 +49,33 @@ logger = logging.getLogger("lowcomm.comm.hivemind")
 # fp32, under p2pd's 4 MiB message limit whatever the compressor).
 _PART_ELEMS = 2**17
 
+_INSTALL_HINT = "the hivemind backend needs hivemind: pip install 'lowcomm[hivemind]'"
+
+
+def _subclasses() -> ModuleType:
+    """:mod:`lowcomm.comm._hivemind_subclasses`, imported on first use: hivemind is optional.
+
+    Raises:
+        ImportError: hivemind is not installed (the message says how to install it).
+    """
+    try:
+        import hivemind  # noqa: F401
+    except ImportError as e:
+        raise ImportError(_INSTALL_HINT) from e
+    from lowcomm.comm import _hivemind_subclasses
+
+    return _hivemind_subclasses
+
 
 # -- process hygiene ---------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the thread that forked it exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _start_child(proc: mp.process.BaseProcess) -> None:
@@ -95,7 +123,7 @@ def _build_averager(
     peers_key: str,
 ) -> Any:
     """An averager (not started) of one ``numel``-element vector; serves state if given one."""
-    hm = _hivemind()
+    hm = _subclasses()
     t = timeouts
     granularity = max(1, int(getattr(codec, "granularity", 1)))
     part = granularity * max(1, round(_PART_ELEMS / granularity))
@@ -142,7 +170,7 @@ def _fetch_state(
     """
     try:
         metadata, received = server.lowcomm_download(
-            _hivemind().PeerID.from_base58(peer).to_bytes(), timeout
+            _subclasses().PeerID.from_base58(peer).to_bytes(), timeout
         )
     except _FAILURES as e:
         logger.info("hivemind: state download from %s failed: %s", peer, e)
@@ -166,7 +194,7 @@ def _make_dht(
     start_timeout: float,
     identity_path: str | None = None,
 ) -> Any:
-    hm = _hivemind()
+    hm = _subclasses()
     method = mp.get_start_method(allow_none=True)
     if method not in (None, "fork"):
         raise RuntimeError(

@@ -9,7 +9,7 @@ and :class:`SwarmTimeouts` (every timeout from the round length; public through
 :mod:`lowcomm.comm.hivemind`).
 
 Kept apart from :mod:`lowcomm.comm.hivemind` (the public backend) and
-:mod:`lowcomm.comm._hivemind_wire` (the hivemind subclasses) because none of it touches
+:mod:`lowcomm.comm._hivemind_subclasses` (the hivemind subclasses) because none of it touches
 hivemind or a process: it is plain data and arithmetic, readable and testable on its own.
 """
 

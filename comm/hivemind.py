@@ -22,7 +22,7 @@ averagers and ``p2pd`` daemon with it.
 
 This module holds the public API and the backend's protocol (records, rounds, state sync);
 private helpers live beside it: ``_hivemind_records`` (pure: signed records, state digests,
-the resync rule, round results), ``_hivemind_wire`` (the hivemind subclasses that carry the
+the resync rule, round results), ``_hivemind_subclasses`` (the hivemind subclasses that carry the
 wire format) and ``_hivemind_procs`` (starting, steering and stopping the processes).
 """
 
@@ -51,6 +51,7 @@ from lowcomm.comm._hivemind_procs import (
     _shutdown_swarm,
     _sigterm_to_exit,
     _start_child,
+    _subclasses,
     _SwarmWork,
     start_bootstrap_dht,
 )
@@ -68,7 +69,6 @@ from lowcomm.comm._hivemind_records import (
     _state_hash,
     _state_metadata,
 )
-from lowcomm.comm._hivemind_wire import _hivemind
 from lowcomm.comm.base import AverageResult, ConsistencyError, DoneWork, WireStats
 from lowcomm.comm.reduce import Identity
 
@@ -300,8 +300,7 @@ class HivemindBackend:
         return future.result(timeout=max(5.0, self.timeouts.request_timeout * 4))
 
     def _publish(self) -> None:
-        from hivemind.utils import get_dht_time
-
+        get_dht_time = _subclasses().get_dht_time
         self._dht_call(
             self._dht.store,
             self._peers_key,
@@ -311,8 +310,7 @@ class HivemindBackend:
         )
 
     def _withdraw(self) -> None:
-        from hivemind.utils import get_dht_time
-
+        get_dht_time = _subclasses().get_dht_time
         with contextlib.suppress(*_FAILURES):
             self._dht_call(
                 self._dht.store,
@@ -328,7 +326,7 @@ class HivemindBackend:
         records: dict[str, _Record] = {}
         if found is None or not isinstance(found.value, dict):
             return records
-        for peer, rec in _parse_records(self._key, found.value, _hivemind().PeerID):
+        for peer, rec in _parse_records(self._key, found.value, _subclasses().PeerID):
             if any_fingerprint or rec.fingerprint == self._fingerprint:
                 records[peer] = rec
             elif rec.fingerprint not in self._mismatch_warned and peer != self._peer:

@@ -13,6 +13,9 @@ import os
 import queue
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -150,6 +153,44 @@ def _contribution(index: int, step: int, numel: int, scale: float = 1.0) -> torc
 
 
 # -- pure rules --------------------------------------------------------------------------------
+
+
+def test_lowcomm_imports_without_hivemind_and_says_how_to_install_it() -> None:
+    """hivemind is an extra: only building a backend or DHT may need it."""
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class NoHivemind:  # as if hivemind were not installed
+            def find_spec(self, name, path=None, target=None):
+                if name == "hivemind" or name.startswith("hivemind."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+
+        sys.meta_path.insert(0, NoHivemind())
+        import lowcomm
+        import lowcomm.comm
+        from lowcomm.comm.hivemind import HivemindBackend, SwarmTimeouts, start_bootstrap_dht
+
+        assert lowcomm.comm.HivemindBackend is HivemindBackend is lowcomm.HivemindBackend
+        assert SwarmTimeouts.from_round_seconds(10.0).matchmaking_time == 1.0
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] == "hivemind")
+        assert not loaded, loaded
+        for build in (lambda: HivemindBackend("run"), start_bootstrap_dht):
+            try:
+                build()
+            except ImportError as e:
+                print(e)
+            else:
+                raise AssertionError("built a swarm peer without hivemind")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    hint = "pip install 'lowcomm[hivemind]'"
+    assert done.stdout.count(hint) == 2, done.stdout
 
 
 def test_timeouts_follow_round_length() -> None:
@@ -799,9 +840,8 @@ def test_reducer_that_never_opens_its_stream_fails_the_round_within_reducer_time
     """
     import asyncio
 
-    import lowcomm.comm.hivemind as swarm
+    from lowcomm.comm._hivemind_subclasses import Runner
 
-    runner_type = swarm._hivemind().Runner
     failed: list[int] = []
     opened = asyncio.Event()
 
@@ -814,7 +854,7 @@ def test_reducer_that_never_opens_its_stream_fails_the_round_within_reducer_time
             opened.set()
             await asyncio.Event().wait()  # the remote daemon never answers
 
-    runner = object.__new__(runner_type)  # only the fields _communicate_with_peer reads
+    runner = object.__new__(Runner)  # only the fields _communicate_with_peer reads
     runner.ordered_peer_ids = ["me", "dead"]
     runner.peer_id = "me"
     runner.reducer_timeout = 0.2
@@ -844,16 +884,16 @@ def _poisoning_peer(index: int, maddrs: list[str], bad: int, start: Any) -> dict
     if index == bad:
         # A broken peer: every part it sends to others carries NaN (its own slice, which it
         # reduces itself, stays clean).
-        import lowcomm.comm.hivemind as swarm
+        from lowcomm.comm._hivemind_subclasses import WireCodec
 
-        original = swarm._hivemind().WireCodec.compress
+        original = WireCodec.compress
 
         def poisoned(
             self: Any, tensor: torch.Tensor, info: Any, allow_inplace: bool = False
         ) -> Any:
             return original(self, torch.full_like(tensor, float("nan")), info, allow_inplace)
 
-        swarm._hivemind().WireCodec.compress = poisoned
+        WireCodec.compress = poisoned
     backend = _backend("poison", maddrs)
     try:
         backend.check_consistent("fp")
