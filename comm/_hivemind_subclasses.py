@@ -42,20 +42,14 @@ from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished
 from hivemind.utils.asyncio import enter_asynchronously as enter_async
 from hivemind.utils.streaming import combine_from_streaming
 
-from lowcomm.comm._hivemind_procs import _die_with_parent
-from lowcomm.comm._hivemind_records import (
-    _PROTOCOL,
-    _decode,
-    _mac_ok,
-    _problem,
-    _record_ok,
-    _roundtrip,
-)
+from lowcomm.comm._swarm_averaging import _decode, _problem, _roundtrip
+from lowcomm.comm._swarm_membership import _PROTOCOL, _mac_ok, _record_ok
+from lowcomm.comm._swarm_procs import _die_with_parent
 from lowcomm.comm.compression.base import PayloadError
 
 if TYPE_CHECKING:
+    from lowcomm.comm._swarm_timeouts import SwarmTimeouts
     from lowcomm.comm.compression.base import Compressor
-    from lowcomm.comm.hivemind import SwarmTimeouts
 
 __all__ = [
     "Averager",
@@ -356,7 +350,7 @@ class Averager(DecentralizedAverager):
                 os._exit(1)
         super().run()
 
-    # -- parent side ------------------------------------------------------------------
+    # -- parent side ---------------------------------------------------------------------------
 
     def _call(self, method: str, wait_s: float, **kwargs: Any) -> Any:
         if not self.is_alive():
@@ -401,7 +395,7 @@ class Averager(DecentralizedAverager):
             raise RuntimeError("this averager serves no state")
         return self._state_provider()
 
-    # -- child side -------------------------------------------------------------------
+    # -- child side ----------------------------------------------------------------------------
 
     async def _lowcomm_prepare(self, bits: str, future: Any) -> None:
         try:

@@ -20,10 +20,13 @@ is built. hivemind's DHT and averagers are ``multiprocessing`` children that mus
 that started them (Linux ``PR_SET_PDEATHSIG``), so killing it, even with SIGKILL, takes its
 averagers and ``p2pd`` daemon with it.
 
-This module holds the public API and the backend's protocol (records, rounds, state sync);
-private helpers live beside it: ``_hivemind_records`` (pure: signed records, state digests,
-the resync rule, round results), ``_hivemind_subclasses`` (the hivemind subclasses that carry the
-wire format) and ``_hivemind_procs`` (starting, steering and stopping the processes).
+This module holds the public API and the backend's protocol; the concepts it is built from
+live beside it, one module each: ``_swarm_membership`` (heartbeat records, who is live, the
+run key's MACs), ``_swarm_state`` (snapshots, digests, the resync rule, state downloads),
+``_swarm_averaging`` (a round's wire format, in flight and its result), ``_swarm_timeouts``
+(:class:`SwarmTimeouts`), ``_swarm_procs`` (starting and stopping the processes) and
+``_hivemind_subclasses`` (the subclasses of hivemind's internals; the only module that
+imports hivemind at its top, and only once a backend or DHT is built).
 """
 
 from __future__ import annotations
@@ -42,33 +45,28 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowcomm.comm._hivemind_procs import (
-    _build_averager,
-    _fetch_state,
+from lowcomm.comm._swarm_averaging import _alone_result, _codec_spec, _SwarmWork
+from lowcomm.comm._swarm_membership import (
+    _PROTOCOL,
     _heartbeat_loop,
+    _mac,
+    _parse_records,
+    _Record,
+    _sign_record,
+)
+from lowcomm.comm._swarm_procs import (
+    _FAILURES,
+    _build_averager,
     _make_dht,
     _shutdown_averager,
     _shutdown_swarm,
     _sigterm_to_exit,
     _start_child,
     _subclasses,
-    _SwarmWork,
     start_bootstrap_dht,
 )
-from lowcomm.comm._hivemind_records import (
-    _FAILURES,
-    _PROTOCOL,
-    SwarmTimeouts,
-    _alone_result,
-    _codec_spec,
-    _mac,
-    _parse_records,
-    _Record,
-    _resync_plan,
-    _sign_record,
-    _state_hash,
-    _state_metadata,
-)
+from lowcomm.comm._swarm_state import _fetch_state, _resync_plan, _state_hash, _state_metadata
+from lowcomm.comm._swarm_timeouts import SwarmTimeouts
 from lowcomm.comm.base import AverageResult, ConsistencyError, DoneWork, WireStats
 from lowcomm.comm.reduce import Identity
 

@@ -219,7 +219,7 @@ def _planner(version: int, history: dict[int, Any]) -> HivemindBackend:
 
 
 def _rec(peer: str, version: int, history: dict[int, Any], busy: bool = False) -> Any:
-    from lowcomm.comm.hivemind import _Record
+    from lowcomm.comm._swarm_membership import _Record
 
     entries = _entries(history)
     return _Record(peer, "fp", version, entries[version][0], busy, entries)
@@ -256,7 +256,7 @@ def test_resync_rule() -> None:
     assert _planner(3, {3: "solo"})._plan({"z": _rec("z", 3, {3: "other"})}) is not None
     assert _planner(3, {3: "solo"})._plan({"a": _rec("a", 3, {3: "other"})}) is None
     # A peer that has not synced yet (no digest) counts for nothing.
-    from lowcomm.comm.hivemind import _Record
+    from lowcomm.comm._swarm_membership import _Record
 
     fresh = {"p": _Record("p", "fp", 9, "", False, {})}
     assert me._plan(fresh) is None

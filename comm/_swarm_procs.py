@@ -1,19 +1,17 @@
-"""The processes of a hivemind peer: starting, steering and stopping them.
+"""The processes of a swarm peer: starting and stopping them, and where hivemind is imported.
 
 Builds the DHT (:func:`_make_dht`) and the averagers (:func:`_build_averager`) as forked
-children that ignore Ctrl-C, runs the heartbeat thread (:func:`_heartbeat_loop`), downloads
-a peer's state (:func:`_fetch_state`), waits on one round in flight (:class:`_SwarmWork`),
-and shuts everything down in order (:func:`_shutdown_swarm`); also the bootstrap node
-(:func:`start_bootstrap_dht`, public through :mod:`lowcomm.comm.hivemind`).
-
-Kept apart from :mod:`lowcomm.comm.hivemind` so that the public module holds the backend's
-protocol, and from :mod:`lowcomm.comm._hivemind_subclasses` (the hivemind subclasses themselves)
-so that neither module grows past the house limit. hivemind is imported only when a DHT or
-averager is built.
+children that ignore Ctrl-C and die with their parent (:func:`_die_with_parent`), turns
+SIGTERM into a clean exit, and shuts everything down in order (:func:`_shutdown_swarm`);
+also the bootstrap node (:func:`start_bootstrap_dht`, public through
+:mod:`lowcomm.comm.hivemind`). :func:`_subclasses` imports
+:mod:`lowcomm.comm._hivemind_subclasses` (and with it hivemind) on first use, so that
+hivemind stays an optional extra; ``_FAILURES`` is what a call into those processes raises.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
@@ -22,29 +20,23 @@ import signal
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowcomm.comm._hivemind_records import (
-    _FAILURES,
-    _alone_result,
-    _download_problem,
-    _group_result,
-)
-from lowcomm.comm.base import AverageResult, ConsistencyError, Timer
-
 if TYPE_CHECKING:
     from types import ModuleType
 
+    from lowcomm.comm._swarm_timeouts import SwarmTimeouts
     from lowcomm.comm.compression.base import Compressor
-    from lowcomm.comm.hivemind import HivemindBackend, SwarmTimeouts
 
 # The backend's own logger, whichever of its modules the message comes from.
 logger = logging.getLogger("lowcomm.comm.hivemind")
 
+# What a failed step or RPC can raise here: hivemind forwards asyncio.CancelledError (a
+# BaseException) from its event loop when a round is torn down at its deadline.
+_FAILURES = (Exception, asyncio.CancelledError)
 # Elements per all-reduce part before rounding to the compressor's granularity (512 KiB of
 # fp32, under p2pd's 4 MiB message limit whatever the compressor).
 _PART_ELEMS = 2**17
@@ -106,7 +98,7 @@ def _sigterm_to_exit() -> Any:
     return signal.signal(signal.SIGTERM, on_sigterm)
 
 
-# -- averagers and state downloads -------------------------------------------------------------
+# -- averagers ---------------------------------------------------------------------------------
 
 
 def _build_averager(
@@ -150,38 +142,6 @@ def _build_averager(
     )
     averager._lowcomm_peers_key = peers_key
     return averager
-
-
-def _fetch_state(
-    server: Any,
-    peer: str,
-    timeout: float,
-    key: bytes | None,
-    fingerprint: str,
-    tensors: dict[str, torch.Tensor],
-    version: int,
-) -> tuple[Any, list[torch.Tensor]] | None:
-    """``(metadata, tensors)`` downloaded from ``peer`` through ``server``, checked; else None.
-
-    A failed download or a bad state is logged (the caller tries the next peer).
-
-    Raises:
-        ConsistencyError: ``peer`` serves a state with other names, shapes or dtypes.
-    """
-    try:
-        metadata, received = server.lowcomm_download(
-            _subclasses().PeerID.from_base58(peer).to_bytes(), timeout
-        )
-    except _FAILURES as e:
-        logger.info("hivemind: state download from %s failed: %s", peer, e)
-        return None
-    problem = _download_problem(key, fingerprint, peer, metadata, received, tensors, version)
-    if problem is not None:
-        if isinstance(problem, ConsistencyError):
-            raise problem
-        logger.warning("hivemind: state from %s rejected: %s", peer, problem)
-        return None
-    return metadata, received
 
 
 # -- DHT ---------------------------------------------------------------------------------------
@@ -247,90 +207,7 @@ def _make_dht(
     return dht
 
 
-def _heartbeat_loop(ref: weakref.ref[HivemindBackend], stop: threading.Event) -> None:
-    """Publish and read the backend's DHT record every heartbeat period until ``stop``.
-
-    Holds the backend only weakly between beats, so an abandoned backend can be collected.
-    """
-    while True:
-        backend = ref()
-        if backend is None:
-            return
-        period = backend.timeouts.heartbeat_period
-        try:
-            backend._refresh()
-        except _FAILURES as e:
-            logger.debug("hivemind heartbeat failed: %r", e)
-        del backend
-        if stop.wait(period):
-            return
-
-
-# -- a round in flight -------------------------------------------------------------------------
-
-
-class _SwarmWork:
-    """An average in flight in a hivemind averager process."""
-
-    def __init__(
-        self,
-        backend: HivemindBackend,
-        slot: tuple[Any, ...],
-        averager: Any,
-        control: Any,
-        flat: torch.Tensor,
-        shapes: list[torch.Size],
-        device: torch.device,
-        weight: float,
-        codec: Compressor,
-        round_id: int,
-    ) -> None:
-        self._backend = backend
-        self._slot = slot
-        self._averager = averager
-        self._control = control
-        self._flat = flat
-        self._shapes = shapes
-        self._device = device
-        self._weight = weight
-        self._codec = codec
-        self._round = round_id
-        self._result: AverageResult | None = None
-
-    def is_completed(self) -> bool:
-        return self._result is not None or self._control.done()
-
-    def wait(self) -> AverageResult:
-        if self._result is not None:
-            return self._result
-        backend = self._backend
-        summary = None
-        with Timer(backend.stats):
-            try:
-                summary = self._control.result(timeout=backend.timeouts.wait_timeout)
-            except _FAILURES as e:
-                reason = str(e) or type(e).__name__
-                if "could not find a group" in reason:
-                    reason = "nobody else came to this round within the matchmaking timeout"
-                logger.info("hivemind round %d: averaging alone (%s)", self._round, reason)
-                if not self._control.done():
-                    # The averager is wedged (it outlived every timeout): replace it.
-                    with contextlib.suppress(*_FAILURES):
-                        self._control.cancel()
-                    backend._discard_averager(self._slot)
-            if summary is not None:
-                with self._averager.get_tensors() as buffers:
-                    out = buffers[0].clone()
-        if summary is None:
-            self._result = _alone_result(
-                self._flat, self._shapes, self._device, self._weight, self._codec
-            )
-            backend._last_round_failed = True
-        else:
-            self._result = _group_result(summary, out, self._shapes, self._device, self._round)
-            backend._last_round_failed = False
-        backend._finish(self._slot, self._result)
-        return self._result
+# -- shutdown ----------------------------------------------------------------------------------
 
 
 def _shutdown_averager(averager: Any) -> None:
