@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -187,12 +188,7 @@ def _make_dht(
     try:
         dht.wait_until_ready(timeout=start_timeout)
     except Exception as e:
-        with contextlib.suppress(*_FAILURES):
-            if dht.is_alive():
-                dht.shutdown()
-            dht.join(2)
-            if dht.is_alive():
-                dht.kill()
+        _stop_child(dht, 2)
         where = ", ".join(initial_peers) if initial_peers else "(no initial peers)"
         if isinstance(e, TimeoutError | mp.TimeoutError) or type(e).__name__ == "TimeoutError":
             raise ConnectionError(
@@ -210,25 +206,87 @@ def _make_dht(
 # -- shutdown ----------------------------------------------------------------------------------
 
 
-def _shutdown_averager(averager: Any) -> None:
+def _stop_child(proc: Any, wait: float) -> None:
+    """Shut a DHT or averager process down; kill it if it still runs ``wait`` seconds later."""
     with contextlib.suppress(*_FAILURES):
-        if averager.is_alive():
-            averager.shutdown()
-        averager.join(5)
-        if averager.is_alive():
-            averager.kill()
+        if proc.is_alive():
+            proc.shutdown()
+        proc.join(wait)
+        if proc.is_alive():
+            proc.kill()
 
 
 def _shutdown_swarm(averagers: list[Any], dht: Any) -> None:
     """Stop ``averagers`` then ``dht``, killing whatever does not stop in time."""
-    for averager in averagers:
-        _shutdown_averager(averager)
-    with contextlib.suppress(*_FAILURES):
-        if dht.is_alive():
-            dht.shutdown()
-        dht.join(5)
-        if dht.is_alive():
-            dht.kill()
+    for averager in list(averagers):
+        _stop_child(averager, 5)
+    _stop_child(dht, 5)
+
+
+class _Processes:
+    """A peer's DHT and its averager processes, stopped together when the peer goes.
+
+    Averagers are forked with ``lock`` held: the lock that guards the DHT pipe, so that no
+    thread writes to it mid-fork. Everything started here is stopped by :meth:`close`, when
+    ``owner`` is garbage collected, or at interpreter exit (``weakref.finalize``), averagers
+    first, then the DHT.
+    """
+
+    def __init__(
+        self,
+        owner: object,
+        dht: Any,
+        lock: threading.RLock,
+        *,
+        run_key: bytes | None,
+        max_norm: float | None,
+        peers_key: str,
+    ) -> None:
+        self.dht = dht
+        self._lock = lock
+        self._run_key = run_key
+        self._max_norm = max_norm
+        self._peers_key = peers_key
+        self._pdeathsig = threading.current_thread() is threading.main_thread()
+        self._averagers: list[Any] = []
+        self._finalizer = weakref.finalize(owner, _shutdown_swarm, self._averagers, dht)
+
+    def start_averager(
+        self,
+        prefix: str,
+        numel: int,
+        codec: Compressor,
+        timeouts: SwarmTimeouts,
+        state_provider: Callable[[], Any] | None = None,
+    ) -> Any:
+        """A started averager of one ``numel``-element vector (serving state if given one)."""
+        with self._lock:  # no heartbeat on the DHT pipe while forking
+            averager = _build_averager(
+                self.dht,
+                prefix,
+                numel,
+                codec,
+                timeouts,
+                run_key=self._run_key,
+                max_norm=self._max_norm,
+                pdeathsig=self._pdeathsig,
+                state_provider=state_provider,
+                peers_key=self._peers_key,
+            )
+            _start_child(averager)
+            self._averagers.append(averager)
+        averager.wait_until_ready(timeout=60)
+        return averager
+
+    def stop_averager(self, averager: Any) -> None:
+        with self._lock:
+            if averager in self._averagers:
+                self._averagers.remove(averager)
+        _stop_child(averager, 5)
+
+    def close(self) -> None:
+        """Stop every averager, then the DHT. Idempotent."""
+        self._finalizer()
 
 
 # -- bootstrap node ----------------------------------------------------------------------------

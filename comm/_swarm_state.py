@@ -6,20 +6,27 @@ behind, or that holds another digest than most peers at a version they share, do
 the state from a peer that holds the swarm's. Here: the digest (:func:`_state_hash`), the
 signed metadata served beside the state (:func:`_state_metadata`) and its check
 (:func:`_download_problem`), the rule that picks the swarm's state (:func:`_resync_plan`),
-and one download (:func:`_fetch_state`).
+one download (:func:`_fetch_state`), and :class:`_SharedState`, which holds this peer's
+snapshot and history, serves them, and downloads the swarm's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lowcomm.comm._swarm_membership import _PROTOCOL, _mac, _mac_ok, _Record
 from lowcomm.comm._swarm_procs import _FAILURES, _subclasses
 from lowcomm.comm.base import ConsistencyError
+from lowcomm.comm.reduce import Identity
+
+if TYPE_CHECKING:
+    from lowcomm.comm._swarm_membership import _Peer
+    from lowcomm.comm._swarm_procs import _Processes
 
 # The backend's own logger, whichever of its modules the message comes from.
 logger = logging.getLogger("lowcomm.comm.hivemind")
@@ -177,3 +184,108 @@ def _fetch_state(
         logger.warning("hivemind: state from %s rejected: %s", peer, problem)
         return None
     return metadata, received
+
+
+# -- this peer's state -------------------------------------------------------------------------
+
+
+class _SharedState:
+    """The snapshot this peer serves to joiners, the digests it advertises, and downloads.
+
+    ``version`` is the snapshot's ``meta.outer_step`` (else a count of publishes);
+    ``history`` maps the last few versions to ``(digest, peers in the round that made it)``,
+    which the heartbeat record carries so that peers a round apart can still compare.
+    """
+
+    def __init__(self, me: _Peer, procs: _Processes) -> None:
+        self._me = me
+        self._procs = procs
+        self.version = 0
+        self.digest = ""
+        self.history: dict[int, tuple[str, int]] = {}
+        self._snapshot: dict[str, torch.Tensor] = {}
+        self._server: Any = None
+        self.bytes_downloaded = 0
+
+    def take_snapshot(
+        self, tensors: dict[str, torch.Tensor], bump: bool = False, peers: int = 0
+    ) -> None:
+        """Serve a copy of ``tensors`` from now on; ``bump``: a new version without a step."""
+        snapshot = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+        digest = _state_hash(snapshot)
+        step = snapshot.get("meta.outer_step")
+        with self._me.lock:
+            if step is not None and step.numel() == 1:
+                self.version = int(step.reshape(-1)[0])
+            elif bump:
+                self.version += 1
+            self._snapshot = snapshot
+            self.digest = digest
+            self.history[self.version] = (digest, peers)
+            for old in sorted(self.history)[:-8]:
+                del self.history[old]
+
+    def plan(self, records: dict[str, _Record]) -> tuple[int, str, list[str]] | None:
+        """(version, digest, peers to download from) if this peer must resync, else None.
+
+        The rule is :func:`_resync_plan`'s: behind a higher version, or diverged from the
+        majority at the newest version held in common.
+        """
+        with self._me.lock:
+            my_version, my_history = self.version, dict(self.history)
+        return _resync_plan(self._me.id, my_version, my_history, records)
+
+    def _serve(self) -> Any:
+        # Called by the state averager, on hivemind's state-fetching thread in this process.
+        me = self._me
+        with me.lock:
+            names = sorted(self._snapshot)
+            tensors = [self._snapshot[n].clone() for n in names]
+            version, digest = self.version, self.digest
+        metadata = _state_metadata(me.key, me.id, me.fingerprint, names, version, digest)
+        return metadata, tensors, None
+
+    def server(self) -> Any:
+        """The averager that serves this peer's snapshot (and downloads others'), started once."""
+        if self._server is None:
+            me = self._me
+            tag = hashlib.sha256(me.fingerprint.encode()).hexdigest()[:8]
+            self._server = self._procs.start_averager(
+                f"{me.prefix}{tag}st", 1, Identity(), me.timeouts, state_provider=self._serve
+            )
+        return self._server
+
+    def download(
+        self, tensors: dict[str, torch.Tensor], version: int, digest: str, candidates: list[str]
+    ) -> bool:
+        """Copy the state ``version`` (``digest``) into ``tensors`` from the first candidate
+        that serves it (checked); False if none did.
+
+        Raises:
+            ConsistencyError: a candidate serves a state with other names, shapes or dtypes.
+        """
+        me = self._me
+        server = self.server()
+        timeout = max(30.0, me.timeouts.averaging_timeout)
+        for peer in candidates:
+            t0 = time.monotonic()
+            fetched = _fetch_state(server, peer, timeout, me.key, me.fingerprint, tensors, version)
+            if fetched is None:
+                continue
+            metadata, received = fetched
+            with torch.no_grad():
+                for name, value in zip(metadata["names"], received):
+                    tensors[name].copy_(value.to(tensors[name].device))
+            self.bytes_downloaded += sum(t.numel() * t.element_size() for t in received)
+            with me.lock:
+                self.history.clear()  # digests of the state this peer no longer holds
+            self.take_snapshot(tensors)
+            logger.info(
+                "hivemind: downloaded state version %d (%s) from %s in %.2fs",
+                metadata["v"],
+                "the swarm's" if metadata["h"] == digest else "newer",
+                peer,
+                time.monotonic() - t0,
+            )
+            return True
+        return False

@@ -211,11 +211,14 @@ def _entries(history: dict[int, Any]) -> dict[int, tuple[str, int]]:
     return {v: (h, 3) if isinstance(h, str) else h for v, h in history.items()}
 
 
-def _planner(version: int, history: dict[int, Any]) -> HivemindBackend:
-    backend = HivemindBackend.__new__(HivemindBackend)  # the rule only: no DHT
-    backend._peer, backend._version, backend._history = "me", version, _entries(history)
-    backend._lock = threading.RLock()
-    return backend
+def _planner(version: int, history: dict[int, Any]) -> Any:
+    from lowcomm.comm._swarm_membership import _Peer
+    from lowcomm.comm._swarm_state import _SharedState
+
+    timeouts = SwarmTimeouts.from_round_seconds(ROUND_SECONDS)
+    state = _SharedState(_Peer("run", "me", None, "prefix", timeouts), procs=None)  # no DHT
+    state.version, state.history = version, _entries(history)
+    return state
 
 
 def _rec(peer: str, version: int, history: dict[int, Any], busy: bool = False) -> Any:
@@ -228,15 +231,15 @@ def _rec(peer: str, version: int, history: dict[int, Any], busy: bool = False) -
 def test_resync_rule() -> None:
     me = _planner(3, {2: "a", 3: "b"})
     # Alone, or with peers that agree: nothing to do.
-    assert me._plan({}) is None
-    assert me._plan({"p": _rec("p", 3, {2: "a", 3: "b"})}) is None
+    assert me.plan({}) is None
+    assert me.plan({"p": _rec("p", 3, {2: "a", 3: "b"})}) is None
     # Behind: take the digest most peers hold at the top version, idle peers first.
     records = {
         "p": _rec("p", 5, {4: "x", 5: "y"}, busy=True),
         "q": _rec("q", 5, {4: "x", 5: "y"}),
         "r": _rec("r", 5, {5: "z"}),
     }
-    assert me._plan(records) == (5, "y", ["q", "p"])
+    assert me.plan(records) == (5, "y", ["q", "p"])
     # Averaged alone at version 3 while two others averaged together: the minority resyncs,
     # even when the others have moved on (their history still shows version 3).
     lonely = _planner(3, {2: "a", 3: "solo"})
@@ -244,22 +247,22 @@ def test_resync_rule() -> None:
         "p": _rec("p", 3, {2: "a", 3: "group"}),
         "q": _rec("q", 3, {2: "a", 3: "group"}),
     }
-    assert lonely._plan(records) == (3, "group", ["p", "q"])
+    assert lonely.plan(records) == (3, "group", ["p", "q"])
     majority = _planner(3, {2: "a", 3: "group"})
     peers_ = {"p": records["p"], "s": _rec("s", 3, {2: "a", 3: "solo"})}
-    assert majority._plan(peers_) is None  # two against one
+    assert majority.plan(peers_) is None  # two against one
     # One against one: the state a larger group produced wins (two survivors of a kill, one
     # of which got the group's result); at equal group sizes, the higher peer id.
     survivor = {"a": _rec("a", 3, {3: ("group", 3)})}
-    assert _planner(3, {3: ("solo", 1)})._plan(survivor) == (3, "group", ["a"])
-    assert _planner(3, {3: ("group", 3)})._plan({"a": _rec("a", 3, {3: ("solo", 1)})}) is None
-    assert _planner(3, {3: "solo"})._plan({"z": _rec("z", 3, {3: "other"})}) is not None
-    assert _planner(3, {3: "solo"})._plan({"a": _rec("a", 3, {3: "other"})}) is None
+    assert _planner(3, {3: ("solo", 1)}).plan(survivor) == (3, "group", ["a"])
+    assert _planner(3, {3: ("group", 3)}).plan({"a": _rec("a", 3, {3: ("solo", 1)})}) is None
+    assert _planner(3, {3: "solo"}).plan({"z": _rec("z", 3, {3: "other"})}) is not None
+    assert _planner(3, {3: "solo"}).plan({"a": _rec("a", 3, {3: "other"})}) is None
     # A peer that has not synced yet (no digest) counts for nothing.
     from lowcomm.comm._swarm_membership import _Record
 
     fresh = {"p": _Record("p", "fp", 9, "", False, {})}
-    assert me._plan(fresh) is None
+    assert me.plan(fresh) is None
 
 
 # -- averaging ---------------------------------------------------------------------------------
@@ -437,7 +440,7 @@ def _kill_peer(
                 from hivemind.averaging.control import AveragingStage
 
                 backend.average([x], weight=1.0, step=step)
-                work = next(iter(backend._inflight.values()))
+                work = next(iter(backend._rounds._inflight.values()))
                 deadline = time.monotonic() + 30
                 while work._control.stage != AveragingStage.RUNNING_ALLREDUCE:
                     if time.monotonic() > deadline:
@@ -504,7 +507,7 @@ def test_sigkilled_peer_leaves_no_daemons(bootstrap: list[str], peers: Peers) ->
     def body(index: int, maddrs: list[str]) -> None:
         backend = _backend("orphans", maddrs)
         backend.check_consistent("fp")
-        backend._state_server()  # one averager process next to the DHT's and its p2pd
+        backend._state.server()  # one averager process next to the DHT's and its p2pd
         ready.set()
         time.sleep(60)
 
@@ -526,7 +529,7 @@ def test_sigterm_closes_cleanly(bootstrap: list[str], peers: Peers) -> None:
         backend = _backend("sigterm", maddrs)
         try:
             backend.check_consistent("fp")
-            backend._state_server()
+            backend._state.server()
             ready.set()
             time.sleep(60)
             return "slept"
