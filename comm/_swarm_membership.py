@@ -194,6 +194,7 @@ class _Membership:
 
     @property
     def heartbeat_started(self) -> bool:
+        """True once :meth:`start_heartbeat` ran (``check_consistent`` or a first sync)."""
         return self._heartbeat is not None
 
     def num_live(self) -> int:

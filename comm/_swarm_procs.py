@@ -2,8 +2,9 @@
 
 Builds the DHT (:func:`_make_dht`) and the averagers (:func:`_build_averager`) as forked
 children that ignore Ctrl-C and die with their parent (:func:`_die_with_parent`), turns
-SIGTERM into a clean exit, and shuts everything down in order (:func:`_shutdown_swarm`);
-also the bootstrap node (:func:`start_bootstrap_dht`, public through
+SIGTERM into a clean exit, and shuts everything down in order (:func:`_shutdown_swarm`).
+:class:`_Processes` holds one peer's DHT and averagers and stops them together. Also the
+bootstrap node (:func:`start_bootstrap_dht`, public through
 :mod:`lowcomm.comm.hivemind`). :func:`_subclasses` imports
 :mod:`lowcomm.comm._hivemind_subclasses` (and with it hivemind) on first use, so that
 hivemind stays an optional extra; ``_FAILURES`` is what a call into those processes raises.
@@ -242,7 +243,7 @@ class _Processes:
         max_norm: float | None,
         peers_key: str,
     ) -> None:
-        self.dht = dht
+        self._dht = dht
         self._lock = lock
         self._run_key = run_key
         self._max_norm = max_norm
@@ -262,7 +263,7 @@ class _Processes:
         """A started averager of one ``numel``-element vector (serving state if given one)."""
         with self._lock:  # no heartbeat on the DHT pipe while forking
             averager = _build_averager(
-                self.dht,
+                self._dht,
                 prefix,
                 numel,
                 codec,
