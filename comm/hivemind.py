@@ -20,10 +20,13 @@ is built. hivemind's DHT and averagers are ``multiprocessing`` children that mus
 that started them (Linux ``PR_SET_PDEATHSIG``), so killing it, even with SIGKILL, takes its
 averagers and ``p2pd`` daemon with it.
 
-This module holds the public API and the backend's protocol (records, rounds, state sync);
-private helpers live beside it: ``_hivemind_records`` (pure: signed records, state digests,
-the resync rule, round results), ``_hivemind_wire`` (the hivemind subclasses that carry the
-wire format) and ``_hivemind_procs`` (starting, steering and stopping the processes).
+This module holds the public API and the backend's protocol; the concepts it is built from
+live beside it, one module each: ``_swarm_membership`` (heartbeat records, who is live, the
+run key's MACs), ``_swarm_state`` (snapshots, digests, the resync rule, state downloads),
+``_swarm_averaging`` (a round's wire format, in flight and its result), ``_swarm_timeouts``
+(:class:`SwarmTimeouts`), ``_swarm_procs`` (starting and stopping the processes) and
+``_hivemind_subclasses`` (the subclasses of hivemind's internals; the only module that
+imports hivemind at its top, and only once a backend or DHT is built).
 """
 
 from __future__ import annotations
@@ -37,39 +40,23 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowcomm.comm._hivemind_procs import (
-    _build_averager,
-    _fetch_state,
-    _heartbeat_loop,
+from lowcomm.comm._swarm_averaging import _Contribution, _Rounds, _SwarmWork
+from lowcomm.comm._swarm_membership import _PROTOCOL, _Membership, _Peer
+from lowcomm.comm._swarm_procs import (
+    _FAILURES,
     _make_dht,
-    _shutdown_averager,
-    _shutdown_swarm,
+    _Processes,
     _sigterm_to_exit,
-    _start_child,
-    _SwarmWork,
     start_bootstrap_dht,
 )
-from lowcomm.comm._hivemind_records import (
-    _FAILURES,
-    _PROTOCOL,
-    SwarmTimeouts,
-    _alone_result,
-    _codec_spec,
-    _mac,
-    _parse_records,
-    _Record,
-    _resync_plan,
-    _sign_record,
-    _state_hash,
-    _state_metadata,
-)
-from lowcomm.comm._hivemind_wire import _hivemind
-from lowcomm.comm.base import AverageResult, ConsistencyError, DoneWork, WireStats
+from lowcomm.comm._swarm_state import _SharedState
+from lowcomm.comm._swarm_timeouts import SwarmTimeouts
+from lowcomm.comm.base import DoneWork, WireStats
 from lowcomm.comm.reduce import Identity
 
 if TYPE_CHECKING:
@@ -181,6 +168,8 @@ class HivemindBackend:
 
     elastic = True
 
+    elastic = True
+
     def __init__(
         self,
         run_id: str,
@@ -211,57 +200,38 @@ class HivemindBackend:
         if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
             raise ValueError(f"max_norm ({max_norm}) must be a positive finite number or None")
         self.run_id = run_id
-        self.timeouts = SwarmTimeouts.from_round_seconds(round_seconds)
+        timeouts = SwarmTimeouts.from_round_seconds(round_seconds)
         self.max_norm = max_norm
         self.wait_for_peers = wait_for_peers
         self.wait_for_peers_timeout = float(wait_for_peers_timeout)
-        key = run_key.encode() if isinstance(run_key, str) else run_key
-        self._key: bytes | None = key or None
-        salt = hashlib.sha256(f"{_PROTOCOL}|{run_id}".encode() + (self._key or b"")).hexdigest()
-        # The run key goes into every DHT key, so a stranger without it cannot even find them.
-        self._prefix = f"lowcomm{salt[:20]}"
-        self._peers_key = f"{self._prefix}_peers"
+        key = (run_key.encode() if isinstance(run_key, str) else run_key) or None
+        salt = hashlib.sha256(f"{_PROTOCOL}|{run_id}".encode() + (key or b"")).hexdigest()
         self.stats = WireStats()
-        self.state_bytes = 0
-        self.last_num_peers = 1
         self._closed = False
-        self._lock = threading.RLock()  # guards the DHT pipe, averager table and counters
-        self._fingerprint = ""
-        self._version = 0
-        self._digest = ""
-        self._history: dict[int, tuple[str, int]] = {}
-        self._snapshot: dict[str, torch.Tensor] = {}
-        self._busy = 0
-        self._inflight: dict[tuple[Any, ...], _SwarmWork] = {}
-        self._averagers: dict[tuple[Any, ...], Any] = {}
-        self._calls: dict[tuple[Any, ...], int] = {}
-        self._round_base = 0
-        self._records: dict[str, _Record] = {}
-        self._last_seen_other = time.monotonic()  # start as if others might be around
-        self._mismatch_warned: set[str] = set()
-        self._state_averager: Any = None
-        self._heartbeat: threading.Thread | None = None
-        self._stop = threading.Event()
         self._previous_sigterm: Any = None
 
-        self._pdeathsig = threading.current_thread() is threading.main_thread()
-        self._dht = _make_dht(list(initial_peers), host_maddrs, announce_maddrs, start_timeout)
+        dht = _make_dht(list(initial_peers), host_maddrs, announce_maddrs, start_timeout)
         try:
-            self._peer = str(self._dht.peer_id)
-            self._peer_bytes = self._dht.peer_id.to_bytes()
-            self.maddrs = [str(m) for m in self._dht.get_visible_maddrs()]
+            peer = str(dht.peer_id)
+            self.maddrs = [str(m) for m in dht.get_visible_maddrs()]
         except BaseException:
-            self._dht.shutdown()
+            dht.shutdown()
             raise
-        self._finalizer: weakref.finalize[..., HivemindBackend] = weakref.finalize(
-            self, _shutdown_swarm, [], self._dht
+        # The run key goes into every DHT key, so a stranger without it cannot even find them.
+        me = _Peer(run_id, peer, key, f"lowcomm{salt[:20]}", timeouts)
+        self._me = me
+        self._procs = _Processes(
+            self, dht, me.lock, run_key=key, max_norm=max_norm, peers_key=me.records_key
         )
+        self._state = _SharedState(me, self._procs)
+        self._rounds = _Rounds(me, self._procs, self.stats)
+        self._members = _Membership(me, dht, self._state, self._rounds)
         atexit.register(_close_at_exit, weakref.ref(self))
         if handle_sigterm:
             self._previous_sigterm = _sigterm_to_exit()
         logger.info(
             "hivemind peer %s joined run %r; others can join through %s",
-            self._peer,
+            me.id,
             run_id,
             self.maddrs,
         )
@@ -276,101 +246,27 @@ class HivemindBackend:
     @property
     def world_size(self) -> int:
         """Live peers of this run and configuration (this one included), per the last heartbeat."""
-        with self._lock:
-            return 1 + sum(1 for p in self._records if p != self._peer)
+        return self._members.num_live()
 
     @property
     def peer_id(self) -> str:
         """This peer's libp2p id."""
-        return self._peer
+        return self._me.id
 
-    # -- DHT records ---------------------------------------------------------------------------
+    @property
+    def timeouts(self) -> SwarmTimeouts:
+        """The current timeouts (:meth:`set_round_seconds` re-derives them)."""
+        return self._me.timeouts
 
-    def _my_record(self) -> list[Any]:
-        with self._lock:
-            busy = self._busy > 0
-            history = [[v, d, n] for v, (d, n) in sorted(self._history.items())[-4:]]
-            fingerprint, version, digest = self._fingerprint, self._version, self._digest
-        return _sign_record(self._key, self._peer, fingerprint, version, digest, busy, history)
+    @property
+    def last_num_peers(self) -> int:
+        """Peers in the last average (this one included)."""
+        return self._rounds.last_num_peers
 
-    def _dht_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            future = fn(*args, return_future=True, **kwargs)
-        return future.result(timeout=max(5.0, self.timeouts.request_timeout * 4))
-
-    def _publish(self) -> None:
-        from hivemind.utils import get_dht_time
-
-        self._dht_call(
-            self._dht.store,
-            self._peers_key,
-            subkey=self._peer_bytes,
-            value=self._my_record(),
-            expiration_time=get_dht_time() + self.timeouts.peer_ttl,
-        )
-
-    def _withdraw(self) -> None:
-        from hivemind.utils import get_dht_time
-
-        with contextlib.suppress(*_FAILURES):
-            self._dht_call(
-                self._dht.store,
-                self._peers_key,
-                subkey=self._peer_bytes,
-                value=None,
-                expiration_time=get_dht_time() + self.timeouts.peer_ttl + 1,
-            )
-
-    def _read(self, any_fingerprint: bool = False) -> dict[str, _Record]:
-        """Live peers' records (valid signatures only), this peer's own included."""
-        found = self._dht_call(self._dht.get, self._peers_key, latest=True)
-        records: dict[str, _Record] = {}
-        if found is None or not isinstance(found.value, dict):
-            return records
-        for peer, rec in _parse_records(self._key, found.value, _hivemind().PeerID):
-            if any_fingerprint or rec.fingerprint == self._fingerprint:
-                records[peer] = rec
-            elif rec.fingerprint not in self._mismatch_warned and peer != self._peer:
-                self._mismatch_warned.add(rec.fingerprint)
-                logger.warning(
-                    "hivemind run %r: peer %s has another model/config (fingerprint %s, ours "
-                    "%s); it will never be averaged with",
-                    self.run_id,
-                    peer,
-                    rec.fingerprint,
-                    self._fingerprint,
-                )
-        return records
-
-    def _refresh(self) -> dict[str, _Record]:
-        self._publish()
-        records = self._read()
-        self._set_records(records)
-        return records
-
-    def _set_records(self, records: dict[str, _Record]) -> None:
-        with self._lock:
-            self._records = records
-            if any(p != self._peer for p in records):
-                self._last_seen_other = time.monotonic()
-
-    def _alone_for(self) -> float:
-        """Seconds since another live peer of this run was last seen (0 if one is now)."""
-        with self._lock:
-            if any(p != self._peer for p in self._records):
-                return 0.0
-            return time.monotonic() - self._last_seen_other
-
-    def _start_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            return
-        self._heartbeat = threading.Thread(
-            target=_heartbeat_loop,
-            args=(weakref.ref(self), self._stop),
-            name="lowcomm-heartbeat",
-            daemon=True,
-        )
-        self._heartbeat.start()
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of state downloaded by :meth:`sync_state`."""
+        return self._state.bytes_downloaded
 
     # -- Backend protocol: consistency and state -----------------------------------------------
 
@@ -384,27 +280,7 @@ class HivemindBackend:
             ConsistencyError: a live peer of this run has a different ``fingerprint``.
         """
         self._check_open()
-        fingerprint = str(fingerprint)
-        for attempt in range(2):
-            others = {
-                r.fingerprint
-                for p, r in self._read(any_fingerprint=True).items()
-                if p != self._peer and r.fingerprint != fingerprint
-            }
-            if others:
-                if attempt:
-                    self._withdraw()
-                raise ConsistencyError(
-                    f"hivemind run {self.run_id!r} already has live peers with another model or "
-                    f"config (fingerprints {sorted(others)}; this peer's is {fingerprint}). Every "
-                    f"peer of a run must build the same model with the same DiLoCo settings: use "
-                    f"another run id for a different config, or wait "
-                    f"{self.timeouts.peer_ttl:.0f}s for the records of peers that left to expire"
-                )
-            if attempt == 0:
-                self._fingerprint = fingerprint
-                self._publish()
-        self._start_heartbeat()
+        self._members.join(str(fingerprint))
 
     def sync_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Make ``tensors`` equal (in place, bit for bit) to the swarm's state, if it has one.
@@ -424,16 +300,20 @@ class HivemindBackend:
             ConsistencyError: the downloaded state has other names, shapes or dtypes.
         """
         self._check_open()
-        first = self._heartbeat is None or not self._history
-        self._take_snapshot(tensors)
-        self._state_server()  # from now on this peer serves its state to joiners
-        records = self._await_peers() if first and self.wait_for_peers > 1 else self._refresh()
+        members, state = self._members, self._state
+        first = not members.heartbeat_started or not state.history
+        state.take_snapshot(tensors)
+        state.server()  # from now on this peer serves its state to joiners
+        if first and self.wait_for_peers > 1:
+            records = members.await_peers(self.wait_for_peers, self.wait_for_peers_timeout)
+        else:
+            records = members.refresh()
         if first and len(records) <= 1:
             # Peers started together may not have published yet: give them one heartbeat.
             time.sleep(min(self.timeouts.heartbeat_period, 2.0))
-            records = self._refresh()
-        self._start_heartbeat()
-        plan = self._plan(records)
+            records = members.refresh()
+        members.start_heartbeat()
+        plan = state.plan(records)
         deadline = time.monotonic() + self.timeouts.wait_timeout
         while (
             plan is not None
@@ -444,12 +324,15 @@ class HivemindBackend:
             # Every holder is mid-average: its snapshot is about to be one round old. Wait
             # for one to finish and publish the new state.
             time.sleep(0.2)
-            records = self._read()
-            self._set_records(records)
-            plan = self._plan(records)
+            records = members.read()
+            members.set_records(records)
+            plan = state.plan(records)
         if plan is not None:
             version, digest, candidates = plan
-            if not self._download(tensors, version, digest, candidates):
+            if state.download(tensors, version, digest, candidates):
+                with contextlib.suppress(*_FAILURES):
+                    members.publish()
+            else:
                 logger.warning(
                     "hivemind run %r: could not download the swarm's state (version %d) from "
                     "%s; keeping this peer's own (needs_resync() stays True)",
@@ -458,42 +341,7 @@ class HivemindBackend:
                     candidates,
                 )
         step = tensors.get("meta.outer_step")
-        self._round_base = int(step.reshape(-1)[0]) if step is not None else self._version
-        with self._lock:
-            self._calls.clear()
-
-    def _await_peers(self) -> dict[str, _Record]:
-        """The run's records once ``wait_for_peers`` peers (this one included) are live.
-
-        Raises:
-            TimeoutError: fewer were live after ``wait_for_peers_timeout`` seconds.
-        """
-        deadline = time.monotonic() + self.wait_for_peers_timeout
-        records: dict[str, _Record] = {}
-        said = -1
-        while True:
-            with contextlib.suppress(*_FAILURES):  # one slow DHT call is not the end of the wait
-                records = self._refresh()
-            live = max(len(records), 1)
-            if live >= self.wait_for_peers:
-                return records
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"hivemind run {self.run_id!r}: {live} of the {self.wait_for_peers} peers "
-                    f"it waits for (wait_for_peers) were live after "
-                    f"{self.wait_for_peers_timeout:g}s. Start the others with the same run id, "
-                    f"config and initial peers, or lower wait_for_peers"
-                )
-            if live != said:
-                said = live
-                logger.info(
-                    "hivemind run %r: %d of %d peers live; waiting for the rest (up to %gs)",
-                    self.run_id,
-                    live,
-                    self.wait_for_peers,
-                    self.wait_for_peers_timeout,
-                )
-            time.sleep(0.5)
+        self._rounds.restart(int(step.reshape(-1)[0]) if step is not None else state.version)
 
     def publish_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Serve a snapshot of ``tensors`` to joiners; call after each applied outer step.
@@ -502,9 +350,9 @@ class HivemindBackend:
         publishes; its digest goes into this peer's heartbeat for :meth:`needs_resync`.
         """
         self._check_open()
-        self._take_snapshot(tensors, bump=True, peers=self.last_num_peers)
+        self._state.take_snapshot(tensors, bump=True, peers=self.last_num_peers)
         with contextlib.suppress(*_FAILURES):
-            self._publish()
+            self._members.publish()
 
     def needs_resync(self) -> bool:
         """True if this peer is behind the swarm or its state differs from the swarm's.
@@ -515,88 +363,11 @@ class HivemindBackend:
         """
         self._check_open()
         try:
-            records = self._refresh()
+            records = self._members.refresh()
         except _FAILURES as e:
             logger.debug("hivemind needs_resync: DHT read failed: %r", e)
             return False
-        return self._plan(records) is not None
-
-    def _take_snapshot(
-        self, tensors: dict[str, torch.Tensor], bump: bool = False, peers: int = 0
-    ) -> None:
-        snapshot = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
-        digest = _state_hash(snapshot)
-        step = snapshot.get("meta.outer_step")
-        with self._lock:
-            if step is not None and step.numel() == 1:
-                self._version = int(step.reshape(-1)[0])
-            elif bump:
-                self._version += 1
-            self._snapshot = snapshot
-            self._digest = digest
-            self._history[self._version] = (digest, peers)
-            for old in sorted(self._history)[:-8]:
-                del self._history[old]
-
-    def _plan(self, records: dict[str, _Record]) -> tuple[int, str, list[str]] | None:
-        """(version, digest, peers to download from) if this peer must resync, else None.
-
-        The rule is :func:`~lowcomm.comm._hivemind_records._resync_plan`'s: behind a higher
-        version, or diverged from the majority at the newest version held in common.
-        """
-        with self._lock:
-            my_version, my_history = self._version, dict(self._history)
-        return _resync_plan(self._peer, my_version, my_history, records)
-
-    def _serve(self) -> Any:
-        with self._lock:
-            names = sorted(self._snapshot)
-            tensors = [self._snapshot[n].clone() for n in names]
-            version, digest = self._version, self._digest
-        metadata = _state_metadata(self._key, self._peer, self._fingerprint, names, version, digest)
-        return metadata, tensors, None
-
-    def _state_server(self) -> Any:
-        if self._state_averager is None:
-            self._state_averager = self._new_averager(
-                f"{self._prefix}{hashlib.sha256(self._fingerprint.encode()).hexdigest()[:8]}st",
-                1,
-                Identity(),
-                state=True,
-            )
-        return self._state_averager
-
-    def _download(
-        self, tensors: dict[str, torch.Tensor], version: int, digest: str, candidates: list[str]
-    ) -> bool:
-        server = self._state_server()
-        timeout = max(30.0, self.timeouts.averaging_timeout)
-        for peer in candidates:
-            t0 = time.monotonic()
-            fetched = _fetch_state(
-                server, peer, timeout, self._key, self._fingerprint, tensors, version
-            )
-            if fetched is None:
-                continue
-            metadata, received = fetched
-            with torch.no_grad():
-                for name, value in zip(metadata["names"], received):
-                    tensors[name].copy_(value.to(tensors[name].device))
-            self.state_bytes += sum(t.numel() * t.element_size() for t in received)
-            with self._lock:
-                self._history.clear()  # digests of the state this peer no longer holds
-            self._take_snapshot(tensors)
-            logger.info(
-                "hivemind: downloaded state version %d (%s) from %s in %.2fs",
-                metadata["v"],
-                "the swarm's" if metadata["h"] == digest else "newer",
-                peer,
-                time.monotonic() - t0,
-            )
-            with contextlib.suppress(*_FAILURES):
-                self._publish()
-            return True
-        return False
+        return self._state.plan(records) is not None
 
     # -- Backend protocol: averaging -----------------------------------------------------------
 
@@ -640,125 +411,25 @@ class HivemindBackend:
             raise ValueError("average() needs a non-empty tensor")
         self.check_compressor(compressor)
         codec: Compressor = compressor if compressor is not None else Identity()
-        device = flat.device
-        flat = flat.detach().reshape(-1).to("cpu", torch.float32)
-        if not bool(torch.isfinite(flat).all()):
-            logger.warning("hivemind: non-finite contribution; sending zeros with weight 0")
-            flat = torch.zeros_like(flat)
-            weight = 0.0
-        layout = (flat.numel(), _codec_spec(codec))
-        with self._lock:
-            if step is None:
-                round_id = self._round_base + self._calls.get(layout, 0)
-            else:
-                round_id = int(step)
-            if round_id < 0:
-                raise ValueError(f"step ({round_id}) must be >= 0")
-            self._calls[layout] = self._calls.get(layout, 0) + 1
-            slot_index = sum(1 for s in self._inflight if s[:2] == layout)
-            slot = (*layout, slot_index)
-            self._busy += 1
-        if self._alone_for() > self.timeouts.peer_ttl:
+        contribution = _Contribution.of(flat, weight, codec)
+        round_id, slot = self._rounds.open(contribution, step)
+        if self._members.alone_for() > self.timeouts.peer_ttl:
             # Nobody else has been alive for a while: no reason to wait out the matchmaking
             # timeout. (Right after start, others' records may just not be visible yet.)
             with contextlib.suppress(*_FAILURES):
-                self._refresh()
-            if self._alone_for() > self.timeouts.peer_ttl:
-                result = _alone_result(flat, device, weight, codec)
-                self._finish(None, result)
-                return DoneWork(result)
-        try:
-            averager = self._averager_for(slot, flat.numel(), codec)
-            with averager.get_tensors() as buffers:
-                buffers[0].copy_(flat)
-            mac = _mac(self._key, f"join|{self._peer}|{averager.prefix}.0b{round_id:b}")
-            control = averager.lowcomm_step(
-                f"{round_id:b}",
-                float(weight),
-                {"p": _PROTOCOL, "w": float(weight), "mac": mac},
-                timeout=self.timeouts.matchmaking_timeout,
-                init_timeout=max(10.0, self.timeouts.request_timeout * 4),
-            )
-        except _FAILURES as e:
-            logger.warning("hivemind round %d: could not start averaging (%s)", round_id, e)
-            self._discard_averager(slot)
-            result = _alone_result(flat, device, weight, codec)
-            self._finish(None, result)
-            return DoneWork(result)
-        work = _SwarmWork(self, slot, averager, control, flat, device, weight, codec, round_id)
-        with self._lock:
-            self._inflight[slot] = work
-        with contextlib.suppress(*_FAILURES):
-            self._publish()  # busy: joiners prefer peers that are not mid-average
+                self._members.refresh()
+            if self._members.alone_for() > self.timeouts.peer_ttl:
+                return self._rounds.alone(contribution)
+        work = self._rounds.start(slot, round_id, contribution)
+        if isinstance(work, _SwarmWork):
+            with contextlib.suppress(*_FAILURES):
+                self._members.publish()  # busy: joiners prefer peers that are not mid-average
         return work
-
-    def _finish(self, slot: tuple[Any, ...] | None, result: AverageResult) -> None:
-        with self._lock:
-            if slot is not None:
-                self._inflight.pop(slot, None)
-            self._busy = max(0, self._busy - 1)
-            self.last_num_peers = result.num_peers
-        self.stats.record(result.bytes_sent, result.bytes_received)
 
     def set_round_seconds(self, round_seconds: float) -> None:
         """Re-derive every timeout from a measured round time (:class:`SwarmTimeouts`)."""
-        self.timeouts = SwarmTimeouts.from_round_seconds(round_seconds)
-        with self._lock:
-            averagers = list(self._averagers.values())
-        for averager in averagers:
-            try:
-                averager.lowcomm_configure(self.timeouts, wait=10.0)
-            except _FAILURES as e:
-                logger.debug("hivemind: could not reconfigure an averager: %r", e)
-
-    # -- averager processes --------------------------------------------------------------------
-
-    def _new_averager(self, prefix: str, numel: int, codec: Compressor, state: bool) -> Any:
-        with self._lock:  # no heartbeat on the DHT pipe while forking
-            averager = _build_averager(
-                self._dht,
-                prefix,
-                numel,
-                codec,
-                self.timeouts,
-                run_key=self._key,
-                max_norm=self.max_norm,
-                pdeathsig=self._pdeathsig,
-                state_provider=self._serve if state else None,
-                peers_key=self._peers_key,
-            )
-            _start_child(averager)
-        averager.wait_until_ready(timeout=60)
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(
-            self, _shutdown_swarm, self._all_averagers() + [averager], self._dht
-        )
-        return averager
-
-    def _all_averagers(self) -> list[Any]:
-        out = list(self._averagers.values())
-        if self._state_averager is not None:
-            out.append(self._state_averager)
-        return out
-
-    def _averager_for(self, slot: tuple[Any, ...], numel: int, codec: Compressor) -> Any:
-        with self._lock:
-            averager = self._averagers.get(slot)
-        if averager is not None and averager.is_alive():
-            return averager
-        if averager is not None:
-            self._discard_averager(slot)
-        tag = hashlib.sha256(repr((self._fingerprint, slot)).encode()).hexdigest()[:12]
-        averager = self._new_averager(f"{self._prefix}{tag}", numel, codec, state=False)
-        with self._lock:
-            self._averagers[slot] = averager
-        return averager
-
-    def _discard_averager(self, slot: tuple[Any, ...]) -> None:
-        with self._lock:
-            averager = self._averagers.pop(slot, None)
-        if averager is not None:
-            _shutdown_averager(averager)
+        self._me.timeouts = SwarmTimeouts.from_round_seconds(round_seconds)
+        self._rounds.reconfigure(self._me.timeouts)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -771,16 +442,8 @@ class HivemindBackend:
         if self._closed:
             return
         self._closed = True
-        self._stop.set()
-        self._withdraw()
-        if self._heartbeat is not None:
-            self._heartbeat.join(timeout=5)
-        with self._lock:
-            averagers = self._all_averagers()
-            self._averagers.clear()
-            self._state_averager = None
-        self._finalizer.detach()
-        _shutdown_swarm(averagers, self._dht)
+        self._members.leave()
+        self._procs.close()
         if self._previous_sigterm is not None and (
             threading.current_thread() is threading.main_thread()
         ):

@@ -64,7 +64,7 @@ def peer(index: int, args: argparse.Namespace, maddrs: list[str], out: Any, even
             if victim and step == args.kill_round:
                 from hivemind.averaging.control import AveragingStage
 
-                control = next(iter(backend._inflight.values()))._control
+                control = work._control
                 while control.stage != AveragingStage.RUNNING_ALLREDUCE:
                     time.sleep(0.001)
                 time.sleep(0.05)

@@ -13,6 +13,9 @@ import os
 import queue
 import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -152,6 +155,44 @@ def _contribution(index: int, step: int, numel: int, scale: float = 1.0) -> torc
 # -- pure rules --------------------------------------------------------------------------------
 
 
+def test_lowcomm_imports_without_hivemind_and_says_how_to_install_it() -> None:
+    """hivemind is an extra: only building a backend or DHT may need it."""
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class NoHivemind:  # as if hivemind were not installed
+            def find_spec(self, name, path=None, target=None):
+                if name == "hivemind" or name.startswith("hivemind."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                return None
+
+        sys.meta_path.insert(0, NoHivemind())
+        import lowcomm
+        import lowcomm.comm
+        from lowcomm.comm.hivemind import HivemindBackend, SwarmTimeouts, start_bootstrap_dht
+
+        assert lowcomm.comm.HivemindBackend is HivemindBackend is lowcomm.HivemindBackend
+        assert SwarmTimeouts.from_round_seconds(10.0).matchmaking_time == 1.0
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] == "hivemind")
+        assert not loaded, loaded
+        for build in (lambda: HivemindBackend("run"), start_bootstrap_dht):
+            try:
+                build()
+            except ImportError as e:
+                print(e)
+            else:
+                raise AssertionError("built a swarm peer without hivemind")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    hint = "pip install 'lowcomm[hivemind]'"
+    assert done.stdout.count(hint) == 2, done.stdout
+
+
 def test_timeouts_follow_round_length() -> None:
     t = SwarmTimeouts.from_round_seconds(100.0)
     assert t.matchmaking_time == 10.0 and t.request_timeout == 5.0
@@ -170,15 +211,18 @@ def _entries(history: dict[int, Any]) -> dict[int, tuple[str, int]]:
     return {v: (h, 3) if isinstance(h, str) else h for v, h in history.items()}
 
 
-def _planner(version: int, history: dict[int, Any]) -> HivemindBackend:
-    backend = HivemindBackend.__new__(HivemindBackend)  # the rule only: no DHT
-    backend._peer, backend._version, backend._history = "me", version, _entries(history)
-    backend._lock = threading.RLock()
-    return backend
+def _planner(version: int, history: dict[int, Any]) -> Any:
+    from lowcomm.comm._swarm_membership import _Peer
+    from lowcomm.comm._swarm_state import _SharedState
+
+    timeouts = SwarmTimeouts.from_round_seconds(ROUND_SECONDS)
+    state = _SharedState(_Peer("run", "me", None, "prefix", timeouts), procs=None)  # no DHT
+    state.version, state.history = version, _entries(history)
+    return state
 
 
 def _rec(peer: str, version: int, history: dict[int, Any], busy: bool = False) -> Any:
-    from lowcomm.comm.hivemind import _Record
+    from lowcomm.comm._swarm_membership import _Record
 
     entries = _entries(history)
     return _Record(peer, "fp", version, entries[version][0], busy, entries)
@@ -187,15 +231,15 @@ def _rec(peer: str, version: int, history: dict[int, Any], busy: bool = False) -
 def test_resync_rule() -> None:
     me = _planner(3, {2: "a", 3: "b"})
     # Alone, or with peers that agree: nothing to do.
-    assert me._plan({}) is None
-    assert me._plan({"p": _rec("p", 3, {2: "a", 3: "b"})}) is None
+    assert me.plan({}) is None
+    assert me.plan({"p": _rec("p", 3, {2: "a", 3: "b"})}) is None
     # Behind: take the digest most peers hold at the top version, idle peers first.
     records = {
         "p": _rec("p", 5, {4: "x", 5: "y"}, busy=True),
         "q": _rec("q", 5, {4: "x", 5: "y"}),
         "r": _rec("r", 5, {5: "z"}),
     }
-    assert me._plan(records) == (5, "y", ["q", "p"])
+    assert me.plan(records) == (5, "y", ["q", "p"])
     # Averaged alone at version 3 while two others averaged together: the minority resyncs,
     # even when the others have moved on (their history still shows version 3).
     lonely = _planner(3, {2: "a", 3: "solo"})
@@ -203,22 +247,22 @@ def test_resync_rule() -> None:
         "p": _rec("p", 3, {2: "a", 3: "group"}),
         "q": _rec("q", 3, {2: "a", 3: "group"}),
     }
-    assert lonely._plan(records) == (3, "group", ["p", "q"])
+    assert lonely.plan(records) == (3, "group", ["p", "q"])
     majority = _planner(3, {2: "a", 3: "group"})
     peers_ = {"p": records["p"], "s": _rec("s", 3, {2: "a", 3: "solo"})}
-    assert majority._plan(peers_) is None  # two against one
+    assert majority.plan(peers_) is None  # two against one
     # One against one: the state a larger group produced wins (two survivors of a kill, one
     # of which got the group's result); at equal group sizes, the higher peer id.
     survivor = {"a": _rec("a", 3, {3: ("group", 3)})}
-    assert _planner(3, {3: ("solo", 1)})._plan(survivor) == (3, "group", ["a"])
-    assert _planner(3, {3: ("group", 3)})._plan({"a": _rec("a", 3, {3: ("solo", 1)})}) is None
-    assert _planner(3, {3: "solo"})._plan({"z": _rec("z", 3, {3: "other"})}) is not None
-    assert _planner(3, {3: "solo"})._plan({"a": _rec("a", 3, {3: "other"})}) is None
+    assert _planner(3, {3: ("solo", 1)}).plan(survivor) == (3, "group", ["a"])
+    assert _planner(3, {3: ("group", 3)}).plan({"a": _rec("a", 3, {3: ("solo", 1)})}) is None
+    assert _planner(3, {3: "solo"}).plan({"z": _rec("z", 3, {3: "other"})}) is not None
+    assert _planner(3, {3: "solo"}).plan({"a": _rec("a", 3, {3: "other"})}) is None
     # A peer that has not synced yet (no digest) counts for nothing.
-    from lowcomm.comm.hivemind import _Record
+    from lowcomm.comm._swarm_membership import _Record
 
     fresh = {"p": _Record("p", "fp", 9, "", False, {})}
-    assert me._plan(fresh) is None
+    assert me.plan(fresh) is None
 
 
 # -- averaging ---------------------------------------------------------------------------------
@@ -385,7 +429,7 @@ def _kill_peer(
                 from hivemind.averaging.control import AveragingStage
 
                 backend.average(x, weight=1.0, step=step)
-                work = next(iter(backend._inflight.values()))
+                work = next(iter(backend._rounds._inflight.values()))
                 deadline = time.monotonic() + 30
                 while work._control.stage != AveragingStage.RUNNING_ALLREDUCE:
                     if time.monotonic() > deadline:
@@ -452,7 +496,7 @@ def test_sigkilled_peer_leaves_no_daemons(bootstrap: list[str], peers: Peers) ->
     def body(index: int, maddrs: list[str]) -> None:
         backend = _backend("orphans", maddrs)
         backend.check_consistent("fp")
-        backend._state_server()  # one averager process next to the DHT's and its p2pd
+        backend._state.server()  # one averager process next to the DHT's and its p2pd
         ready.set()
         time.sleep(60)
 
@@ -474,7 +518,7 @@ def test_sigterm_closes_cleanly(bootstrap: list[str], peers: Peers) -> None:
         backend = _backend("sigterm", maddrs)
         try:
             backend.check_consistent("fp")
-            backend._state_server()
+            backend._state.server()
             ready.set()
             time.sleep(60)
             return "slept"
@@ -788,9 +832,8 @@ def test_reducer_that_never_opens_its_stream_fails_the_round_within_reducer_time
     """
     import asyncio
 
-    import lowcomm.comm.hivemind as swarm
+    from lowcomm.comm._hivemind_subclasses import Runner
 
-    runner_type = swarm._hivemind().Runner
     failed: list[int] = []
     opened = asyncio.Event()
 
@@ -803,7 +846,7 @@ def test_reducer_that_never_opens_its_stream_fails_the_round_within_reducer_time
             opened.set()
             await asyncio.Event().wait()  # the remote daemon never answers
 
-    runner = object.__new__(runner_type)  # only the fields _communicate_with_peer reads
+    runner = object.__new__(Runner)  # only the fields _communicate_with_peer reads
     runner.ordered_peer_ids = ["me", "dead"]
     runner.peer_id = "me"
     runner.reducer_timeout = 0.2
@@ -833,16 +876,16 @@ def _poisoning_peer(index: int, maddrs: list[str], bad: int, start: Any) -> dict
     if index == bad:
         # A broken peer: every part it sends to others carries NaN (its own slice, which it
         # reduces itself, stays clean).
-        import lowcomm.comm.hivemind as swarm
+        from lowcomm.comm._hivemind_subclasses import WireCodec
 
-        original = swarm._hivemind().WireCodec.compress
+        original = WireCodec.compress
 
         def poisoned(
             self: Any, tensor: torch.Tensor, info: Any, allow_inplace: bool = False
         ) -> Any:
             return original(self, torch.full_like(tensor, float("nan")), info, allow_inplace)
 
-        swarm._hivemind().WireCodec.compress = poisoned
+        WireCodec.compress = poisoned
     backend = _backend("poison", maddrs)
     try:
         backend.check_consistent("fp")

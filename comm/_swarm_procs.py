@@ -1,23 +1,24 @@
-"""The processes of a hivemind peer: starting, steering and stopping them.
+"""The processes of a swarm peer: starting and stopping them, and where hivemind is imported.
 
 Builds the DHT (:func:`_make_dht`) and the averagers (:func:`_build_averager`) as forked
-children that ignore Ctrl-C, runs the heartbeat thread (:func:`_heartbeat_loop`), downloads
-a peer's state (:func:`_fetch_state`), waits on one round in flight (:class:`_SwarmWork`),
-and shuts everything down in order (:func:`_shutdown_swarm`); also the bootstrap node
-(:func:`start_bootstrap_dht`, public through :mod:`lowcomm.comm.hivemind`).
-
-Kept apart from :mod:`lowcomm.comm.hivemind` so that the public module holds the backend's
-protocol, and from :mod:`lowcomm.comm._hivemind_wire` (the hivemind subclasses themselves)
-so that neither module grows past the house limit. hivemind is imported only when a DHT or
-averager is built.
+children that ignore Ctrl-C and die with their parent (:func:`_die_with_parent`), turns
+SIGTERM into a clean exit, and shuts everything down in order (:func:`_shutdown_swarm`).
+:class:`_Processes` holds one peer's DHT and averagers and stops them together. Also the
+bootstrap node (:func:`start_bootstrap_dht`, public through
+:mod:`lowcomm.comm.hivemind`). :func:`_subclasses` imports
+:mod:`lowcomm.comm._hivemind_subclasses` (and with it hivemind) on first use, so that
+hivemind stays an optional extra; ``_FAILURES`` is what a call into those processes raises.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing as mp
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -26,29 +27,49 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowcomm.comm._hivemind_records import (
-    _FAILURES,
-    _alone_result,
-    _download_problem,
-    _group_result,
-    _roundtrip,
-)
-from lowcomm.comm._hivemind_wire import _hivemind
-from lowcomm.comm.base import AverageResult, ConsistencyError, Timer
-
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    from lowcomm.comm._swarm_timeouts import SwarmTimeouts
     from lowcomm.comm.compression.base import Compressor
-    from lowcomm.comm.hivemind import HivemindBackend, SwarmTimeouts
 
 # The backend's own logger, whichever of its modules the message comes from.
 logger = logging.getLogger("lowcomm.comm.hivemind")
 
+# What a failed step or RPC can raise here: hivemind forwards asyncio.CancelledError (a
+# BaseException) from its event loop when a round is torn down at its deadline.
+_FAILURES = (Exception, asyncio.CancelledError)
 # Elements per all-reduce part before rounding to the compressor's granularity (512 KiB of
 # fp32, under p2pd's 4 MiB message limit whatever the compressor).
 _PART_ELEMS = 2**17
 
+_INSTALL_HINT = "the hivemind backend needs hivemind: pip install 'lowcomm[hivemind]'"
+
+
+def _subclasses() -> ModuleType:
+    """:mod:`lowcomm.comm._hivemind_subclasses`, imported on first use: hivemind is optional.
+
+    Raises:
+        ImportError: hivemind is not installed (the message says how to install it).
+    """
+    try:
+        import hivemind  # noqa: F401
+    except ImportError as e:
+        raise ImportError(_INSTALL_HINT) from e
+    from lowcomm.comm import _hivemind_subclasses
+
+    return _hivemind_subclasses
+
 
 # -- process hygiene ---------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the thread that forked it exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _start_child(proc: mp.process.BaseProcess) -> None:
@@ -79,7 +100,7 @@ def _sigterm_to_exit() -> Any:
     return signal.signal(signal.SIGTERM, on_sigterm)
 
 
-# -- averagers and state downloads -------------------------------------------------------------
+# -- averagers ---------------------------------------------------------------------------------
 
 
 def _build_averager(
@@ -96,7 +117,7 @@ def _build_averager(
     peers_key: str,
 ) -> Any:
     """An averager (not started) of one ``numel``-element vector; serves state if given one."""
-    hm = _hivemind()
+    hm = _subclasses()
     t = timeouts
     granularity = max(1, int(getattr(codec, "granularity", 1)))
     part = granularity * max(1, round(_PART_ELEMS / granularity))
@@ -125,38 +146,6 @@ def _build_averager(
     return averager
 
 
-def _fetch_state(
-    server: Any,
-    peer: str,
-    timeout: float,
-    key: bytes | None,
-    fingerprint: str,
-    tensors: dict[str, torch.Tensor],
-    version: int,
-) -> tuple[Any, list[torch.Tensor]] | None:
-    """``(metadata, tensors)`` downloaded from ``peer`` through ``server``, checked; else None.
-
-    A failed download or a bad state is logged (the caller tries the next peer).
-
-    Raises:
-        ConsistencyError: ``peer`` serves a state with other names, shapes or dtypes.
-    """
-    try:
-        metadata, received = server.lowcomm_download(
-            _hivemind().PeerID.from_base58(peer).to_bytes(), timeout
-        )
-    except _FAILURES as e:
-        logger.info("hivemind: state download from %s failed: %s", peer, e)
-        return None
-    problem = _download_problem(key, fingerprint, peer, metadata, received, tensors, version)
-    if problem is not None:
-        if isinstance(problem, ConsistencyError):
-            raise problem
-        logger.warning("hivemind: state from %s rejected: %s", peer, problem)
-        return None
-    return metadata, received
-
-
 # -- DHT ---------------------------------------------------------------------------------------
 
 
@@ -167,7 +156,7 @@ def _make_dht(
     start_timeout: float,
     identity_path: str | None = None,
 ) -> Any:
-    hm = _hivemind()
+    hm = _subclasses()
     method = mp.get_start_method(allow_none=True)
     if method not in (None, "fork"):
         raise RuntimeError(
@@ -200,12 +189,7 @@ def _make_dht(
     try:
         dht.wait_until_ready(timeout=start_timeout)
     except Exception as e:
-        with contextlib.suppress(*_FAILURES):
-            if dht.is_alive():
-                dht.shutdown()
-            dht.join(2)
-            if dht.is_alive():
-                dht.kill()
+        _stop_child(dht, 2)
         where = ", ".join(initial_peers) if initial_peers else "(no initial peers)"
         if isinstance(e, TimeoutError | mp.TimeoutError) or type(e).__name__ == "TimeoutError":
             raise ConnectionError(
@@ -220,109 +204,90 @@ def _make_dht(
     return dht
 
 
-def _heartbeat_loop(ref: weakref.ref[HivemindBackend], stop: threading.Event) -> None:
-    """Publish and read the backend's DHT record every heartbeat period until ``stop``.
-
-    Holds the backend only weakly between beats, so an abandoned backend can be collected.
-    """
-    while True:
-        backend = ref()
-        if backend is None:
-            return
-        period = backend.timeouts.heartbeat_period
-        try:
-            backend._refresh()
-        except _FAILURES as e:
-            logger.debug("hivemind heartbeat failed: %r", e)
-        del backend
-        if stop.wait(period):
-            return
+# -- shutdown ----------------------------------------------------------------------------------
 
 
-# -- a round in flight -------------------------------------------------------------------------
-
-
-class _SwarmWork:
-    """An average in flight in a hivemind averager process."""
-
-    def __init__(
-        self,
-        backend: HivemindBackend,
-        slot: tuple[Any, ...],
-        averager: Any,
-        control: Any,
-        flat: torch.Tensor,
-        device: torch.device,
-        weight: float,
-        codec: Compressor,
-        round_id: int,
-    ) -> None:
-        self._backend = backend
-        self._slot = slot
-        self._averager = averager
-        self._control = control
-        self._flat = flat
-        self._device = device
-        self._weight = weight
-        self._codec = codec
-        self._round = round_id
-        self._result: AverageResult | None = None
-
-    def is_completed(self) -> bool:
-        return self._result is not None or self._control.done()
-
-    def wait(self) -> AverageResult:
-        if self._result is not None:
-            return self._result
-        backend = self._backend
-        summary = None
-        with Timer(backend.stats):
-            try:
-                summary = self._control.result(timeout=backend.timeouts.wait_timeout)
-            except _FAILURES as e:
-                reason = str(e) or type(e).__name__
-                if "could not find a group" in reason:
-                    reason = "nobody else came to this round within the matchmaking timeout"
-                logger.info("hivemind round %d: averaging alone (%s)", self._round, reason)
-                if not self._control.done():
-                    # The averager is wedged (it outlived every timeout): replace it.
-                    with contextlib.suppress(*_FAILURES):
-                        self._control.cancel()
-                    backend._discard_averager(self._slot)
-            if summary is not None:
-                with self._averager.get_tensors() as buffers:
-                    out = buffers[0].clone()
-        if summary is None:
-            self._result = _alone_result(self._flat, self._device, self._weight, self._codec)
-        else:
-            # What the others decoded of this peer's contribution (its averager encoded it).
-            own = _roundtrip(self._codec, self._flat)
-            if self._weight == 0:
-                own = torch.zeros_like(own)
-            self._result = _group_result(summary, out, own, self._weight, self._device, self._round)
-        backend._finish(self._slot, self._result)
-        return self._result
-
-
-def _shutdown_averager(averager: Any) -> None:
+def _stop_child(proc: Any, wait: float) -> None:
+    """Shut a DHT or averager process down; kill it if it still runs ``wait`` seconds later."""
     with contextlib.suppress(*_FAILURES):
-        if averager.is_alive():
-            averager.shutdown()
-        averager.join(5)
-        if averager.is_alive():
-            averager.kill()
+        if proc.is_alive():
+            proc.shutdown()
+        proc.join(wait)
+        if proc.is_alive():
+            proc.kill()
 
 
 def _shutdown_swarm(averagers: list[Any], dht: Any) -> None:
     """Stop ``averagers`` then ``dht``, killing whatever does not stop in time."""
-    for averager in averagers:
-        _shutdown_averager(averager)
-    with contextlib.suppress(*_FAILURES):
-        if dht.is_alive():
-            dht.shutdown()
-        dht.join(5)
-        if dht.is_alive():
-            dht.kill()
+    for averager in list(averagers):
+        _stop_child(averager, 5)
+    _stop_child(dht, 5)
+
+
+class _Processes:
+    """A peer's DHT and its averager processes, stopped together when the peer goes.
+
+    Averagers are forked with ``lock`` held: the lock that guards the DHT pipe, so that no
+    thread writes to it mid-fork. Everything started here is stopped by :meth:`close`, when
+    ``owner`` is garbage collected, or at interpreter exit (``weakref.finalize``), averagers
+    first, then the DHT.
+    """
+
+    def __init__(
+        self,
+        owner: object,
+        dht: Any,
+        lock: threading.RLock,
+        *,
+        run_key: bytes | None,
+        max_norm: float | None,
+        peers_key: str,
+    ) -> None:
+        self._dht = dht
+        self._lock = lock
+        self._run_key = run_key
+        self._max_norm = max_norm
+        self._peers_key = peers_key
+        self._pdeathsig = threading.current_thread() is threading.main_thread()
+        self._averagers: list[Any] = []
+        self._finalizer = weakref.finalize(owner, _shutdown_swarm, self._averagers, dht)
+
+    def start_averager(
+        self,
+        prefix: str,
+        numel: int,
+        codec: Compressor,
+        timeouts: SwarmTimeouts,
+        state_provider: Callable[[], Any] | None = None,
+    ) -> Any:
+        """A started averager of one ``numel``-element vector (serving state if given one)."""
+        with self._lock:  # no heartbeat on the DHT pipe while forking
+            averager = _build_averager(
+                self._dht,
+                prefix,
+                numel,
+                codec,
+                timeouts,
+                run_key=self._run_key,
+                max_norm=self._max_norm,
+                pdeathsig=self._pdeathsig,
+                state_provider=state_provider,
+                peers_key=self._peers_key,
+            )
+            _start_child(averager)
+            self._averagers.append(averager)
+        averager.wait_until_ready(timeout=60)
+        return averager
+
+    def stop_averager(self, averager: Any) -> None:
+        with self._lock:
+            if averager in self._averagers:
+                self._averagers.remove(averager)
+        _stop_child(averager, 5)
+
+    def close(self) -> None:
+        """Stop every averager, then the DHT. Idempotent."""
+        self._finalizer()
 
 
 # -- bootstrap node ----------------------------------------------------------------------------

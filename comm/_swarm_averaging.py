@@ -1,0 +1,330 @@
+"""Averaging in a swarm: rounds, matchmaking, and what a group's all-reduce gives back.
+
+Every outer step is a round. :class:`_Rounds` numbers the rounds, keeps one averager process
+per slot of averages in flight, and asks it to find a group for the round (matchmaking
+keyed by the round, a join MAC bound to the run key); :class:`_SwarmWork` waits for that
+group's butterfly all-reduce and turns its summary into an
+:class:`~lowcomm.comm.base.AverageResult` (:func:`_group_result`), or, when nobody else came,
+into this peer's own (:meth:`_Contribution.alone`). The wire format's helpers live here too:
+one encode per contribution (:func:`_roundtrip`), decoding a part (:func:`_decode`) and the
+check every incoming part passes (:func:`_problem`), used by the all-reduce in
+:mod:`lowcomm.comm._hivemind_subclasses`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lowcomm.comm._swarm_membership import _PROTOCOL, _mac
+from lowcomm.comm._swarm_procs import _FAILURES
+from lowcomm.comm.base import AverageResult, DoneWork, Timer
+from lowcomm.comm.compression.base import Payload
+from lowcomm.comm.reduce import Identity
+
+if TYPE_CHECKING:
+    from lowcomm.comm._swarm_membership import _Peer
+    from lowcomm.comm._swarm_procs import _Processes
+    from lowcomm.comm._swarm_timeouts import SwarmTimeouts
+    from lowcomm.comm.base import WireStats
+    from lowcomm.comm.compression.base import Compressor
+
+# The backend's own logger, whichever of its modules the message comes from.
+logger = logging.getLogger("lowcomm.comm.hivemind")
+
+
+def _codec_spec(codec: Compressor) -> str:
+    if isinstance(codec, Identity):
+        return "none"
+    try:
+        from lowcomm.comm.compression.registry import compression_spec
+
+        return str(compression_spec(codec))
+    except Exception:  # a user's own compressor: its repr must identify it
+        return f"{type(codec).__module__}.{type(codec).__qualname__}:{codec!r}"
+
+
+def _roundtrip(codec: Compressor, flat: torch.Tensor) -> torch.Tensor:
+    if isinstance(codec, Identity) or flat.numel() == 0:
+        return flat.clone()
+    return codec.decompress(codec.compress(flat)).to(torch.float32)
+
+
+def _decode(codec: Compressor, buffer: bytes, numel: int) -> torch.Tensor:
+    data = torch.frombuffer(bytearray(buffer), dtype=torch.uint8) if buffer else torch.empty(0)
+    return codec.decompress(Payload(data.to(torch.uint8), numel)).to(torch.float32)
+
+
+def _problem(part: torch.Tensor, numel: int, max_norm: float | None) -> str | None:
+    """Why an incoming part must not enter the average, or None if it may."""
+    if part.dtype != torch.float32 or part.numel() != numel:
+        return f"dtype {part.dtype} and {part.numel()} elements (expected float32, {numel})"
+    if not bool(torch.isfinite(part).all()):
+        return "non-finite values (NaN/Inf)"
+    if max_norm is not None:
+        norm = float(part.norm())
+        if norm > max_norm:
+            return f"L2 norm {norm:.4g} above max_norm {max_norm:.4g}"
+    return None
+
+
+# -- round results ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Contribution:
+    """This peer's part of one round: one flat fp32 vector, its weight, and its wire format."""
+
+    flat: torch.Tensor
+    device: torch.device
+    weight: float
+    codec: Compressor
+
+    @classmethod
+    def of(cls, flat: torch.Tensor, weight: float, codec: Compressor) -> _Contribution:
+        """``flat`` on the host; a non-finite one becomes zeros of weight 0."""
+        device = flat.device
+        flat = flat.detach().reshape(-1).to("cpu", torch.float32)
+        if not bool(torch.isfinite(flat).all()):
+            logger.warning("hivemind: non-finite contribution; sending zeros with weight 0")
+            flat = torch.zeros_like(flat)
+            weight = 0.0
+        return cls(flat, device, weight, codec)
+
+    @property
+    def layout(self) -> tuple[int, str]:
+        """What peers must share to average together: vector size and compressor."""
+        return self.flat.numel(), _codec_spec(self.codec)
+
+    def own(self) -> torch.Tensor:
+        """What the others decode of this contribution (its averager encodes it once more,
+        in its own process; the values are the same)."""
+        if self.weight <= 0:
+            return torch.zeros_like(self.flat)
+        return _roundtrip(self.codec, self.flat)
+
+    def alone(self) -> AverageResult:
+        """The result of a round this peer averaged by itself."""
+        # The same encode/decode as a real average of one, so error feedback stays right.
+        own = self.own()
+        mean = _roundtrip(self.codec, own)
+        used = float(self.weight) if self.weight > 0 else 0.0
+        return AverageResult(
+            mean.to(self.device), own.to(self.device), 1 if used > 0 else 0, used, used
+        )
+
+
+def _group_result(
+    summary: dict[str, Any], out: torch.Tensor, contribution: _Contribution, round_id: int
+) -> AverageResult:
+    """The result of a group's all-reduce (``out``), from the averager's summary of it."""
+    parts = summary.get("part_stats") or [(summary["declared_weight"], summary["group_size"])]
+    total = min(float(w) for w, _ in parts)
+    complete = all(
+        math.isclose(float(w), summary["declared_weight"], rel_tol=1e-9, abs_tol=1e-12)
+        for w, _ in parts
+    )
+    num_peers = summary["positive_peers"] if complete else min(int(c) for _, c in parts)
+    if not complete:
+        logger.warning(
+            "hivemind round %d: some contributions were dropped from parts of the average "
+            "(%s); total weight %.4g of %.4g declared",
+            round_id,
+            "; ".join(summary.get("dropped", [])) or "a peer failed mid-average",
+            total,
+            summary["declared_weight"],
+        )
+    return AverageResult(
+        out.to(contribution.device),
+        contribution.own().to(contribution.device),
+        num_peers,
+        total,
+        float(contribution.weight),
+        int(summary["bytes_sent"]),
+        int(summary["bytes_received"]),
+    )
+
+
+# -- rounds ------------------------------------------------------------------------------------
+
+
+class _SwarmWork:
+    """An average in flight in a hivemind averager process."""
+
+    def __init__(
+        self,
+        rounds: _Rounds,
+        slot: tuple[Any, ...],
+        averager: Any,
+        control: Any,
+        contribution: _Contribution,
+        round_id: int,
+    ) -> None:
+        self._rounds = rounds
+        self._slot = slot
+        self._averager = averager
+        self._control = control
+        self._contribution = contribution
+        self._round = round_id
+        self._result: AverageResult | None = None
+
+    def is_completed(self) -> bool:
+        return self._result is not None or self._control.done()
+
+    def wait(self) -> AverageResult:
+        if self._result is not None:
+            return self._result
+        rounds = self._rounds
+        summary = None
+        with Timer(rounds.stats):
+            try:
+                summary = self._control.result(timeout=rounds.timeouts.wait_timeout)
+            except _FAILURES as e:
+                reason = str(e) or type(e).__name__
+                if "could not find a group" in reason:
+                    reason = "nobody else came to this round within the matchmaking timeout"
+                logger.info("hivemind round %d: averaging alone (%s)", self._round, reason)
+                if not self._control.done():
+                    # The averager is wedged (it outlived every timeout): replace it.
+                    with contextlib.suppress(*_FAILURES):
+                        self._control.cancel()
+                    rounds.discard(self._slot)
+            if summary is not None:
+                with self._averager.get_tensors() as buffers:
+                    out = buffers[0].clone()
+        if summary is None:
+            self._result = self._contribution.alone()
+        else:
+            self._result = _group_result(summary, out, self._contribution, self._round)
+        rounds.finish(self._slot, self._result)
+        return self._result
+
+
+class _Rounds:
+    """This peer's rounds: which round an average joins, its averager, what is in flight.
+
+    Each average runs in an averager process of its own slot: ``(vector size, compressor,
+    index among the averages of that layout in flight)``, so that averages in flight at once
+    (fragments, overlap) never share one. Without an explicit ``step``, the k-th average of a
+    layout since :meth:`restart` is round ``round_base + k``.
+    """
+
+    def __init__(self, me: _Peer, procs: _Processes, stats: WireStats) -> None:
+        self._me = me
+        self._procs = procs
+        self.stats = stats
+        self.busy = 0  # averages started and not yet finished
+        self.last_num_peers = 1
+        self._inflight: dict[tuple[Any, ...], _SwarmWork] = {}
+        self._averagers: dict[tuple[Any, ...], Any] = {}
+        self._calls: dict[tuple[Any, ...], int] = {}
+        self._round_base = 0
+
+    @property
+    def timeouts(self) -> SwarmTimeouts:
+        return self._me.timeouts
+
+    def restart(self, round_base: int) -> None:
+        """Number the rounds of every layout from ``round_base`` again (after a state sync)."""
+        self._round_base = round_base
+        with self._me.lock:
+            self._calls.clear()
+
+    def open(self, contribution: _Contribution, step: int | None) -> tuple[int, tuple[Any, ...]]:
+        """``(round, slot)`` of a new average, which counts as busy until :meth:`finish`.
+
+        Raises:
+            ValueError: ``step`` is negative.
+        """
+        layout = contribution.layout
+        with self._me.lock:
+            if step is None:
+                round_id = self._round_base + self._calls.get(layout, 0)
+            else:
+                round_id = int(step)
+            if round_id < 0:
+                raise ValueError(f"step ({round_id}) must be >= 0")
+            self._calls[layout] = self._calls.get(layout, 0) + 1
+            slot_index = sum(1 for s in self._inflight if s[:2] == layout)
+            self.busy += 1
+        return round_id, (*layout, slot_index)
+
+    def alone(self, contribution: _Contribution) -> DoneWork:
+        """Finish a round opened by :meth:`open` with this peer's own contribution."""
+        result = contribution.alone()
+        self.finish(None, result)
+        return DoneWork(result)
+
+    def start(
+        self, slot: tuple[Any, ...], round_id: int, contribution: _Contribution
+    ) -> _SwarmWork | DoneWork:
+        """Look for a group for ``round_id`` in the slot's averager; alone if that fails."""
+        me = self._me
+        try:
+            averager = self._averager_for(slot, contribution)
+            with averager.get_tensors() as buffers:
+                buffers[0].copy_(contribution.flat)
+            mac = _mac(me.key, f"join|{me.id}|{averager.prefix}.0b{round_id:b}")
+            weight = float(contribution.weight)
+            control = averager.lowcomm_step(
+                f"{round_id:b}",
+                weight,
+                {"p": _PROTOCOL, "w": weight, "mac": mac},
+                timeout=me.timeouts.matchmaking_timeout,
+                init_timeout=max(10.0, me.timeouts.request_timeout * 4),
+            )
+        except _FAILURES as e:
+            logger.warning("hivemind round %d: could not start averaging (%s)", round_id, e)
+            self.discard(slot)
+            return self.alone(contribution)
+        work = _SwarmWork(self, slot, averager, control, contribution, round_id)
+        with me.lock:
+            self._inflight[slot] = work
+        return work
+
+    def finish(self, slot: tuple[Any, ...] | None, result: AverageResult) -> None:
+        with self._me.lock:
+            if slot is not None:
+                self._inflight.pop(slot, None)
+            self.busy = max(0, self.busy - 1)
+            self.last_num_peers = result.num_peers
+        self.stats.record(result.bytes_sent, result.bytes_received)
+
+    def reconfigure(self, timeouts: SwarmTimeouts) -> None:
+        """Push ``timeouts`` into every running averager."""
+        with self._me.lock:
+            averagers = list(self._averagers.values())
+        for averager in averagers:
+            try:
+                averager.lowcomm_configure(timeouts, wait=10.0)
+            except _FAILURES as e:
+                logger.debug("hivemind: could not reconfigure an averager: %r", e)
+
+    def _averager_for(self, slot: tuple[Any, ...], contribution: _Contribution) -> Any:
+        me = self._me
+        with me.lock:
+            averager = self._averagers.get(slot)
+        if averager is not None and averager.is_alive():
+            return averager
+        if averager is not None:
+            self.discard(slot)
+        tag = hashlib.sha256(repr((me.fingerprint, slot)).encode()).hexdigest()[:12]
+        averager = self._procs.start_averager(
+            f"{me.prefix}{tag}", contribution.flat.numel(), contribution.codec, me.timeouts
+        )
+        with me.lock:
+            self._averagers[slot] = averager
+        return averager
+
+    def discard(self, slot: tuple[Any, ...]) -> None:
+        """Stop the slot's averager (a new one starts with the slot's next average)."""
+        with self._me.lock:
+            averager = self._averagers.pop(slot, None)
+        if averager is not None:
+            self._procs.stop_averager(averager)

@@ -1,0 +1,382 @@
+"""Membership of a swarm run: who this peer is, its heartbeat record, and who is live.
+
+Every peer publishes a :class:`_Record` under the run's DHT key each heartbeat period (its
+config fingerprint, state version and recent digests, whether it is mid-average), signed
+with the run key and bound to its libp2p peer id; a record expires ``peer_ttl`` after its
+last heartbeat, and a peer without one is gone. Here: the record format and its MAC
+(:func:`_sign_record`, :func:`_record_ok`, :func:`_parse_records`), the MAC helpers that the
+join requests and the served state reuse, the protocol tag in every DHT key, :class:`_Peer`
+(this peer's identity and settings, shared by the backend's parts) and :class:`_Membership`
+(publishing, reading and waiting for records; the heartbeat thread; the consistency check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lowcomm.comm._swarm_procs import _FAILURES, _subclasses
+from lowcomm.comm.base import ConsistencyError
+
+if TYPE_CHECKING:
+    from lowcomm.comm._swarm_averaging import _Rounds
+    from lowcomm.comm._swarm_state import _SharedState
+    from lowcomm.comm._swarm_timeouts import SwarmTimeouts
+
+# The backend's own logger, whichever of its modules the message comes from.
+logger = logging.getLogger("lowcomm.comm.hivemind")
+
+# Bumped whenever the hivemind backend's wire format changes: it is part of every DHT key, so
+# peers of different lowcomm versions never meet.
+_PROTOCOL = "lc1"
+
+
+# -- MACs --------------------------------------------------------------------------------------
+
+
+def _mac(key: bytes | None, message: str) -> str:
+    if key is None:
+        return ""
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+
+def _mac_ok(key: bytes | None, message: str, mac: object) -> bool:
+    return key is None or (isinstance(mac, str) and hmac.compare_digest(_mac(key, message), mac))
+
+
+# -- heartbeat records -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What a peer publishes in the DHT every heartbeat.
+
+    ``history`` maps this peer's last few state versions to ``(digest, peers)`` (the current
+    one included; ``peers`` averaged in the round that produced it, 0 if unknown), so peers a
+    round apart can still compare the states they both had.
+    """
+
+    peer: str
+    fingerprint: str
+    version: int
+    digest: str
+    busy: bool
+    history: dict[int, tuple[str, int]]
+
+
+def _history_text(history: Any) -> str:
+    return ",".join(f"{int(v)}:{d}:{int(n)}" for v, d, n in history)
+
+
+def _record_ok(run_key: bytes | None, peer: str, value: list[Any]) -> bool:
+    if len(value) != 7 or value[0] != _PROTOCOL:
+        return False
+    _, fingerprint, version, digest, busy, history, mac = value
+    try:
+        fields = f"{fingerprint}|{version}|{digest}|{busy}|{_history_text(history)}"
+    except (TypeError, ValueError):
+        return False
+    return _mac_ok(run_key, f"peer|{peer}|{fields}", mac)
+
+
+def _sign_record(
+    key: bytes | None,
+    peer: str,
+    fingerprint: str,
+    version: int,
+    digest: str,
+    busy: bool,
+    history: list[list[Any]],
+) -> list[Any]:
+    """The DHT value of ``peer``'s heartbeat, with its MAC (checked by :func:`_record_ok`)."""
+    fields = f"{fingerprint}|{version}|{digest}|{busy}|{_history_text(history)}"
+    mac = _mac(key, f"peer|{peer}|{fields}")
+    return [_PROTOCOL, fingerprint, version, digest, busy, history, mac]
+
+
+def _parse_records(
+    key: bytes | None, entries: dict[Any, Any], peer_id: Callable[[Any], Any]
+) -> list[tuple[str, _Record]]:
+    """``(peer, record)`` for each validly signed record of the run's DHT entry, in order.
+
+    ``entries`` maps DHT subkeys (peer id bytes, made into ids by ``peer_id``) to values.
+    """
+    out = []
+    for subkey, entry in entries.items():
+        value = getattr(entry, "value", None)
+        if not isinstance(value, list):
+            continue
+        try:
+            peer = str(peer_id(subkey))
+        except Exception:
+            continue
+        rec = _parse_record(key, peer, value)
+        if rec is not None:
+            out.append((peer, rec))
+    return out
+
+
+def _parse_record(key: bytes | None, peer: str, value: object) -> _Record | None:
+    """``peer``'s heartbeat from its DHT value, or None if it is not a valid signed record."""
+    if not isinstance(value, list) or not _record_ok(key, peer, value):
+        return None
+    return _Record(
+        peer,
+        str(value[1]),
+        int(value[2]),
+        str(value[3]),
+        bool(value[4]),
+        {int(v): (str(d), int(n)) for v, d, n in value[5]},
+    )
+
+
+# -- this peer -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Peer:
+    """This peer as its parts (membership, shared state, rounds) all see it.
+
+    Attributes:
+        run_id: the run's name (for messages).
+        id: this peer's libp2p id (base58).
+        key: the run key, or None for an open run.
+        prefix: the start of every DHT key of the run (derived from the run key).
+        timeouts: the current timeouts (``set_round_seconds`` replaces them).
+        lock: guards the DHT pipe (no fork while a thread writes to it) and the parts' tables.
+        fingerprint: the model/config fingerprint, set by ``check_consistent``.
+    """
+
+    run_id: str
+    id: str
+    key: bytes | None
+    prefix: str
+    timeouts: SwarmTimeouts
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    fingerprint: str = ""
+
+    @property
+    def records_key(self) -> str:
+        """The run's DHT key, under which every live peer keeps its record."""
+        return f"{self.prefix}_peers"
+
+
+# -- membership --------------------------------------------------------------------------------
+
+
+class _Membership:
+    """This peer's heartbeat record in the run's DHT entry, and the live peers read from it.
+
+    The record carries what :class:`_SharedState` advertises (version, recent digests) and
+    whether :class:`_Rounds` has an average in flight; a thread republishes it and rereads
+    the others' every heartbeat period once :meth:`start_heartbeat` ran.
+    """
+
+    def __init__(self, me: _Peer, dht: Any, state: _SharedState, rounds: _Rounds) -> None:
+        self._me = me
+        self._dht = dht
+        self._peer_bytes = dht.peer_id.to_bytes()
+        self._state = state
+        self._rounds = rounds
+        self.records: dict[str, _Record] = {}
+        self._last_seen_other = time.monotonic()  # start as if others might be around
+        self._mismatch_warned: set[str] = set()
+        self._heartbeat: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def heartbeat_started(self) -> bool:
+        """True once :meth:`start_heartbeat` ran (``check_consistent`` or a first sync)."""
+        return self._heartbeat is not None
+
+    def num_live(self) -> int:
+        """Live peers of this run and configuration (this one included), per the last read."""
+        with self._me.lock:
+            return 1 + sum(1 for p in self.records if p != self._me.id)
+
+    def _record(self) -> list[Any]:
+        me = self._me
+        with me.lock:
+            busy = self._rounds.busy > 0
+            history = [[v, d, n] for v, (d, n) in sorted(self._state.history.items())[-4:]]
+            fingerprint, version, digest = me.fingerprint, self._state.version, self._state.digest
+        return _sign_record(me.key, me.id, fingerprint, version, digest, busy, history)
+
+    def _dht_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self._me.lock:
+            future = fn(*args, return_future=True, **kwargs)
+        return future.result(timeout=max(5.0, self._me.timeouts.request_timeout * 4))
+
+    def publish(self) -> None:
+        """Store this peer's record (valid for ``peer_ttl``)."""
+        get_dht_time = _subclasses().get_dht_time
+        self._dht_call(
+            self._dht.store,
+            self._me.records_key,
+            subkey=self._peer_bytes,
+            value=self._record(),
+            expiration_time=get_dht_time() + self._me.timeouts.peer_ttl,
+        )
+
+    def withdraw(self) -> None:
+        """Replace this peer's record by an empty one, so others see it leave at once."""
+        get_dht_time = _subclasses().get_dht_time
+        with contextlib.suppress(*_FAILURES):
+            self._dht_call(
+                self._dht.store,
+                self._me.records_key,
+                subkey=self._peer_bytes,
+                value=None,
+                expiration_time=get_dht_time() + self._me.timeouts.peer_ttl + 1,
+            )
+
+    def read(self, any_fingerprint: bool = False) -> dict[str, _Record]:
+        """Live peers' records (valid signatures only), this peer's own included."""
+        me = self._me
+        found = self._dht_call(self._dht.get, self._me.records_key, latest=True)
+        records: dict[str, _Record] = {}
+        if found is None or not isinstance(found.value, dict):
+            return records
+        for peer, rec in _parse_records(me.key, found.value, _subclasses().PeerID):
+            if any_fingerprint or rec.fingerprint == me.fingerprint:
+                records[peer] = rec
+            elif rec.fingerprint not in self._mismatch_warned and peer != me.id:
+                self._mismatch_warned.add(rec.fingerprint)
+                logger.warning(
+                    "hivemind run %r: peer %s has another model/config (fingerprint %s, ours "
+                    "%s); it will never be averaged with",
+                    me.run_id,
+                    peer,
+                    rec.fingerprint,
+                    me.fingerprint,
+                )
+        return records
+
+    def refresh(self) -> dict[str, _Record]:
+        """Publish this peer's record, then read (and keep) everyone's."""
+        self.publish()
+        records = self.read()
+        self.set_records(records)
+        return records
+
+    def set_records(self, records: dict[str, _Record]) -> None:
+        with self._me.lock:
+            self.records = records
+            if any(p != self._me.id for p in records):
+                self._last_seen_other = time.monotonic()
+
+    def alone_for(self) -> float:
+        """Seconds since another live peer of this run was last seen (0 if one is now)."""
+        with self._me.lock:
+            if any(p != self._me.id for p in self.records):
+                return 0.0
+            return time.monotonic() - self._last_seen_other
+
+    def join(self, fingerprint: str) -> None:
+        """Publish this peer's record under ``fingerprint``, unless live peers have another.
+
+        Reads the records before and after publishing, so two peers starting together also
+        see each other; then starts the heartbeat.
+
+        Raises:
+            ConsistencyError: a live peer of this run has a different ``fingerprint``.
+        """
+        me = self._me
+        for attempt in range(2):
+            others = {
+                r.fingerprint
+                for p, r in self.read(any_fingerprint=True).items()
+                if p != me.id and r.fingerprint != fingerprint
+            }
+            if others:
+                if attempt:
+                    self.withdraw()
+                raise ConsistencyError(
+                    f"hivemind run {me.run_id!r} already has live peers with another model or "
+                    f"config (fingerprints {sorted(others)}; this peer's is {fingerprint}). Every "
+                    f"peer of a run must build the same model with the same DiLoCo settings: use "
+                    f"another run id for a different config, or wait "
+                    f"{me.timeouts.peer_ttl:.0f}s for the records of peers that left to expire"
+                )
+            if attempt == 0:
+                me.fingerprint = fingerprint
+                self.publish()
+        self.start_heartbeat()
+
+    def await_peers(self, wanted: int, timeout: float) -> dict[str, _Record]:
+        """The run's records once ``wanted`` peers (this one included) are live.
+
+        Raises:
+            TimeoutError: fewer were live after ``timeout`` seconds.
+        """
+        me = self._me
+        deadline = time.monotonic() + timeout
+        records: dict[str, _Record] = {}
+        said = -1
+        while True:
+            with contextlib.suppress(*_FAILURES):  # one slow DHT call is not the end of the wait
+                records = self.refresh()
+            live = max(len(records), 1)
+            if live >= wanted:
+                return records
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"hivemind run {me.run_id!r}: {live} of the {wanted} peers it waits for "
+                    f"(wait_for_peers) were live after {timeout:g}s. Start the others with the "
+                    f"same run id, config and initial peers, or lower wait_for_peers"
+                )
+            if live != said:
+                said = live
+                logger.info(
+                    "hivemind run %r: %d of %d peers live; waiting for the rest (up to %gs)",
+                    me.run_id,
+                    live,
+                    wanted,
+                    timeout,
+                )
+            time.sleep(0.5)
+
+    def start_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            return
+        self._heartbeat = threading.Thread(
+            target=_heartbeat_loop,
+            args=(weakref.ref(self), self._stop),
+            name="lowcomm-heartbeat",
+            daemon=True,
+        )
+        self._heartbeat.start()
+
+    def leave(self) -> None:
+        """Stop the heartbeat and withdraw this peer's record."""
+        self._stop.set()
+        self.withdraw()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+
+
+def _heartbeat_loop(ref: weakref.ref[_Membership], stop: threading.Event) -> None:
+    """Publish and read the peer's DHT record every heartbeat period until ``stop``.
+
+    Holds the membership only weakly between beats, so an abandoned backend can be collected.
+    """
+    while True:
+        members = ref()
+        if members is None:
+            return
+        period = members._me.timeouts.heartbeat_period
+        try:
+            members.refresh()
+        except _FAILURES as e:
+            logger.debug("hivemind heartbeat failed: %r", e)
+        del members
+        if stop.wait(period):
+            return

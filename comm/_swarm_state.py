@@ -1,0 +1,291 @@
+"""Shared state of a swarm run: snapshots, digests, the resync rule, serving and downloading.
+
+Each peer serves a snapshot of its state (global parameters, outer optimizer state, the
+outer step as its version) and advertises its digest in its heartbeat; a peer that is
+behind, or that holds another digest than most peers at a version they share, downloads
+the state from a peer that holds the swarm's. Here: the digest (:func:`_state_hash`), the
+signed metadata served beside the state (:func:`_state_metadata`) and its check
+(:func:`_download_problem`), the rule that picks the swarm's state (:func:`_resync_plan`),
+one download (:func:`_fetch_state`), and :class:`_SharedState`, which holds this peer's
+snapshot and history, serves them, and downloads the swarm's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lowcomm.comm._swarm_membership import _PROTOCOL, _mac, _mac_ok, _Record
+from lowcomm.comm._swarm_procs import _FAILURES, _subclasses
+from lowcomm.comm.base import ConsistencyError
+from lowcomm.comm.reduce import Identity
+
+if TYPE_CHECKING:
+    from lowcomm.comm._swarm_membership import _Peer
+    from lowcomm.comm._swarm_procs import _Processes
+
+# The backend's own logger, whichever of its modules the message comes from.
+logger = logging.getLogger("lowcomm.comm.hivemind")
+
+
+def _state_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of names, dtypes, shapes and bytes: equal iff the states are bit-identical."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        if t.numel():
+            data: Any = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            h.update(data)  # the buffer itself, no copy
+    return h.hexdigest()
+
+
+def _state_metadata(
+    key: bytes | None, peer: str, fingerprint: str, names: list[str], version: int, digest: str
+) -> dict[str, Any]:
+    """What ``peer`` sends along with its state (checked by :func:`_download_problem`)."""
+    mac = _mac(key, f"state|{peer}|{fingerprint}|{version}|{digest}")
+    return dict(p=_PROTOCOL, names=names, v=version, h=digest, fp=fingerprint, mac=mac)
+
+
+def _download_problem(
+    key: bytes | None,
+    fingerprint: str,
+    peer: str,
+    metadata: Any,
+    received: list[torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    version: int,
+) -> str | ConsistencyError | None:
+    """Why state downloaded from ``peer`` must not replace ``tensors``, or None if it may.
+
+    A string is a bad peer (try the next); a ConsistencyError is a state this peer can never
+    take (other names, shapes or dtypes).
+    """
+    if not isinstance(metadata, dict) or metadata.get("p") != _PROTOCOL:
+        return "no lowcomm metadata"
+    fields = f"{peer}|{metadata.get('fp')}|{metadata.get('v')}|{metadata.get('h')}"
+    if not _mac_ok(key, f"state|{fields}", metadata.get("mac")):
+        return "its signature does not match the run key"
+    if metadata.get("fp") != fingerprint:
+        return f"fingerprint {metadata.get('fp')} differs from ours {fingerprint}"
+    names = list(metadata.get("names", []))
+    if len(names) != len(received):
+        return f"{len(received)} tensors for {len(names)} names"
+    if sorted(names) != sorted(tensors):
+        return ConsistencyError(
+            f"peer {peer} serves state {sorted(names)} but this peer holds {sorted(tensors)}"
+        )
+    for name, value in zip(names, received):
+        mine = tensors[name]
+        if value.shape != mine.shape or value.dtype != mine.dtype:
+            return ConsistencyError(
+                f"state tensor {name!r} is {tuple(value.shape)} {value.dtype} at peer {peer} "
+                f"but {tuple(mine.shape)} {mine.dtype} here"
+            )
+    if _state_hash(dict(zip(names, received))) != metadata.get("h"):
+        return "its tensors do not match its digest"
+    if int(metadata.get("v", -1)) < version:
+        return f"version {metadata.get('v')} is older than the swarm's {version}"
+    return None
+
+
+def _resync_plan(
+    me: str,
+    my_version: int,
+    my_history: dict[int, tuple[str, int]],
+    records: dict[str, _Record],
+) -> tuple[int, str, list[str]] | None:
+    """(version, digest, peers to download from) if peer ``me`` must resync, else None.
+
+    Behind: some live peer is at a higher version; take the digest most peers hold there.
+    Diverged: at the newest version both this peer and others have held, most peers (ties:
+    the highest peer id) held another digest, e.g. because this peer averaged alone.
+    """
+    # A record without a digest is a peer that has not synced yet: it holds no state.
+    others = [r for p, r in records.items() if p != me and r.digest]
+    if not others:
+        return None
+
+    def majority(version: int) -> tuple[str, list[str]]:
+        holders: dict[str, list[tuple[str, int]]] = {}
+        for r in others:
+            if version in r.history:
+                digest, peers = r.history[version]
+                holders.setdefault(digest, []).append((r.peer, peers))
+        if version in my_history:
+            digest, peers = my_history[version]
+            holders.setdefault(digest, []).append((me, peers))
+        # Most holders; then the state a larger group produced (a round that did happen
+        # beats one averaged alone); then the highest peer id, so every peer picks alike.
+        best = max(
+            holders,
+            key=lambda d: (
+                len(holders[d]),
+                max(n for _, n in holders[d]),
+                max(p for p, _ in holders[d]),
+            ),
+        )
+        # Prefer peers that are not mid-average, then the most recent state.
+        ranked = sorted(
+            (p for p, _ in holders[best] if p != me),
+            key=lambda p: (records[p].busy, -records[p].version, p),
+        )
+        return best, ranked
+
+    top = max(r.version for r in others)
+    if top > my_version:
+        digest, ranked = majority(top)
+        return top, digest, ranked
+    common = {v for r in others for v in r.history} & set(my_history)
+    if not common:
+        return None
+    version = max(common)
+    digest, ranked = majority(version)
+    if digest != my_history[version][0] and ranked:
+        return version, digest, ranked
+    return None
+
+
+# -- downloads ---------------------------------------------------------------------------------
+
+
+def _fetch_state(
+    server: Any,
+    peer: str,
+    timeout: float,
+    key: bytes | None,
+    fingerprint: str,
+    tensors: dict[str, torch.Tensor],
+    version: int,
+) -> tuple[Any, list[torch.Tensor]] | None:
+    """``(metadata, tensors)`` downloaded from ``peer`` through ``server``, checked; else None.
+
+    A failed download or a bad state is logged (the caller tries the next peer).
+
+    Raises:
+        ConsistencyError: ``peer`` serves a state with other names, shapes or dtypes.
+    """
+    try:
+        metadata, received = server.lowcomm_download(
+            _subclasses().PeerID.from_base58(peer).to_bytes(), timeout
+        )
+    except _FAILURES as e:
+        logger.info("hivemind: state download from %s failed: %s", peer, e)
+        return None
+    problem = _download_problem(key, fingerprint, peer, metadata, received, tensors, version)
+    if problem is not None:
+        if isinstance(problem, ConsistencyError):
+            raise problem
+        logger.warning("hivemind: state from %s rejected: %s", peer, problem)
+        return None
+    return metadata, received
+
+
+# -- this peer's state -------------------------------------------------------------------------
+
+
+class _SharedState:
+    """The snapshot this peer serves to joiners, the digests it advertises, and downloads.
+
+    ``version`` is the snapshot's ``meta.outer_step`` (else a count of publishes);
+    ``history`` maps the last few versions to ``(digest, peers in the round that made it)``,
+    which the heartbeat record carries so that peers a round apart can still compare.
+    """
+
+    def __init__(self, me: _Peer, procs: _Processes) -> None:
+        self._me = me
+        self._procs = procs
+        self.version = 0
+        self.digest = ""
+        self.history: dict[int, tuple[str, int]] = {}
+        self._snapshot: dict[str, torch.Tensor] = {}
+        self._server: Any = None
+        self.bytes_downloaded = 0
+
+    def take_snapshot(
+        self, tensors: dict[str, torch.Tensor], bump: bool = False, peers: int = 0
+    ) -> None:
+        """Serve a copy of ``tensors`` from now on; ``bump``: a new version without a step."""
+        snapshot = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+        digest = _state_hash(snapshot)
+        step = snapshot.get("meta.outer_step")
+        with self._me.lock:
+            if step is not None and step.numel() == 1:
+                self.version = int(step.reshape(-1)[0])
+            elif bump:
+                self.version += 1
+            self._snapshot = snapshot
+            self.digest = digest
+            self.history[self.version] = (digest, peers)
+            for old in sorted(self.history)[:-8]:
+                del self.history[old]
+
+    def plan(self, records: dict[str, _Record]) -> tuple[int, str, list[str]] | None:
+        """(version, digest, peers to download from) if this peer must resync, else None.
+
+        The rule is :func:`_resync_plan`'s: behind a higher version, or diverged from the
+        majority at the newest version held in common.
+        """
+        with self._me.lock:
+            my_version, my_history = self.version, dict(self.history)
+        return _resync_plan(self._me.id, my_version, my_history, records)
+
+    def _serve(self) -> Any:
+        # Called by the state averager, on hivemind's state-fetching thread in this process.
+        me = self._me
+        with me.lock:
+            names = sorted(self._snapshot)
+            tensors = [self._snapshot[n].clone() for n in names]
+            version, digest = self.version, self.digest
+        metadata = _state_metadata(me.key, me.id, me.fingerprint, names, version, digest)
+        return metadata, tensors, None
+
+    def server(self) -> Any:
+        """The averager that serves this peer's snapshot (and downloads others'), started once."""
+        if self._server is None:
+            me = self._me
+            tag = hashlib.sha256(me.fingerprint.encode()).hexdigest()[:8]
+            self._server = self._procs.start_averager(
+                f"{me.prefix}{tag}st", 1, Identity(), me.timeouts, state_provider=self._serve
+            )
+        return self._server
+
+    def download(
+        self, tensors: dict[str, torch.Tensor], version: int, digest: str, candidates: list[str]
+    ) -> bool:
+        """Copy the state ``version`` (``digest``) into ``tensors`` from the first candidate
+        that serves it (checked); False if none did.
+
+        Raises:
+            ConsistencyError: a candidate serves a state with other names, shapes or dtypes.
+        """
+        me = self._me
+        server = self.server()
+        timeout = max(30.0, me.timeouts.averaging_timeout)
+        for peer in candidates:
+            t0 = time.monotonic()
+            fetched = _fetch_state(server, peer, timeout, me.key, me.fingerprint, tensors, version)
+            if fetched is None:
+                continue
+            metadata, received = fetched
+            with torch.no_grad():
+                for name, value in zip(metadata["names"], received):
+                    tensors[name].copy_(value.to(tensors[name].device))
+            self.bytes_downloaded += sum(t.numel() * t.element_size() for t in received)
+            with me.lock:
+                self.history.clear()  # digests of the state this peer no longer holds
+            self.take_snapshot(tensors)
+            logger.info(
+                "hivemind: downloaded state version %d (%s) from %s in %.2fs",
+                metadata["v"],
+                "the swarm's" if metadata["h"] == digest else "newer",
+                peer,
+                time.monotonic() - t0,
+            )
+            return True
+        return False
