@@ -42,7 +42,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished
 from hivemind.utils.asyncio import enter_asynchronously as enter_async
 from hivemind.utils.streaming import combine_from_streaming
 
-from lowcomm.comm._swarm_averaging import _decode, _problem, _roundtrip
+from lowcomm.comm._swarm_averaging import _Admission, _decode, _roundtrip
 from lowcomm.comm._swarm_membership import _PROTOCOL, _mac_ok, _record_ok
 from lowcomm.comm._swarm_procs import _die_with_parent
 from lowcomm.comm.compression.base import PayloadError
@@ -127,21 +127,60 @@ class WireCodec(CompressionBase):
 
 
 class Reducer(TensorPartReducer):
-    """Remembers each part's total weight and contributor count; 0 weight gives zeros."""
+    """Collects each part's contributions, then combines them by the admission's rule.
 
-    def __init__(self, part_shapes: Any, num_senders: int) -> None:
+    hivemind sums parts as they arrive (weights times values, which can overflow a large
+    finite contribution, and leaves no room for a robust rule); here the parts of the
+    current slice are kept until every sender's is in. Remembers each part's total weight
+    and contributor count; a part with no weight gives zeros.
+    """
+
+    def __init__(self, part_shapes: Any, num_senders: int, admission: _Admission) -> None:
         self.finished_parts: dict[int, tuple[float, int]] = {}
+        self._admission = admission
+        self._received: list[tuple[torch.Tensor, float]] = []
         super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        super().reset_accumulators()
+        self._received = []
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
+        # hivemind 1.1.12's method, with the running sum replaced by keeping the part.
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait(
+                {self.current_part_future, asyncio.create_task(self.finished.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._received.append((tensor_part, weight))
+            self.current_part_accumulated_from += 1
+            self.denominator += weight
+            self.check_current_part_finished()
+        return await current_part_future
 
     def check_current_part_finished(self) -> None:
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from == self.num_current_senders:
             index = self.current_part_index
             self.finished_parts[index] = (self.denominator, self.current_part_accumulated_from)
-            if self.denominator > 0:
-                self.current_part_future.set_result(self.accumulator.div_(self.denominator))
+            if self._received:
+                parts = [p for p, _ in self._received]
+                result = self._admission.combine(parts, [w for _, w in self._received])
             else:
-                self.current_part_future.set_result(self.accumulator.zero_())
+                result = self.accumulator.zero_()
+            self.current_part_future.set_result(result)
             self.reset_accumulators()
 
 
@@ -152,8 +191,12 @@ class Runner(AllReduceRunner):
     rounds differently on every peer (and differently again after compression). Here a
     reducer encodes the averaged part once and sends those same bytes to every peer,
     decoding them itself too, so all peers end with bit-identical tensors. Incoming parts
-    are decoded with the lowcomm compressor and checked (size, finite, norm, declared
+    are decoded with the lowcomm compressor and checked by the round's
+    :class:`~lowcomm.comm._swarm_averaging._Admission` (size, finite, norm bounds, declared
     weight); a bad part drops its sender from this reducer's average from that part on.
+    Weights count at most up to the admission's bound. Averaged parts coming back from
+    other reducers pass the same checks: a reducer returning a scaled-up mean fails the
+    round for this peer instead of entering its state.
     """
 
     def __init__(
@@ -161,13 +204,13 @@ class Runner(AllReduceRunner):
         *,
         codec: Compressor,
         declared: dict[Any, float],
-        max_norm: float | None,
+        admission: _Admission,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.codec = codec
         self.declared = declared
-        self.max_norm = max_norm
+        self.admission = admission
         self.bytes_sent = 0
         self.bytes_received = 0
         self.part_stats: list[tuple[float, int]] = []
@@ -184,6 +227,7 @@ class Runner(AllReduceRunner):
         self.tensor_part_reducer = Reducer(
             tuple(part.shape for part in self.parts_for_local_averaging),
             len(self.sender_peer_ids),
+            admission,
         )
 
     def _reply(self, part_index: int, averaged: torch.Tensor) -> tuple[bytes, torch.Tensor]:
@@ -204,7 +248,7 @@ class Runner(AllReduceRunner):
                 # feedback's residual is right for every part, ours included.
                 mine = _roundtrip(self.codec, part.reshape(-1).to(torch.float32))
                 averaged = await reducer.accumulate_part(
-                    sender_index, part_index, mine, weight=self.weight
+                    sender_index, part_index, mine, weight=self.admission.weight(self.weight)
                 )
                 decoded = self._reply(part_index, averaged)[1]
                 self.part_stats.append(reducer.finished_parts[part_index])
@@ -233,9 +277,18 @@ class Runner(AllReduceRunner):
                 self.bytes_received += len(msg.tensor_part.buffer)
                 try:
                     part = _decode(self.codec, msg.tensor_part.buffer, expected[part_index])
-                    problem = _problem(part, expected[part_index], None)
+                    mine = self.tensor_part_container._input_parts_by_peer[peer_index]
+                    problem = self.admission.problem(
+                        part, expected[part_index], mine[part_index][0]
+                    )
                 except (PayloadError, RuntimeError, ValueError) as e:
                     problem = f"an undecodable payload ({e})"
+                bound = self.admission.max_weight
+                if problem is None and bound is not None:
+                    # No honest reducer counts more than the bound per sender.
+                    most = bound * len(self.sender_peer_ids) * (1 + 1e-6)
+                    if not float(msg.weight) <= most:
+                        problem = f"a total weight of {msg.weight:g}, above {most:g}"
                 if problem is not None:
                     raise AllreduceException(f"reducer {peer_id} sent a part with {problem}")
                 count = int(msg.peer_id.decode() or 0) if msg.peer_id.isdigit() else 0
@@ -270,7 +323,8 @@ class Runner(AllReduceRunner):
                 self.bytes_received += len(msg.tensor_part.buffer)
                 try:
                     part = _decode(self.codec, msg.tensor_part.buffer, numel)
-                    problem = _problem(part, numel, self.max_norm)
+                    reference = self.parts_for_local_averaging[part_index]
+                    problem = self.admission.problem(part, numel, reference)
                 except (PayloadError, RuntimeError, ValueError) as e:
                     problem = f"an undecodable payload ({e})"
                 if problem is None and (
@@ -288,7 +342,7 @@ class Runner(AllReduceRunner):
                     break
                 try:
                     averaged = await reducer.accumulate_part(
-                        sender_index, part_index, part, weight=msg.weight
+                        sender_index, part_index, part, weight=self.admission.weight(msg.weight)
                     )
                 except BannedException:
                     break
@@ -331,14 +385,13 @@ class Averager(DecentralizedAverager):
         *args: Any,
         codec: Compressor,
         run_key: bytes | None,
-        max_norm: float | None,
         pdeathsig: bool,
         state_provider: Callable[[], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self._codec = codec
         self._run_key = run_key
-        self._max_norm = max_norm
+        self._admission = _Admission()
         self._pdeathsig = pdeathsig
         self._state_provider = state_provider
         super().__init__(*args, **kwargs)
@@ -360,10 +413,16 @@ class Averager(DecentralizedAverager):
         return future.result(timeout=wait_s)
 
     def lowcomm_step(
-        self, bits: str, weight: float, gather: Any, timeout: float, init_timeout: float
+        self,
+        bits: str,
+        weight: float,
+        gather: Any,
+        admission: _Admission,
+        timeout: float,
+        init_timeout: float,
     ) -> Any:
-        """Start one step for the round ``bits``; return its StepControl."""
-        self._call("_lowcomm_prepare", init_timeout, bits=bits)
+        """Start one step for the round ``bits`` under ``admission``; return its StepControl."""
+        self._call("_lowcomm_prepare", init_timeout, bits=bits, admission=admission)
         scheduled_time = get_dht_time() + self.matchmaking_kwargs["min_matchmaking_time"]
         user = self.serializer.dumps(gather)
         data = self.serializer.dumps([self.bandwidth, self.mode.value, user])
@@ -397,8 +456,9 @@ class Averager(DecentralizedAverager):
 
     # -- child side ----------------------------------------------------------------------------
 
-    async def _lowcomm_prepare(self, bits: str, future: Any) -> None:
+    async def _lowcomm_prepare(self, bits: str, admission: _Admission, future: Any) -> None:
         try:
+            self._admission = admission
             manager = self._matchmaking.group_key_manager
             manager.group_bits = bits
 
@@ -475,7 +535,7 @@ class Averager(DecentralizedAverager):
                     **kwargs,
                 )
             summary["group_size"] = len(group_info.peer_ids)
-            summary["declared_weight"] = sum(declared.values())
+            summary["declared_weight"] = sum(self._admission.weight(w) for w in declared.values())
             summary["positive_peers"] = sum(1 for w in declared.values() if w > 0)
             return summary
         except BaseException as e:
@@ -501,7 +561,7 @@ class Averager(DecentralizedAverager):
             ordered_peer_ids=group_info.peer_ids,
             codec=self._codec,
             declared=declared or {},
-            max_norm=self._max_norm,
+            admission=self._admission,
             **kwargs,
         )
         assert group_id in self._running_groups, "group was not registered"

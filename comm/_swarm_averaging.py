@@ -6,8 +6,9 @@ keyed by the round, a join MAC bound to the run key); :class:`_SwarmWork` waits 
 group's butterfly all-reduce and turns its summary into an
 :class:`~lowcomm.comm.base.AverageResult` (:func:`_group_result`), or, when nobody else came,
 into this peer's own (:meth:`_Contribution.alone`). The wire format's helpers live here too:
-one encode per contribution (:func:`_roundtrip`), decoding a part (:func:`_decode`) and the
-check every incoming part passes (:func:`_problem`), used by the all-reduce in
+one encode per contribution (:func:`_roundtrip`), decoding a part (:func:`_decode`), and
+:class:`_Admission`: the checks every part passes on its way into and back out of an
+average, and the rule that combines the accepted ones, used by the all-reduce in
 :mod:`lowcomm.comm._hivemind_subclasses`.
 """
 
@@ -61,17 +62,107 @@ def _decode(codec: Compressor, buffer: bytes, numel: int) -> torch.Tensor:
     return codec.decompress(Payload(data.to(torch.uint8), numel)).to(torch.float32)
 
 
-def _problem(part: torch.Tensor, numel: int, max_norm: float | None) -> str | None:
-    """Why an incoming part must not enter the average, or None if it may."""
-    if part.dtype != torch.float32 or part.numel() != numel:
-        return f"dtype {part.dtype} and {part.numel()} elements (expected float32, {numel})"
-    if not bool(torch.isfinite(part).all()):
-        return "non-finite values (NaN/Inf)"
-    if max_norm is not None:
+AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
+
+
+@dataclass(frozen=True)
+class _Admission:
+    """What a reducer accepts into a part of the average, and how it combines what it took.
+
+    Attributes:
+        max_norm: a part whose L2 norm exceeds this is refused (None: no absolute bound).
+        norm_ratio: a part more than this many times the norm of the receiver's own part
+            of the same slice is refused (None: no relative bound). Honest pseudo-gradients
+            of one model have norms of one scale; a scaled-up one does not.
+        max_weight: a contribution counts with at most this weight (None: as declared).
+        aggregation: ``"mean"`` (weighted), ``"trimmed_mean"`` (per coordinate, the largest
+            and smallest quarter dropped) or ``"centered_clip"`` (Karimireddy et al. 2021;
+            BTARD, Gorbunov et al. 2022).
+    """
+
+    max_norm: float | None = None
+    norm_ratio: float | None = None
+    max_weight: float | None = None
+    aggregation: str = "mean"
+
+    def problem(self, part: torch.Tensor, numel: int, reference: torch.Tensor | None) -> str | None:
+        """Why ``part`` must not enter (or come back from) an average, or None if it may.
+
+        ``reference`` is this peer's own part of the same slice (None: not known).
+        """
+        if part.dtype != torch.float32 or part.numel() != numel:
+            return f"dtype {part.dtype} and {part.numel()} elements (expected float32, {numel})"
+        if not bool(torch.isfinite(part).all()):
+            return "non-finite values (NaN/Inf)"
         norm = float(part.norm())
-        if norm > max_norm:
-            return f"L2 norm {norm:.4g} above max_norm {max_norm:.4g}"
-    return None
+        # Quantization moves a norm by far less than this slack.
+        if self.max_norm is not None and norm > self.max_norm * 1.01:
+            return f"L2 norm {norm:.4g} above max_norm {self.max_norm:.4g}"
+        if self.norm_ratio is not None and reference is not None:
+            own = float(reference.float().norm())
+            if own > 0 and norm > self.norm_ratio * own:
+                return (
+                    f"L2 norm {norm:.4g}, more than norm_ratio ({self.norm_ratio:g}) times this "
+                    f"peer's own part ({own:.4g})"
+                )
+        return None
+
+    def weight(self, declared: float) -> float:
+        """The weight a contribution declared as ``declared`` counts with."""
+        return declared if self.max_weight is None else min(declared, self.max_weight)
+
+    def combine(self, parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        """The aggregate of ``parts`` (weight-0 parts left out); zeros if none is left."""
+        kept = [(p, w) for p, w in zip(parts, weights) if w > 0]
+        if not kept:
+            return torch.zeros_like(parts[0])
+        if self.aggregation == "trimmed_mean":
+            return _trimmed_mean(torch.stack([p for p, _ in kept]))
+        if self.aggregation == "centered_clip":
+            return _centered_clip([p for p, _ in kept], [w for _, w in kept])
+        return _weighted_mean([p for p, _ in kept], [w for _, w in kept])
+
+
+def _weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    # Weights scaled by the largest before the sum: see lowcomm.comm.reduce.
+    top = max(weights)
+    acc = torch.zeros_like(parts[0], dtype=torch.float32)
+    total = 0.0
+    for p, w in zip(parts, weights):
+        acc.add_(p, alpha=w / top)
+        total += w / top
+    return acc.div_(total)
+
+
+def _trimmed_mean(stacked: torch.Tensor) -> torch.Tensor:
+    """Per coordinate, the mean of what is left once the largest and smallest quarter (at
+    least one each from 3 contributions on) are dropped; the median below 3."""
+    count = stacked.shape[0]
+    if count < 3:
+        return stacked.median(dim=0).values if count == 2 else stacked[0].clone()
+    cut = max(1, count // 4)
+    ordered = stacked.sort(dim=0).values
+    return ordered[cut : count - cut].mean(dim=0)
+
+
+def _centered_clip(
+    parts: list[torch.Tensor], weights: list[float], rounds: int = 3
+) -> torch.Tensor:
+    """Centered clipping: start at the coordinate-wise median, then move towards each
+    contribution by at most ``tau`` (the median distance to the centre), weighted."""
+    stacked = torch.stack(parts)
+    centre = stacked.median(dim=0).values
+    total = sum(weights)
+    for _ in range(rounds):
+        diffs = stacked - centre
+        norms = diffs.flatten(1).norm(dim=1)
+        tau = float(norms.median())
+        if tau == 0:
+            break
+        scale = torch.clamp(tau / norms.clamp_min(1e-30), max=1.0)
+        w = torch.tensor(weights, dtype=stacked.dtype) / total
+        centre = centre + (diffs * (scale * w).view(-1, *([1] * (stacked.dim() - 1)))).sum(0)
+    return centre
 
 
 # -- round results ---------------------------------------------------------------------------
@@ -276,6 +367,7 @@ class _Rounds:
                 f"{round_id:b}",
                 weight,
                 {"p": _PROTOCOL, "w": weight, "mac": mac},
+                me.admission,
                 timeout=me.timeouts.matchmaking_timeout,
                 init_timeout=max(10.0, me.timeouts.request_timeout * 4),
             )

@@ -36,7 +36,12 @@ logger = logging.getLogger("lowcomm.comm.hivemind")
 
 # Bumped whenever the hivemind backend's wire format changes: it is part of every DHT key, so
 # peers of different lowcomm versions never meet.
-_PROTOCOL = "lc1"
+_PROTOCOL = "lc2"
+# A record is republished every heartbeat (at most every 30 s) and expires from the DHT after
+# peer_ttl (at most 92 s); one signed longer ago than this, plus a minute for clocks that
+# disagree, is a replay of an old record (hivemind's DHT lets anyone store under any subkey).
+_RECORD_MAX_AGE = 150.0
+_CLOCK_SKEW = 60.0
 
 
 # -- MACs --------------------------------------------------------------------------------------
@@ -76,15 +81,27 @@ def _history_text(history: Any) -> str:
     return ",".join(f"{int(v)}:{d}:{int(n)}" for v, d, n in history)
 
 
-def _record_ok(run_key: bytes | None, peer: str, value: list[Any]) -> bool:
-    if len(value) != 7 or value[0] != _PROTOCOL:
+def _record_fields(value: list[Any]) -> str:
+    _, fingerprint, version, digest, busy, history, signed_at, _ = value
+    return f"{fingerprint}|{version}|{digest}|{busy}|{_history_text(history)}|{signed_at!r}"
+
+
+def _record_ok(
+    run_key: bytes | None, peer: str, value: list[Any], now: float | None = None
+) -> bool:
+    """True if ``value`` is ``peer``'s record: signed with the run key for that peer id, and
+    signed recently (an old record stored again is refused)."""
+    if len(value) != 8 or value[0] != _PROTOCOL:
         return False
-    _, fingerprint, version, digest, busy, history, mac = value
     try:
-        fields = f"{fingerprint}|{version}|{digest}|{busy}|{_history_text(history)}"
+        fields = _record_fields(value)
+        signed_at = float(value[6])
     except (TypeError, ValueError):
         return False
-    return _mac_ok(run_key, f"peer|{peer}|{fields}", mac)
+    now = time.time() if now is None else now
+    if not now - _RECORD_MAX_AGE <= signed_at <= now + _CLOCK_SKEW:
+        return False
+    return _mac_ok(run_key, f"peer|{peer}|{fields}", value[7])
 
 
 def _sign_record(
@@ -95,11 +112,13 @@ def _sign_record(
     digest: str,
     busy: bool,
     history: list[list[Any]],
+    signed_at: float | None = None,
 ) -> list[Any]:
-    """The DHT value of ``peer``'s heartbeat, with its MAC (checked by :func:`_record_ok`)."""
-    fields = f"{fingerprint}|{version}|{digest}|{busy}|{_history_text(history)}"
-    mac = _mac(key, f"peer|{peer}|{fields}")
-    return [_PROTOCOL, fingerprint, version, digest, busy, history, mac]
+    """The DHT value of ``peer``'s heartbeat, with its time and MAC (see :func:`_record_ok`)."""
+    signed_at = time.time() if signed_at is None else signed_at
+    value = [_PROTOCOL, fingerprint, version, digest, busy, history, signed_at, ""]
+    value[7] = _mac(key, f"peer|{peer}|{_record_fields(value)}")
+    return value
 
 
 def _parse_records(
@@ -153,6 +172,8 @@ class _Peer:
         timeouts: the current timeouts (``set_round_seconds`` replaces them).
         lock: guards the DHT pipe (no fork while a thread writes to it) and the parts' tables.
         fingerprint: the model/config fingerprint, set by ``check_consistent``.
+        admission: what this peer's reducers accept and how they combine it (sent to the
+            averager with every round, so a bound set later applies from the next round).
     """
 
     run_id: str
@@ -162,6 +183,7 @@ class _Peer:
     timeouts: SwarmTimeouts
     lock: threading.RLock = field(default_factory=threading.RLock)
     fingerprint: str = ""
+    admission: Any = None
 
     @property
     def records_key(self) -> str:

@@ -111,7 +111,6 @@ def _build_averager(
     timeouts: SwarmTimeouts,
     *,
     run_key: bytes | None,
-    max_norm: float | None,
     pdeathsig: bool,
     state_provider: Callable[[], Any] | None,
     peers_key: str,
@@ -129,7 +128,6 @@ def _build_averager(
         prefix=prefix,
         codec=codec,
         run_key=run_key,
-        max_norm=max_norm,
         pdeathsig=pdeathsig,
         state_provider=state_provider,
         min_matchmaking_time=t.matchmaking_time,
@@ -240,13 +238,11 @@ class _Processes:
         lock: threading.RLock,
         *,
         run_key: bytes | None,
-        max_norm: float | None,
         peers_key: str,
     ) -> None:
         self._dht = dht
         self._lock = lock
         self._run_key = run_key
-        self._max_norm = max_norm
         self._peers_key = peers_key
         self._pdeathsig = threading.current_thread() is threading.main_thread()
         self._averagers: list[Any] = []
@@ -269,7 +265,6 @@ class _Processes:
                 codec,
                 timeouts,
                 run_key=self._run_key,
-                max_norm=self._max_norm,
                 pdeathsig=self._pdeathsig,
                 state_provider=state_provider,
                 peers_key=self._peers_key,

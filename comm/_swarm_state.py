@@ -60,6 +60,7 @@ def _download_problem(
     received: list[torch.Tensor],
     tensors: dict[str, torch.Tensor],
     version: int,
+    digest: str,
 ) -> str | ConsistencyError | None:
     """Why state downloaded from ``peer`` must not replace ``tensors``, or None if it may.
 
@@ -89,8 +90,10 @@ def _download_problem(
             )
     if _state_hash(dict(zip(names, received))) != metadata.get("h"):
         return "its tensors do not match its digest"
-    if int(metadata.get("v", -1)) < version:
-        return f"version {metadata.get('v')} is older than the swarm's {version}"
+    if metadata.get("h") != digest or int(metadata.get("v", -1)) != version:
+        # Only the state the swarm agreed on is taken: a holder that moved on since (or one
+        # that serves something else) is skipped, and the next look finds the new target.
+        return f"it serves version {metadata.get('v')} ({metadata.get('h')}), not the swarm's {version} ({digest})"
     return None
 
 
@@ -102,27 +105,49 @@ def _resync_plan(
 ) -> tuple[int, str, list[str]] | None:
     """(version, digest, peers to download from) if peer ``me`` must resync, else None.
 
-    Behind: some live peer is at a higher version; take the digest most peers hold there.
-    Diverged: at the newest version both this peer and others have held, most peers (ties:
-    the highest peer id) held another digest, e.g. because this peer averaged alone.
+    Behind: a newer state counts only when a strict majority of the other live peers hold
+    that exact ``(version, digest)`` (in their current state or their recent history), so
+    one peer that advertises a higher version cannot make the others adopt its state; the
+    newest such state is the target. With a single other peer there is nobody to outvote
+    it, and it is trusted.
+    Diverged: at the newest version both this peer and others have held, most peers (this
+    one included; ties: the state a larger group produced, then the highest peer id) held
+    another digest, e.g. because this peer averaged alone.
+    Only peers that serve the target now (their current version and digest) are returned
+    to download from; when none does, there is nothing to do until the next look.
     """
     # A record without a digest is a peer that has not synced yet: it holds no state.
     others = [r for p, r in records.items() if p != me and r.digest]
     if not others:
         return None
 
-    def majority(version: int) -> tuple[str, list[str]]:
+    def servers(version: int, digest: str) -> list[str]:
+        # Prefer peers that are not mid-average.
+        ready = [r for r in others if r.version == version and r.digest == digest]
+        return [r.peer for r in sorted(ready, key=lambda r: (r.busy, r.peer))]
+
+    held: dict[tuple[int, str], int] = {}
+    for r in others:
+        for version, (digest, _) in r.history.items():
+            held[(version, digest)] = held.get((version, digest), 0) + 1
+    quorum = len(others) // 2 + 1
+    newer = [vd for vd, count in held.items() if vd[0] > my_version and count >= quorum]
+    if newer:
+        version, digest = max(newer)
+        ranked = servers(version, digest)
+        return (version, digest, ranked) if ranked else None
+
+    def majority(version: int) -> str:
         holders: dict[str, list[tuple[str, int]]] = {}
         for r in others:
             if version in r.history:
                 digest, peers = r.history[version]
                 holders.setdefault(digest, []).append((r.peer, peers))
-        if version in my_history:
-            digest, peers = my_history[version]
-            holders.setdefault(digest, []).append((me, peers))
+        digest, peers = my_history[version]
+        holders.setdefault(digest, []).append((me, peers))
         # Most holders; then the state a larger group produced (a round that did happen
         # beats one averaged alone); then the highest peer id, so every peer picks alike.
-        best = max(
+        return max(
             holders,
             key=lambda d: (
                 len(holders[d]),
@@ -130,25 +155,24 @@ def _resync_plan(
                 max(p for p, _ in holders[d]),
             ),
         )
-        # Prefer peers that are not mid-average, then the most recent state.
-        ranked = sorted(
-            (p for p, _ in holders[best] if p != me),
-            key=lambda p: (records[p].busy, -records[p].version, p),
-        )
-        return best, ranked
 
-    top = max(r.version for r in others)
-    if top > my_version:
-        digest, ranked = majority(top)
-        return top, digest, ranked
     common = {v for r in others for v in r.history} & set(my_history)
     if not common:
         return None
     version = max(common)
-    digest, ranked = majority(version)
-    if digest != my_history[version][0] and ranked:
+    digest = majority(version)
+    if digest == my_history[version][0]:
+        return None
+    # The swarm's state at this version, or, if its holders have moved on, theirs now.
+    ranked = servers(version, digest)
+    if ranked:
         return version, digest, ranked
-    return None
+    moved = [r for r in others if r.history.get(version, ("",))[0] == digest]
+    if not moved:
+        return None
+    ahead = max(moved, key=lambda r: (r.version, r.peer))
+    ranked = servers(ahead.version, ahead.digest)
+    return (ahead.version, ahead.digest, ranked) if ranked else None
 
 
 # -- downloads ---------------------------------------------------------------------------------
@@ -162,6 +186,7 @@ def _fetch_state(
     fingerprint: str,
     tensors: dict[str, torch.Tensor],
     version: int,
+    digest: str,
 ) -> tuple[Any, list[torch.Tensor]] | None:
     """``(metadata, tensors)`` downloaded from ``peer`` through ``server``, checked; else None.
 
@@ -177,7 +202,9 @@ def _fetch_state(
     except _FAILURES as e:
         logger.info("hivemind: state download from %s failed: %s", peer, e)
         return None
-    problem = _download_problem(key, fingerprint, peer, metadata, received, tensors, version)
+    problem = _download_problem(
+        key, fingerprint, peer, metadata, received, tensors, version, digest
+    )
     if problem is not None:
         if isinstance(problem, ConsistencyError):
             raise problem
@@ -269,7 +296,9 @@ class _SharedState:
         timeout = max(30.0, me.timeouts.averaging_timeout)
         for peer in candidates:
             t0 = time.monotonic()
-            fetched = _fetch_state(server, peer, timeout, me.key, me.fingerprint, tensors, version)
+            fetched = _fetch_state(
+                server, peer, timeout, me.key, me.fingerprint, tensors, version, digest
+            )
             if fetched is None:
                 continue
             metadata, received = fetched
@@ -281,9 +310,8 @@ class _SharedState:
                 self.history.clear()  # digests of the state this peer no longer holds
             self.take_snapshot(tensors)
             logger.info(
-                "hivemind: downloaded state version %d (%s) from %s in %.2fs",
+                "hivemind: downloaded the swarm's state, version %d, from %s in %.2fs",
                 metadata["v"],
-                "the swarm's" if metadata["h"] == digest else "newer",
                 peer,
                 time.monotonic() - t0,
             )

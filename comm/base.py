@@ -219,6 +219,8 @@ class ElasticBackend(Backend, Protocol):
           differs from the swarm's; then call ``sync_state`` with the full state.
         * ``set_round_seconds(seconds)`` whenever a round's wall time is measured; timeouts
           follow it.
+        * ``bound_weights(max_weight)`` once at start: no contribution may count with more
+          weight than a round can hold (DiLoCo: its inner steps per round).
     """
 
     elastic: bool
@@ -233,6 +235,10 @@ class ElasticBackend(Backend, Protocol):
 
     def set_round_seconds(self, round_seconds: float) -> None:
         """Re-derive timeouts from a measured round time."""
+        ...
+
+    def bound_weights(self, max_weight: float) -> None:
+        """Count no contribution with a weight above ``max_weight``."""
         ...
 
 

@@ -45,7 +45,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowcomm.comm._swarm_averaging import _Contribution, _Rounds, _SwarmWork
+from lowcomm.comm._swarm_averaging import (
+    AGGREGATIONS,
+    _Admission,
+    _Contribution,
+    _Rounds,
+    _SwarmWork,
+)
 from lowcomm.comm._swarm_membership import _PROTOCOL, _Membership, _Peer
 from lowcomm.comm._swarm_procs import (
     _FAILURES,
@@ -112,8 +118,10 @@ class HivemindBackend:
     with ValueError.
 
     Validation: each reducer checks every incoming part (size, finite values, L2 norm at most
-    ``max_norm``, weight as declared at matchmaking); a bad part drops its sender from that
-    reducer's slice from that part on (logged), and every member still gets the same bytes.
+    ``max_norm`` and at most ``norm_ratio`` times its own part's, weight as declared at
+    matchmaking, counted at most up to the bound :meth:`bound_weights` sets); a bad part
+    drops its sender from that reducer's slice from that part on (logged), and every member
+    still gets the same bytes. A reducer combines what it accepted by ``aggregation``.
     The drop is per slice: the sender's parts at other reducers still count (the result's
     ``num_peers``/``total_weight`` then report the least complete part). Parts coming back
     are checked too; a bad one fails the round for that member, which then resyncs. A
@@ -154,7 +162,20 @@ class HivemindBackend:
             start (e.g. a benchmark's peers, or a run that should not begin below N machines).
             1 (the default): start at once. Later joins and departures never wait.
         wait_for_peers_timeout: seconds that wait may take before TimeoutError.
-        max_norm: reject incoming parts whose L2 norm exceeds this (None: finite check only).
+        max_norm: refuse a part (of a contribution, or of an average coming back from a
+            reducer) whose L2 norm exceeds this (None: no absolute bound).
+        norm_ratio: refuse a part whose norm is more than this many times the norm of this
+            peer's own part of the same slice (None: no relative bound). Scale-free, so it
+            needs no tuning per model: honest pseudo-gradients of one model and config have
+            norms of one scale. The default, 10, stops scaled-up contributions and a
+            reducer that returns a scaled mean.
+        aggregation: how each reducer combines the parts it accepted: ``"mean"`` (weighted;
+            the default), ``"trimmed_mean"`` (per coordinate, the largest and smallest
+            quarter dropped, unweighted) or ``"centered_clip"`` (centered clipping around
+            the coordinate-wise median: Karimireddy et al. 2021, "Learning from History for
+            Byzantine Robust Optimization"; used by BTARD, Gorbunov et al. 2022). The robust
+            rules are for swarms whose peers are not all trusted; every peer of a run must
+            use the same rule.
         handle_sigterm: turn SIGTERM into ``SystemExit`` (so ``close`` runs) when this is
             the main thread and no other SIGTERM handler is installed.
 
@@ -165,8 +186,6 @@ class HivemindBackend:
         timeouts: the current :class:`SwarmTimeouts`.
         maddrs: this peer's own multiaddrs (others can use them as ``initial_peers``).
     """
-
-    elastic = True
 
     elastic = True
 
@@ -181,6 +200,8 @@ class HivemindBackend:
         announce_maddrs: Sequence[str] | None = None,
         start_timeout: float = 60.0,
         max_norm: float | None = None,
+        norm_ratio: float | None = 10.0,
+        aggregation: str = "mean",
         handle_sigterm: bool = True,
         wait_for_peers: int = 1,
         wait_for_peers_timeout: float = 600.0,
@@ -199,6 +220,10 @@ class HivemindBackend:
             initial_peers = [initial_peers]
         if max_norm is not None and not (max_norm > 0 and math.isfinite(max_norm)):
             raise ValueError(f"max_norm ({max_norm}) must be a positive finite number or None")
+        if norm_ratio is not None and not (norm_ratio >= 1 and math.isfinite(norm_ratio)):
+            raise ValueError(f"norm_ratio ({norm_ratio}) must be a finite number >= 1 or None")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation ({aggregation!r}) must be one of {AGGREGATIONS}")
         self.run_id = run_id
         timeouts = SwarmTimeouts.from_round_seconds(round_seconds)
         self.max_norm = max_norm
@@ -219,10 +244,9 @@ class HivemindBackend:
             raise
         # The run key goes into every DHT key, so a stranger without it cannot even find them.
         me = _Peer(run_id, peer, key, f"lowcomm{salt[:20]}", timeouts)
+        me.admission = _Admission(max_norm, norm_ratio, None, aggregation)
         self._me = me
-        self._procs = _Processes(
-            self, dht, me.lock, run_key=key, max_norm=max_norm, peers_key=me.records_key
-        )
+        self._procs = _Processes(self, dht, me.lock, run_key=key, peers_key=me.records_key)
         self._state = _SharedState(me, self._procs)
         self._rounds = _Rounds(me, self._procs, self.stats)
         self._members = _Membership(me, dht, self._state, self._rounds)
@@ -285,12 +309,15 @@ class HivemindBackend:
     def sync_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Make ``tensors`` equal (in place, bit for bit) to the swarm's state, if it has one.
 
-        The reference is the state of the highest version any live peer serves (the one most
-        peers agree on at that version; ties go to the highest peer id). If this peer already
-        holds it, or no other peer is alive, ``tensors`` are kept. Otherwise the state is
-        downloaded from a peer holding it, preferring peers that are not mid-average, checked
-        against its digest, and copied in. Either way ``tensors`` become this peer's served
-        state (as :meth:`publish_state`).
+        The reference is the newest state that a strict majority of the other live peers
+        hold (the one live peer, if there is only one; see ``_resync_plan`` for the rule when
+        this peer diverged). If this peer already holds it, or no other peer is alive,
+        ``tensors`` are kept. Otherwise exactly that state (its digest) is downloaded from a
+        peer serving it, preferring peers that are not mid-average; when its holders move on
+        meanwhile, the plan is made again, for up to the wait timeout. Either way ``tensors``
+        become this peer's served state (as :meth:`publish_state`). One peer that advertises
+        a far newer version cannot make the others adopt its state, as long as honest peers
+        are the majority.
 
         Args:
             tensors: every tensor to make equal: ``"param.*"``, outer optimizer state, and
@@ -315,31 +342,30 @@ class HivemindBackend:
         members.start_heartbeat()
         plan = state.plan(records)
         deadline = time.monotonic() + self.timeouts.wait_timeout
-        while (
-            plan is not None
-            and plan[2]
-            and all(records[p].busy for p in plan[2])
-            and time.monotonic() < deadline
-        ):
-            # Every holder is mid-average: its snapshot is about to be one round old. Wait
-            # for one to finish and publish the new state.
-            time.sleep(0.2)
-            records = members.read()
-            members.set_records(records)
-            plan = state.plan(records)
-        if plan is not None:
+        tried: list[str] = []
+        while plan is not None:
             version, digest, candidates = plan
-            if state.download(tensors, version, digest, candidates):
-                with contextlib.suppress(*_FAILURES):
-                    members.publish()
-            else:
+            if not all(records[p].busy for p in candidates) or time.monotonic() > deadline:
+                if state.download(tensors, version, digest, candidates):
+                    with contextlib.suppress(*_FAILURES):
+                        members.publish()
+                    break
+                tried = candidates
+            if time.monotonic() > deadline:
                 logger.warning(
                     "hivemind run %r: could not download the swarm's state (version %d) from "
                     "%s; keeping this peer's own (needs_resync() stays True)",
                     self.run_id,
                     version,
-                    candidates,
+                    tried,
                 )
+                break
+            # Every holder is mid-average (its snapshot is about to be a round old), or the
+            # holders moved on between the plan and the download: look again.
+            time.sleep(0.2)
+            records = members.read()
+            members.set_records(records)
+            plan = state.plan(records)
         step = tensors.get("meta.outer_step")
         self._rounds.restart(int(step.reshape(-1)[0]) if step is not None else state.version)
 
@@ -425,6 +451,21 @@ class HivemindBackend:
             with contextlib.suppress(*_FAILURES):
                 self._members.publish()  # busy: joiners prefer peers that are not mid-average
         return work
+
+    def bound_weights(self, max_weight: float) -> None:
+        """Count every contribution with a weight of at most ``max_weight`` from the next
+        round on (DiLoCo sets it to the inner steps a round can hold): a peer declaring a
+        huge weight cannot make the average its own vector.
+
+        Raises:
+            ValueError: ``max_weight`` is not a positive finite number.
+        """
+        if not (max_weight > 0 and math.isfinite(max_weight)):
+            raise ValueError(f"max_weight ({max_weight}) must be a positive finite number")
+        admission = self._me.admission
+        self._me.admission = _Admission(
+            admission.max_norm, admission.norm_ratio, float(max_weight), admission.aggregation
+        )
 
     def set_round_seconds(self, round_seconds: float) -> None:
         """Re-derive every timeout from a measured round time (:class:`SwarmTimeouts`)."""

@@ -272,6 +272,8 @@ class DiLoCo(WrappingOptimizer):
             )
         if self._elastic:
             prime_outer_state(self._outer)
+            # A fragment's weight is the inner steps since its last sync: never more than H.
+            self.backend.bound_weights(float(self._schedule.period))  # type: ignore[attr-defined]
 
         self._inner_steps = 0
         self._last_sync = [0] * len(self._fragments)

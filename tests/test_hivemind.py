@@ -263,6 +263,21 @@ def test_resync_rule() -> None:
 
     fresh = {"p": _Record("p", "fp", 9, "", False, {})}
     assert me.plan(fresh) is None
+    # One peer advertising a far newer state is one voice: the majority's newer state is
+    # the target, and with no majority for anything newer, nothing is downloaded.
+    liar = _rec("liar", 10**6, {10**6: "bogus"})
+    honest = {"p": _rec("p", 4, {3: "b", 4: "x"}), "q": _rec("q", 4, {3: "b", 4: "x"})}
+    assert me.plan({**honest, "liar": liar}) == (4, "x", ["p", "q"])
+    assert me.plan({"p": honest["p"], "liar": liar}) is None
+    # Alone with it, there is nobody to outvote it (documented: an honest majority is needed).
+    assert me.plan({"liar": liar}) == (10**6, "bogus", ["liar"])
+    # Holders of the swarm's state that moved on are followed to their current state.
+    lonely = _planner(3, {2: "a", 3: "solo"})
+    moved = {
+        "p": _rec("p", 4, {3: "group", 4: "next"}),
+        "q": _rec("q", 4, {3: "group", 4: "next"}),
+    }
+    assert lonely.plan(moved) == (4, "next", ["p", "q"])
 
 
 # -- averaging ---------------------------------------------------------------------------------
@@ -977,3 +992,110 @@ def test_diloco_three_peers_identical_theta(bootstrap: list[str], peers: Peers) 
     assert not torch.equal(
         torch.from_numpy(results[0][0][0][0]), torch.from_numpy(results[0][-1][0][0])
     )
+
+
+# -- hostile peers -----------------------------------------------------------------------------
+
+
+def _state_taker(index: int, maddrs: list[str], hostile: bool, start: Any, done: Any) -> Any:
+    backend = _backend("takeover", maddrs)
+    try:
+        backend.check_consistent("fp")
+        state = _state(1000, seed=0)
+        backend.sync_state(state)
+        start.wait(60)
+        if hostile:
+            # A state far "ahead" of everyone's, with theta replaced wholesale.
+            bogus = {k: v.clone() for k, v in state.items()}
+            bogus["param.0"].fill_(1000.0)
+            bogus["meta.outer_step"].fill_(10**6)
+            backend.publish_state(bogus)
+            done.wait(90)
+            return None
+        resynced = []
+        for round_ in range(3):
+            _, did = _outer_round(backend, state, _contribution(index, round_, 1000, 0.01), 1.0)
+            resynced.append(did)
+        done.wait(90)  # stay live until every honest peer finished its rounds
+        return dict(
+            step=int(state["meta.outer_step"]),
+            theta_max=float(state["param.0"].abs().max()),
+            resynced=resynced,
+        )
+    finally:
+        backend.close()
+
+
+def test_one_peer_advertising_a_far_newer_state_is_not_adopted(
+    bootstrap: list[str], peers: Peers
+) -> None:
+    start, done = CTX.Barrier(4), CTX.Barrier(4)
+    for i in range(4):
+        peers.start(_state_taker, i, bootstrap, i == 3, start, done)
+    results = peers.collect([0, 1, 2, 3], timeout=110)
+    for i in range(3):
+        r = results[i]
+        assert r["step"] < 10, r  # never jumped to the liar's version
+        assert r["theta_max"] < 100, r  # theta was never replaced by the liar's 1000s
+
+
+def _insider(index: int, maddrs: list[str], attack: str, start: Any) -> Any:
+    backend = _backend(f"insider-{attack}", maddrs)
+    hostile = index == 2
+    if hostile and attack == "reducer":
+        # As a reducer, send back every averaged part scaled up a million times.
+        from lowcomm.comm import _hivemind_subclasses as subclasses
+
+        honest_reply = subclasses.Runner._reply
+
+        def scaled(self: Any, part_index: int, averaged: torch.Tensor) -> Any:
+            return honest_reply(self, part_index, averaged * 1e6)
+
+        subclasses.Runner._reply = scaled  # type: ignore[method-assign]
+    if hostile and attack == "weight":
+        # Not a reducer itself (zero bandwidth: a pure sender), so that every part of the
+        # average is reduced by honest peers: what a reducer does with its own slice is
+        # the "reducer" attack.
+        from lowcomm.comm import _hivemind_subclasses as subclasses
+
+        honest_step = subclasses.Averager.lowcomm_step
+
+        def sender_only(self: Any, *args: Any, **kwargs: Any) -> Any:
+            self.bandwidth = 0.0
+            return honest_step(self, *args, **kwargs)
+
+        subclasses.Averager.lowcomm_step = sender_only  # type: ignore[method-assign]
+    if not hostile:
+        backend.bound_weights(1.0)
+    try:
+        backend.check_consistent("fp")
+        start.wait(60)
+        x = torch.full((NUMEL,), float(index + 1))
+        # The weight attack declares a billion; the honest peers count it as 1.
+        weight = 1e9 if hostile and attack == "weight" else 1.0
+        res = backend.average(x, weight=weight, step=0).wait()
+        return dict(mean=res.mean.numpy(), num_peers=res.num_peers)
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("attack", ["weight", "reducer"])
+def test_an_insider_cannot_hijack_the_average_by_weight_or_as_a_reducer(
+    bootstrap: list[str], peers: Peers, attack: str
+) -> None:
+    start = CTX.Barrier(3)
+    for i in range(3):
+        peers.start(_insider, i, bootstrap, attack, start)
+    results = peers.collect([0, 1, 2], timeout=110)
+    for i in (0, 1):
+        mean = torch.from_numpy(results[i]["mean"])
+        assert bool(torch.isfinite(mean).all())
+        if attack == "weight":
+            # All three averaged, the insider counted like anyone else: (1 + 2 + 3) / 3,
+            # not its own vector (3.0 everywhere).
+            assert results[i]["num_peers"] == 3
+            assert torch.allclose(mean, torch.full_like(mean, 2.0)), float(mean.max())
+        else:
+            # Nothing scaled up ever enters an honest peer's result: the round fails for
+            # it, and it keeps its own contribution.
+            assert float(mean.abs().max()) <= 2.0 + 1e-6, float(mean.abs().max())

@@ -101,6 +101,9 @@ class RecordingBackend(LocalBackend):
     def set_round_seconds(self, round_seconds):
         pass
 
+    def bound_weights(self, max_weight):
+        pass
+
 
 def _train_rounded(backend: RecordingBackend, steps: int) -> DiLoCo:
     model = TinyGPT(4, d=16)
