@@ -300,11 +300,17 @@ class HivemindBackend:
         Reads the run's heartbeat records before and after publishing this peer's, so two
         peers starting together also see each other.
 
+        The rules this peer's reducers apply (norm bounds, weight bound, aggregation) are
+        part of what must match: peers that would combine the same parts differently never
+        group.
+
         Raises:
-            ConsistencyError: a live peer of this run has a different ``fingerprint``.
+            ConsistencyError: a live peer of this run has a different ``fingerprint`` or
+                other rules.
         """
         self._check_open()
-        self._members.join(str(fingerprint))
+        rules = hashlib.sha256(repr(self._me.admission).encode()).hexdigest()[:8]
+        self._members.join(f"{fingerprint}+{rules}")
 
     def sync_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Make ``tensors`` equal (in place, bit for bit) to the swarm's state, if it has one.

@@ -54,6 +54,7 @@ MODES = ("diloco", "ddp", "local")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16")
 SHARDS = ("ddp", "fsdp")
+AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
 OVERLAP_MODES = ("mix", "eager", "delayed")
 
 #: Keys that may differ between a checkpoint and the run resuming from it. They do not change
@@ -179,6 +180,14 @@ class TrainConfig:
         wait_for_peers: a swarm peer starts training only once this many peers of the run
             (itself included) are live; 1 starts at once.
         wait_for_peers_timeout: seconds a swarm peer waits for them before failing.
+        max_norm: a swarm peer refuses any part of a pseudo-gradient (or of an average coming
+            back) whose L2 norm exceeds this; 0: no absolute bound.
+        norm_ratio: a swarm peer refuses any part more than this many times the norm of its
+            own part of the same slice (scale-free: the default 10 needs no tuning per
+            model); 0: no relative bound.
+        aggregation: how a swarm peer's reducers combine the parts they accepted: ``mean``,
+            ``trimmed_mean`` or ``centered_clip`` (robust rules, for swarms whose peers are
+            not all trusted).
     """
 
     config: str | None = None
@@ -246,6 +255,9 @@ class TrainConfig:
     round_seconds: float = 60.0
     wait_for_peers: int = 1
     wait_for_peers_timeout: float = 600.0
+    max_norm: float = 0.0
+    norm_ratio: float = 10.0
+    aggregation: str = "mean"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -258,6 +270,14 @@ class TrainConfig:
         _choice("overlap_mode", self.overlap_mode, OVERLAP_MODES)
         _choice("backend", self.backend, ("auto", "hivemind"))
         _choice("shard", self.shard, SHARDS)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        if self.max_norm < 0 or self.norm_ratio < 0:
+            raise ValueError(
+                f"max_norm ({self.max_norm}) and norm_ratio ({self.norm_ratio}) must be >= 0 "
+                f"(0: no bound)"
+            )
+        if 0 < self.norm_ratio < 1:
+            raise ValueError(f"norm_ratio ({self.norm_ratio}) must be 0 or >= 1")
         if self.replicas < 0:
             raise ValueError(f"replicas ({self.replicas}) must be >= 0 (0: one rank per replica)")
         if self.replicas and self.mode != "diloco":

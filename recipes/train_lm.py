@@ -323,6 +323,9 @@ def make_backend(cfg: TrainConfig) -> Any:
         round_seconds=cfg.round_seconds,
         wait_for_peers=cfg.wait_for_peers,
         wait_for_peers_timeout=cfg.wait_for_peers_timeout,
+        max_norm=cfg.max_norm or None,
+        norm_ratio=cfg.norm_ratio or None,
+        aggregation=cfg.aggregation,
     )
 
 

@@ -109,6 +109,11 @@ def test_uneven_fragments_are_valid() -> None:
         (["--wait-for-peers", "2"], r"wait_for_peers \(2\) applies to backend 'hivemind' only"),
         (["--backend", "hivemind", "--wait-for-peers", "0"], r"wait_for_peers \(0\) must be >= 1"),
         (["--backend", "hivemind", "--wait-for-peers-timeout", "0"], "wait_for_peers_timeout"),
+        (["--aggregation", "median"], r"aggregation \('median'\) must be one of mean, trimmed"),
+        (["--norm-ratio", "0.5"], r"norm_ratio \(0.5\) must be 0 or >= 1"),
+        (["--max-norm", "-1"], r"max_norm \(-1.0\) and norm_ratio"),
+        (["--replicas", "2", "--mode", "ddp"], "replicas .* needs mode 'diloco'"),
+        (["--shard", "zero3"], r"shard \('zero3'\) must be one of ddp, fsdp"),
     ],
 )
 def test_bad_values_raise(argv: list[str], match: str) -> None:

@@ -705,7 +705,7 @@ def test_peer_that_misses_a_round_catches_up(bootstrap: list[str], peers: Peers)
 
 def test_mismatched_fingerprint_refused(bootstrap: list[str]) -> None:
     first = _backend("fingerprint", bootstrap)
-    second = third = None
+    second = third = fourth = None
     try:
         first.check_consistent("model-a")
         second = _backend("fingerprint", bootstrap)
@@ -717,8 +717,12 @@ def test_mismatched_fingerprint_refused(bootstrap: list[str]) -> None:
         while third.world_size < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert third.world_size == 2  # the refused peer is not counted
+        # The same model with other rules for combining parts is another config too.
+        fourth = _backend("fingerprint", bootstrap, aggregation="trimmed_mean")
+        with pytest.raises(ConsistencyError, match="another model or config"):
+            fourth.check_consistent("model-a")
     finally:
-        for backend in (first, second, third):
+        for backend in (first, second, third, fourth):
             if backend is not None:
                 backend.close()
 
