@@ -72,6 +72,7 @@ from lowcomm.gpt import GPT, GPTConfig, parameter_signature
 from lowcomm.metrics import MetricsLogger, Progress, format_bytes
 from lowcomm.optim.diloco import DiLoCo
 from lowcomm.optim.params import local_view
+from lowcomm.rundir import RunDirLock, lock_run_dir
 
 logger = logging.getLogger("lowcomm.recipes.train_lm")
 
@@ -85,7 +86,7 @@ class Runtime:
     def __init__(self, cfg: TrainConfig) -> None:
         self.accelerator: Any = None
         self.owns_process_group = False
-        self.run_dir_lock: ckpt.RunDirLock | None = None  # taken by prepare_run_dir
+        self.run_dir_lock: RunDirLock | None = None  # taken by prepare_run_dir
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
         self.use_accelerate = cfg.accelerate or "ACCELERATE_MIXED_PRECISION" in os.environ
         if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -216,7 +217,7 @@ def prepare_run_dir(cfg: TrainConfig, rt: Runtime) -> Path | None:
     """
     run_dir = Path(cfg.run_dir)
     root = ckpt.checkpoint_root(run_dir)
-    rt.run_dir_lock = ckpt.lock_run_dir(run_dir, rt.rank, run_id=launch_id())
+    rt.run_dir_lock = lock_run_dir(run_dir, rt.rank, run_id=launch_id())
     resume = ckpt.resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     existing = ckpt.list_checkpoints(root)
     # Checkpoints here that are not this run's past would be mixed up with its future.
@@ -245,8 +246,12 @@ def prepare_run_dir(cfg: TrainConfig, rt: Runtime) -> Path | None:
             logger.warning("--overwrite: deleting %s", p)
             shutil.rmtree(p)
         for p in damaged:
-            logger.warning("deleting %s: it does not verify (see above)", p)
-            shutil.rmtree(p)
+            # Kept, not deleted: a damaged file is evidence, and may hold what a person
+            # can still recover by hand.
+            aside = run_dir / "damaged" / f"{p.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+            logger.warning("moving %s aside to %s: it does not verify (see above)", p, aside)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, aside)
         ckpt.clean_incomplete(root)
         if resume is None and cfg.overwrite:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)

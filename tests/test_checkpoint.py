@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lowcomm import checkpoint as ckpt
+from lowcomm import rundir
 from lowcomm.config import RESUMABLE_KEYS, TrainConfig
 from lowcomm.gpt import GPT, GPTConfig, parameter_signature
 
@@ -350,7 +351,8 @@ def test_validate_manifest() -> None:
 _HOLD = """
 import sys, time
 from lowcomm import checkpoint as ckpt
-locks = [ckpt.lock_run_dir(sys.argv[1], int(r), run_id="first-run") for r in sys.argv[2:]]
+from lowcomm import rundir
+locks = [rundir.lock_run_dir(sys.argv[1], int(r), run_id="first-run") for r in sys.argv[2:]]
 print("locked", flush=True)
 time.sleep(300)
 """
@@ -379,20 +381,20 @@ def test_run_dir_lock_excludes_every_rank_of_another_run(tmp_path: Path) -> None
         # rank 0, rank 1 collides with nothing of its own but still sees the first run.
         for rank in (0, 1):
             with pytest.raises(ValueError) as busy:
-                ckpt.lock_run_dir(run, rank, run_id="second-run")
+                rundir.lock_run_dir(run, rank, run_id="second-run")
             assert (
                 f"run_dir {run} is in use by another live run: .lock.rank00000 is held by pid "
                 f"{first.pid} on host {socket.gethostname()} (its rank 0)"
             ) in one_line_error(busy)
         # The first run's own ranks share the directory.
-        with ckpt.lock_run_dir(run, 1, run_id="first-run"):
+        with rundir.lock_run_dir(run, 1, run_id="first-run"):
             pass
     # The first run died without releasing anything: the kernel released its lock.
     with (
-        ckpt.lock_run_dir(run, 0, run_id="second-run") as lock,
-        ckpt.lock_run_dir(run, 1, run_id="second-run"),
+        rundir.lock_run_dir(run, 0, run_id="second-run") as lock,
+        rundir.lock_run_dir(run, 1, run_id="second-run"),
     ):
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
         with pytest.raises(ValueError, match=f"held by pid {os.getpid()}"):
-            ckpt.lock_run_dir(run, 0, run_id="third-run")
-    ckpt.lock_run_dir(run, 0, run_id="third-run").release()  # free again after the with
+            rundir.lock_run_dir(run, 0, run_id="third-run")
+    rundir.lock_run_dir(run, 0, run_id="third-run").release()  # free again after the with

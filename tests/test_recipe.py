@@ -215,6 +215,9 @@ def test_resume_skips_checkpoints_that_do_not_verify(
     assert summary["steps_run"] == 8
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000000008", "step_000000016"]
     ckpt.verify_checkpoint(newest)
+    # The damaged one was moved aside, not deleted.
+    (aside,) = (run / "damaged").iterdir()
+    assert aside.name.startswith("step_000000016.") and ckpt.rank_file(aside, 0).exists()
 
     for p in ckpt.list_checkpoints(root):
         flip_bytes(ckpt.rank_file(p, 0))
