@@ -293,8 +293,14 @@ def test_benchmarks_md_is_generated_from_the_checked_in_results() -> None:
 
 def test_codec_ratios_to_memcpy_are_paired_by_pass() -> None:
     rows = [
-        {"spec": "memcpy", "seconds": [1.0, 2.0, 10.0]},
-        {"spec": "int8", "encode_s": [1.0, 0.5, 15.0], "decode_s": [1.0, 0.5, 5.0]},
+        {"spec": "memcpy", "seconds": [1.0, 2.0, 10.0], "faults": [0, 0, 0]},
+        {
+            "spec": "int8",
+            "encode_s": [1.0, 0.5, 15.0],
+            "decode_s": [1.0, 0.5, 5.0],
+            "encode_faults": [3, 1, 2],
+            "decode_faults": [9, 9, 8],
+        },
     ]
     memcpy, int8 = codecs.summarise(rows, numel=250_000_000)  # 1 GB of fp32
     assert memcpy["ratio_to_memcpy"] == {"median": 1.0, "min": 1.0, "max": 1.0}
@@ -302,6 +308,7 @@ def test_codec_ratios_to_memcpy_are_paired_by_pass() -> None:
     assert int8["ratio_to_memcpy"] == {"median": 0.5, "min": 0.5, "max": 2.0}
     assert int8["total_gbps"]["median"] == pytest.approx(0.5)  # 1 GB in 2 s
     assert int8["encode_gbps"]["max"] == pytest.approx(2.0)
+    assert int8["faults"] == {"encode": 2, "decode": 9} and memcpy["faults"] == 0
 
 
 def test_codec_sizes_parse_with_binary_suffixes() -> None:
@@ -322,7 +329,8 @@ def test_codec_benchmark_writes_results_and_their_table(tmp_path: Path) -> None:
     assert list(rows) == ["memcpy", "clone", "int8", "topk:0.01"]
     assert rows["int8"]["bits_per_element"] == pytest.approx(8 + 32 / 128)
     assert 0 < rows["int8"]["rel_l2_error"] < 0.05
-    assert all(len(r["encode_s"]) == 2 for r in run["raw"] if "encode_s" in r)
+    assert all(len(r["encode_s"]) == len(r["decode_faults"]) == 2 for r in run["raw"][2:])
+    assert rows["memcpy"]["faults"] == 0  # into a tensor that exists: no fresh pages
     assert res["command"][-len(argv) - 2 :] == [*argv, "--out-dir", str(tmp_path)]
     # The document beside results outside benchmarks/ is theirs alone; BENCHMARKS.md is not
     # touched.

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
+import resource
 import statistics
 import sys
 import time
@@ -101,25 +103,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+def _minor_faults() -> int:
+    # First touches of freshly mapped pages: what allocating a large output costs on top of
+    # writing it (memcpy into a preallocated tensor has none).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def _encode_decode_seconds(
-    comp: Compressor, x: torch.Tensor, device: torch.device
-) -> tuple[float, float]:
+def _measured(fn: Callable[[], Any], device: torch.device) -> tuple[float, int, Any]:
+    """(seconds, minor page faults, result) of one call."""
     _sync(device)
-    t0 = time.perf_counter()
-    payload = comp.compress(x)
+    faults, t0 = _minor_faults(), time.perf_counter()
+    result = fn()
     _sync(device)
-    t1 = time.perf_counter()
-    comp.decompress(payload)
-    _sync(device)
-    return t1 - t0, time.perf_counter() - t1
+    return time.perf_counter() - t0, _minor_faults() - faults, result
 
 
 def _describe(spec: str, comp: Compressor, x: torch.Tensor) -> dict[str, Any]:
@@ -132,35 +128,49 @@ def _describe(spec: str, comp: Compressor, x: torch.Tensor) -> dict[str, Any]:
         "rel_l2_error": float((decoded - x).norm() / x.norm()),
         "encode_s": [],
         "decode_s": [],
+        "encode_faults": [],
+        "decode_faults": [],
     }
 
 
 def bench(
     specs: Sequence[str], numel: int, device: torch.device, repeats: int
 ) -> list[dict[str, Any]]:
-    """Time every row ``repeats`` times, interleaved; one dict per row with raw seconds.
+    """Time every row ``repeats`` times, interleaved; one dict per row with raw measurements.
 
-    Rows: ``memcpy`` and ``clone`` with ``seconds``, then each spec with ``encode_s`` and
-    ``decode_s`` (one entry per pass), its bits per element and relative L2 error.
+    Rows: ``memcpy`` and ``clone`` with ``seconds`` and ``faults`` (minor page faults), then
+    each spec with ``encode_s``, ``decode_s``, ``encode_faults`` and ``decode_faults`` (one
+    entry per pass), its bits per element and relative L2 error.
     """
     x = pseudo_gradient(numel, device)
     dst = torch.empty_like(x)
     codecs = {spec: _codec(spec) for spec in specs}
-    references: dict[str, Callable[[], object]] = {BASELINE: lambda: dst.copy_(x), "clone": x.clone}
-    rows: dict[str, dict[str, Any]] = {name: {"spec": name, "seconds": []} for name in references}
+    references: dict[str, Callable[[], Any]] = {BASELINE: lambda: dst.copy_(x), "clone": x.clone}
+    rows: dict[str, dict[str, Any]] = {
+        name: {"spec": name, "seconds": [], "faults": []} for name in references
+    }
     rows.update({spec: _describe(spec, comp, x) for spec, comp in codecs.items()})
     order = list(rows)
     for rep in range(repeats + 1):
         for name in order:
+            row = rows[name]
             if name in references:
-                t = _seconds(references[name], device)
-                if rep:  # pass 0 warms up: lazy initialisation, allocator caches, page faults
-                    rows[name]["seconds"].append(t)
+                t, faults, _ = _measured(references[name], device)
+                measured = {"seconds": t, "faults": faults}
             else:
-                t_enc, t_dec = _encode_decode_seconds(codecs[name], x, device)
-                if rep:
-                    rows[name]["encode_s"].append(t_enc)
-                    rows[name]["decode_s"].append(t_dec)
+                comp = codecs[name]
+                t_enc, f_enc, payload = _measured(functools.partial(comp.compress, x), device)
+                t_dec, f_dec, _ = _measured(functools.partial(comp.decompress, payload), device)
+                del payload
+                measured = {
+                    "encode_s": t_enc,
+                    "decode_s": t_dec,
+                    "encode_faults": f_enc,
+                    "decode_faults": f_dec,
+                }
+            if rep:  # pass 0 warms up: lazy initialisation, allocator caches
+                for key, value in measured.items():
+                    row[key].append(value)
         order.append(order.pop(0))  # rotate: no row always runs right after the same one
     return list(rows.values())
 
@@ -179,12 +189,18 @@ def summarise(rows: list[dict[str, Any]], numel: int) -> list[dict[str, Any]]:
             total = r["seconds"]
         else:
             total = [e + d for e, d in zip(r["encode_s"], r["decode_s"])]
-        item = {k: v for k, v in r.items() if k not in ("seconds", "encode_s", "decode_s")}
+        item = {k: v for k, v in r.items() if not isinstance(v, list)}
         item["total_gbps"] = _stat([nbytes / t / 1e9 for t in total])
         item["ratio_to_memcpy"] = _stat([b / t for b, t in zip(base, total)])
         if "encode_s" in r:
             item["encode_gbps"] = _stat([nbytes / t / 1e9 for t in r["encode_s"]])
             item["decode_gbps"] = _stat([nbytes / t / 1e9 for t in r["decode_s"]])
+            item["faults"] = {
+                "encode": statistics.median(r["encode_faults"]),
+                "decode": statistics.median(r["decode_faults"]),
+            }
+        else:
+            item["faults"] = statistics.median(r["faults"])
         out.append(item)
     return out
 
@@ -204,15 +220,19 @@ def _print_table(run: dict[str, Any]) -> None:
         f"# {run['numel']:,} fp32 elements on {run['device']}, {run['threads']} thread(s), "
         f"{run['repeats']} interleaved passes; GB/s of fp32 input, median [min, max]"
     )
-    print(f"{'codec':<16} {'encode':>8} {'decode':>8} {'enc+dec':>22} {'÷ memcpy':>20}")
+    print(
+        f"{'codec':<16} {'encode':>8} {'decode':>8} {'enc+dec':>22} {'÷ memcpy':>20} "
+        f"{'page faults':>14}"
+    )
     for r in run["rows"]:
         enc, dec = r.get("encode_gbps"), r.get("decode_gbps")
-        t, q = r["total_gbps"], r["ratio_to_memcpy"]
+        t, q, f = r["total_gbps"], r["ratio_to_memcpy"], r["faults"]
+        faults = f"{f['encode']:.0f}/{f['decode']:.0f}" if isinstance(f, dict) else f"{f:.0f}"
         print(
             f"{r['spec']:<16} {enc['median'] if enc else float('nan'):8.2f} "
             f"{dec['median'] if dec else float('nan'):8.2f} "
             f"{t['median']:8.2f} [{t['min']:5.2f}, {t['max']:5.2f}] "
-            f"{q['median']:6.3f} [{q['min']:5.3f}, {q['max']:5.3f}]"
+            f"{q['median']:6.3f} [{q['min']:5.3f}, {q['max']:5.3f}] {faults:>14}"
         )
 
 

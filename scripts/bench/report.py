@@ -481,21 +481,28 @@ def _range(stat: dict[str, float], fmt: str) -> str:
 def _codec_run(run: dict[str, Any]) -> str:
     rows = []
     for r in run["rows"]:
-        codec = ["", "", "", ""]  # memcpy and clone: no payload, no error, one operation
+        faults = r.get("faults")
         if "encode_gbps" in r:
+            name = f"`{r['spec']}`"
             codec = [
                 fmt_num(r["bits_per_element"], ".3g"),
                 fmt_num(r["rel_l2_error"], ".2e"),
                 fmt_num(r["encode_gbps"]["median"], ".3g"),
                 fmt_num(r["decode_gbps"]["median"], ".3g"),
             ]
-        name = f"`{r['spec']}`" if "encode_gbps" in r else r["spec"]
+            if faults is not None:
+                faults = f"{faults['encode']:,.0f} / {faults['decode']:,.0f}"
+        else:  # memcpy and clone: no payload, no error, one operation
+            name, codec = r["spec"], ["", "", "", ""]
+            if faults is not None:
+                faults = f"{faults:,.0f}"
         rows.append(
-            [name, *codec, _range(r["total_gbps"], ".3g"), _range(r["ratio_to_memcpy"], ".3f")]
-        )
+            [name, *codec, _range(r["total_gbps"], ".3g"), _range(r["ratio_to_memcpy"], ".3f"),
+             faults if faults is not None else "n/a"]
+        )  # fmt: skip
     header = [
         "codec", "bits / element", "rel. L2 error", "encode GB/s", "decode GB/s",
-        "encode + decode GB/s", "÷ memcpy",
+        "encode + decode GB/s", "÷ memcpy", "page faults per call (encode / decode)",
     ]  # fmt: skip
     return table(header, rows)
 
@@ -541,8 +548,10 @@ def render_codecs(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "`memcpy` is `copy_` into a preallocated fp32 tensor (4 bytes read and 4 written per "
         "element); `clone` allocates, then copies. The passes are interleaved (every row once "
         "per pass, in an order rotated per pass) and each ratio to memcpy is taken within a "
-        "pass; cells show the median [min–max] over passes. Error feedback is not timed "
-        "(`sparseloco` is its top-k with 2-bit values).",
+        "pass; cells show the median [min–max] over passes. The page faults are the median "
+        "count of minor faults per call: first touches of freshly mapped pages, which a "
+        "fresh output costs on top of writing it (large allocations are fresh mappings). "
+        "Error feedback is not timed (`sparseloco` is its top-k with 2-bit values).",
         f"Measured on {m.get('cpu_model')} ({m.get('cpu_cores')} cores"
         f"{', ' + m['cuda'] if m.get('cuda') else ''}), torch {m.get('torch')}, "
         f"{m.get('date_utc')}; 1-minute load average {m.get('loadavg_1m')} at the start, "
