@@ -487,8 +487,8 @@ def _codec_run(run: dict[str, Any]) -> str:
             codec = [
                 fmt_num(r["bits_per_element"], ".3g"),
                 fmt_num(r["rel_l2_error"], ".2e"),
-                fmt_num(r["encode_gbps"]["median"], ".3g"),
-                fmt_num(r["decode_gbps"]["median"], ".3g"),
+                fmt_num(r["encode_gbps"]["median"], ".2f"),
+                fmt_num(r["decode_gbps"]["median"], ".2f"),
             ]
             if faults is not None:
                 faults = f"{faults['encode']:,.0f} / {faults['decode']:,.0f}"
@@ -497,7 +497,7 @@ def _codec_run(run: dict[str, Any]) -> str:
             if faults is not None:
                 faults = f"{faults:,.0f}"
         rows.append(
-            [name, *codec, _range(r["total_gbps"], ".3g"), _range(r["ratio_to_memcpy"], ".3f"),
+            [name, *codec, _range(r["total_gbps"], ".2f"), _range(r["ratio_to_memcpy"], ".3f"),
              faults if faults is not None else "n/a"]
         )  # fmt: skip
     header = [
