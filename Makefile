@@ -9,7 +9,7 @@ EXTRAS ?= dev,hivemind,wandb,datasets,accelerate,bench
 NPROC ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint bench bench-peers clean
+.PHONY: install demo test test-fast lint bench bench-codecs bench-peers clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,21 +37,28 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The benchmark suite (scripts/bench/suite.py): make bench ARGS="--profile smoke --rates loopback"
 bench: $(STAMP)
-	$(PY) scripts/bench_suite.py $(ARGS)
+	$(PY) -m scripts.bench.suite $(ARGS)
 
-# torchft pulls opentelemetry and more, so it lives in its own venv, never in the project's.
+# Codec encode/decode bandwidth against memcpy, written to benchmarks/codecs.json and BENCHMARKS.md.
+bench-codecs: $(STAMP)
+	$(PY) -m scripts.bench.codecs $(ARGS)
+
+# torchft pulls opentelemetry and more, so it lives in its own venv, never in the project's;
+# the suite runs its torchft peer from there (--torchft-python).
 FTVENV ?= .venv-torchft
-$(FTVENV)/.installed:
-	$(PYTHON) -m venv $(FTVENV)
+$(FTVENV)/.installed: pyproject.toml requirements/constraints.txt
+	@test -x $(FTVENV)/bin/python || $(PYTHON) -m venv $(FTVENV)
 	$(FTVENV)/bin/pip install -q "torch==2.13.0" "torchft==0.2.0"
-	$(FTVENV)/bin/pip install -q --no-deps -e .
+	@# lowcomm and its own dependencies (numpy, tqdm), pinned as in the project's venv.
+	$(FTVENV)/bin/pip install -q -c requirements/constraints.txt -e .
 	@touch $@
 
 bench-peers: $(STAMP) $(FTVENV)/.installed
-	$(FTVENV)/bin/python scripts/peers/torchft_diloco.py --config recipes/configs/tiny.toml \
+	$(FTVENV)/bin/python -m scripts.bench.peers.torchft_diloco --config recipes/configs/tiny.toml \
 		--workers 2 --steps 100 --sync-every 25 --out runs/peers/torchft.jsonl
-	$(PY) scripts/peers/hivemind_optimizer.py --config recipes/configs/tiny.toml \
+	$(PY) -m scripts.bench.peers.hivemind_optimizer --config recipes/configs/tiny.toml \
 		--workers 2 --steps 100 --sync-every 25 --out runs/peers/hivemind.jsonl
 
 clean:

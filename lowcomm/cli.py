@@ -156,10 +156,28 @@ def cmd_dht(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """Run the benchmark suite (``scripts/bench_suite.py``)."""
-    suite = _load_script("scripts/bench_suite.py", _pop_option(argv, "--script"))
-    result = suite.main(argv)
-    return int(result) if isinstance(result, int) else 0
+    """Run the benchmark suite, ``python -m scripts.bench.suite`` of the source checkout.
+
+    The suite is not in the wheel: it needs the checkout this package is installed from
+    (``pip install -e .``). Without one it says so and returns 2.
+    """
+    if not (_ROOT / "scripts" / "bench" / "suite.py").is_file():
+        print(
+            "lowcomm bench: the benchmark suite is not part of the installed package; it runs "
+            f"from a source checkout of lowcomm (no scripts/bench/ beside the package, in "
+            f"{_ROOT}). Clone the lowcomm git repository, then from its root run `make bench` "
+            "(or `pip install -e .` there and `lowcomm bench`).",
+            file=sys.stderr,
+        )
+        return 2
+    # The checkout goes on the suite's import path, not its working directory, so that
+    # relative paths in argv (--out, --work-dir) still mean the caller's directory. exec, not
+    # a child: signals (Ctrl-C, SIGTERM) and the exit status are the suite's own.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "scripts.bench.suite", *argv], env)
 
 
 COMMANDS = {"train": cmd_train, "join": cmd_join, "dht": cmd_dht, "bench": cmd_bench}

@@ -1,4 +1,4 @@
-"""The benchmark suite (scripts/bench_suite.py, bench_plots.py, bench_report.py).
+"""The benchmark suite (the ``scripts.bench`` package: suite, methods, launch, report ...).
 
 Unit tests check the pieces against independent oracles (method grammar, the library's
 schedule replayed by hand, paired statistics, the TOML the recipe reads back, interface
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -30,29 +29,15 @@ from typing import Any
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "scripts"
-
-
-def _load(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-bench = _load("bench_suite")
-report = _load("bench_report")
-launch = _load("bench_launch")
-
+from scripts.bench import REPO, aggregate, codecs, launch, report, suite, wansim
+from scripts.bench.methods import parse_method
+from scripts.bench.profiles import PROFILES
 
 # --------------------------------------------------------------------------- methods
 
 
 def test_method_grammar() -> None:
-    m = bench.parse_method("diloco-h25-int8")
+    m = parse_method("diloco-h25-int8")
     assert m.name == "diloco-h25-int8"
     assert m.options == {
         "mode": "diloco",
@@ -63,23 +48,23 @@ def test_method_grammar() -> None:
         "error_feedback": False,
     }
     # Token order does not matter; the canonical name does not change with it.
-    s = bench.parse_method("streaming-h20-p4")
-    assert s.name == "streaming-p4-h20-o1" == bench.parse_method("streaming-o1-p4-h20").name
+    s = parse_method("streaming-h20-p4")
+    assert s.name == "streaming-p4-h20-o1" == parse_method("streaming-o1-p4-h20").name
     assert (s.options["fragments"], s.options["overlap_steps"]) == (4, 1)
-    t = bench.parse_method("diloco-h20-topk0.01-ef")
+    t = parse_method("diloco-h20-topk0.01-ef")
     assert t.options["compression"] == "topk:0.01" and t.options["error_feedback"] is True
     assert "top-k 1%" in t.label and "+EF" in t.label
-    sl = bench.parse_method("diloco-h20-topk0.01-ef0.95-m0")
+    sl = parse_method("diloco-h20-topk0.01-ef0.95-m0")
     assert sl.options["compression"] == "ef@0.95:topk:0.01" and not sl.options["error_feedback"]
     assert sl.options["outer_momentum"] == 0.0
     # Decay 1 is classic error feedback: the same method as plain ``ef``.
-    assert bench.parse_method("diloco-h20-topk0.01-ef1").name == t.name
-    assert bench.parse_method("ddp").options == {"mode": "ddp"}
-    assert bench.parse_method("local").mode == "local"
+    assert parse_method("diloco-h20-topk0.01-ef1").name == t.name
+    assert parse_method("ddp").options == {"mode": "ddp"}
+    assert parse_method("local").mode == "local"
     # Fragments and overlap set on a non-streaming kind are part of its name.
-    assert bench.parse_method("diloco-p2-h20").name == "diloco-h20-p2"
-    assert bench.parse_method("diloco-h4-o1").name == "diloco-h4-o1"
-    sw = bench.parse_method("swarm-h25-int8")
+    assert parse_method("diloco-p2-h20").name == "diloco-h20-p2"
+    assert parse_method("diloco-h4-o1").name == "diloco-h4-o1"
+    sw = parse_method("swarm-h25-int8")
     assert sw.swarm and not m.swarm and sw.options["backend"] == "hivemind"
     assert sw.options["compression"] == "int8" and "hivemind" in sw.label
     # Every generated option is one the recipe accepts.
@@ -93,7 +78,7 @@ def test_method_grammar() -> None:
         "diloco-h20-topk0.01-ef0.95-m0",
         "ddp",
     ):
-        opts = bench.parse_method(name).options
+        opts = parse_method(name).options
         load_config([f"--{k}={v}" for k, v in opts.items()] + ["--steps=100"])
 
 
@@ -111,35 +96,56 @@ def test_method_grammar() -> None:
 )
 def test_method_grammar_rejects(name: str, rule: str) -> None:
     with pytest.raises(ValueError, match=rule):
-        bench.parse_method(name)
+        parse_method(name)
 
 
 def test_unknown_phase_is_refused_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--phases", "quality,speed", "--work-dir", str(tmp_path / "work")]
-    assert bench.main(argv) == 2
+    assert suite.main(argv) == 2
     assert "phase 'speed' must be one of quality, throughput, peers" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_lowcomm_bench_runs_the_checkouts_suite_from_any_directory(tmp_path: Path) -> None:
+    # Relative paths in the arguments keep meaning the caller's directory.
+    cmd = [sys.executable, "-m", "lowcomm.cli", "bench", "--profile", "smoke", "--dry-run"]
+    cmd += ["--work-dir", "work"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "quality 1/2 ddp seed 0: to run" in proc.stdout
+    assert (tmp_path / "work" / "task.toml").is_file()
+
+
+def test_lowcomm_bench_outside_a_checkout_says_it_needs_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lowcomm import cli
+
+    monkeypatch.setattr(cli, "_ROOT", tmp_path)  # an installed package: no scripts/ beside it
+    assert cli.main(["bench", "--profile", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "source checkout" in err and "make bench" in err
 
 
 def test_cache_key_of_overlapped_methods_records_the_final_flush() -> None:
     # Results of overlapped methods cached before the recipe flushed are stale; others are not.
     for name in ("ddp", "diloco-h4", "diloco-h4-int8", "streaming-p4-h20-o0"):
-        method = bench.parse_method(name)
-        assert bench.method_key(method) == method.options
+        method = parse_method(name)
+        assert suite.method_key(method) == method.options
     for name in ("streaming-p2-h4", "streaming-p4-h12-o2", "diloco-h4-o1"):
-        key = bench.method_key(bench.parse_method(name))
+        key = suite.method_key(parse_method(name))
         assert key["flushed_at_end"] is True
 
 
 def test_window_starts_late_and_away_from_sync_starts() -> None:
-    s = bench.parse_method("streaming-p4-h20")  # syncs start at multiples of 5, land +1
-    step = bench.window_log_step(s, 100)
+    s = parse_method("streaming-p4-h20")  # syncs start at multiples of 5, land +1
+    step = suite.window_log_step(s, 100)
     assert step >= 10 and step % 5 not in (0, 1)
-    h20 = bench.window_log_step(bench.parse_method("diloco-h20"), 100)
+    h20 = suite.window_log_step(parse_method("diloco-h20"), 100)
     assert h20 >= 10 and h20 % 20
-    assert bench.window_log_step(bench.parse_method("ddp"), 100) == 10
+    assert suite.window_log_step(parse_method("ddp"), 100) == 10
 
 
 # --------------------------------------------------------------------------- statistics
@@ -175,7 +181,7 @@ def test_quality_aggregate_pairs_ratios_by_seed() -> None:
         _quality_run("diloco-h20", 0, [5.5, 3.3, 2.2], 4000),
         _quality_run("diloco-h20", 1, [5.4, 3.0, 2.4], 4000),
     ]
-    agg = bench.aggregate_quality(runs)
+    agg = aggregate.aggregate_quality(runs)
     d = agg["diloco-h20"]
     paired = [2.2 / 2.0, 2.4 / 2.5]  # the ratio of means would be 2.3 / 2.25
     assert d["final_ratio_to_baseline"]["mean"] == pytest.approx(statistics.fmean(paired))
@@ -184,7 +190,7 @@ def test_quality_aggregate_pairs_ratios_by_seed() -> None:
     mid = next(p for p in d["curve"] if p["step"] == 10)
     assert mid["ratio_to_baseline"]["mean"] == pytest.approx((3.3 / 3.0 + 3.0 / 3.2) / 2)
     assert d["curve"][0]["ratio_to_baseline"]["mean"] == pytest.approx(1.0)
-    rows = {r["id"]: r for r in bench.headline_rows(agg, {"main": "diloco-h20"}, 2, 20)}
+    rows = {r["id"]: r for r in aggregate.headline_rows(agg, {"main": "diloco-h20"}, 2, 20)}
     assert rows["main"]["byte_ratio"] == pytest.approx(20.0)
     assert rows["main"]["loss_ratio"]["mean"] == pytest.approx(statistics.fmean(paired))
     assert not rows["streaming"]["available"] and "streaming" in rows["streaming"]["why"]
@@ -195,10 +201,10 @@ def test_streaming_headline_uses_a_full_sync_of_the_same_compression() -> None:
     full = _quality_run("diloco-h20", 0, [5.5, 2.1], 4000)
     stream = _quality_run("streaming-p4-h20-o1", 0, [5.5, 2.2], 4000)
     stream["peak_sync_bytes"] = 1100
-    agg = bench.aggregate_quality(base + [full, stream])
+    agg = aggregate.aggregate_quality(base + [full, stream])
     (row,) = [
         r
-        for r in bench.headline_rows(agg, {"streaming": "streaming-p4-h20"}, 2, 20)
+        for r in aggregate.headline_rows(agg, {"streaming": "streaming-p4-h20"}, 2, 20)
         if r["id"] == "streaming"
     ]
     assert row["full_sync_bytes"] == 4000 and "diloco-h20" in row["full_sync_source"]
@@ -208,10 +214,10 @@ def test_streaming_headline_uses_a_full_sync_of_the_same_compression() -> None:
 def test_task_toml_reads_back_through_the_recipe_loader(tmp_path: Path) -> None:
     from lowcomm.config import load_config
 
-    task = bench.task_config(bench.PROFILES["default"], ["n_layer=3"], "cpu")
+    task = suite.task_config(PROFILES["default"], ["n_layer=3"], "cpu")
     assert task["n_layer"] == 3 and task["steps"] == 400 and task["ckpt_every"] == 0
     path = tmp_path / "task.toml"
-    bench.write_toml(task, path)
+    suite.write_toml(task, path)
     back = load_config(["--config", str(path)]).to_dict()
     assert {k: back[k] for k in task} == task
 
@@ -233,15 +239,15 @@ def test_report_prints_the_numbers_it_is_given(tmp_path: Path) -> None:
         _quality_run("ddp", 0, [5.5, 2.0], 80000),
         _quality_run("diloco-h20-int8", 0, [5.5, 2.123456], 1234),
     ]
-    agg = bench.aggregate_quality(runs)
+    agg = aggregate.aggregate_quality(runs)
     results = {
         "profile": "unit",
-        "command": [".venv/bin/python", "scripts/bench_suite.py", "--profile", "unit"],
+        "command": [".venv/bin/python", "-m", "scripts.bench.suite", "--profile", "unit"],
         "machine": {"cpu_model": "Test CPU 9000", "cpu_cores": 2, "torch": "x", "loadavg_1m": 1.0},
         "loadavg_1m_end": 2.0,
         "wall_seconds": {"quality": 12.0, "total": 12.0},
         "settings": {
-            "task": bench.task_config(bench.PROFILES["default"], [], "cpu"),
+            "task": suite.task_config(PROFILES["default"], [], "cpu"),
             "workers": 2,
             "threads_per_worker": 1,
             "device": "cpu",
@@ -251,7 +257,7 @@ def test_report_prints_the_numbers_it_is_given(tmp_path: Path) -> None:
             "throughput_repeats": 3,
         },
         "aggregate": {"quality": agg, "throughput": {}, "peers": {}},
-        "headline": bench.headline_rows(agg, {"main": "diloco-h20-int8"}, 2, 20),
+        "headline": aggregate.headline_rows(agg, {"main": "diloco-h20-int8"}, 2, 20),
         "not_compared": [{"what": "hivemind", "why": "because of a test"}],
         "plots": {},
     }
@@ -260,7 +266,80 @@ def test_report_prints_the_numbers_it_is_given(tmp_path: Path) -> None:
     assert "2.1235" in text  # the final loss, formatted from the results
     assert f"{80000 / 1234:.1f}x" in text  # the byte ratio
     assert "Test CPU 9000" in text and "because of a test" in text
-    assert "scripts/bench_suite.py --profile unit" in text
+    assert ".venv/bin/python -m scripts.bench.suite --profile unit" in text
+
+
+def test_report_spells_commands_recorded_by_path_as_the_module() -> None:
+    # Results from before the suite was a package name the script by path; the document
+    # gives the command that runs now.
+    old = [".venv/bin/python", "scripts/bench_suite.py", "--profile", "headline"]
+    assert report.suite_command(old) == [
+        ".venv/bin/python", "-m", "scripts.bench.suite", "--profile", "headline",
+    ]  # fmt: skip
+    new = ["python", "-m", "scripts.bench.suite", "--steps", "4"]
+    assert report.suite_command(new) == new
+
+
+def test_benchmarks_md_is_generated_from_the_checked_in_results() -> None:
+    # BENCHMARKS.md is output, never edited: regenerate it (python -m scripts.bench.report)
+    # whenever the results or the report change.
+    doc = REPO / "BENCHMARKS.md"
+    assert report.default_doc(report.BENCH_DIR) == doc
+    assert doc.read_text(encoding="utf-8") == report.document(report.BENCH_DIR, doc)
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+def test_codec_ratios_to_memcpy_are_paired_by_pass() -> None:
+    rows = [
+        {"spec": "memcpy", "seconds": [1.0, 2.0, 10.0], "faults": [0, 0, 0]},
+        {
+            "spec": "int8",
+            "encode_s": [1.0, 0.5, 15.0],
+            "decode_s": [1.0, 0.5, 5.0],
+            "encode_faults": [3, 1, 2],
+            "decode_faults": [9, 9, 8],
+        },
+    ]
+    memcpy, int8 = codecs.summarise(rows, numel=250_000_000)  # 1 GB of fp32
+    assert memcpy["ratio_to_memcpy"] == {"median": 1.0, "min": 1.0, "max": 1.0}
+    # Per pass: 1/2, 2/1, 10/20; the ratio of the medians would be 2/2 = 1.
+    assert int8["ratio_to_memcpy"] == {"median": 0.5, "min": 0.5, "max": 2.0}
+    assert int8["total_gbps"]["median"] == pytest.approx(0.5)  # 1 GB in 2 s
+    assert int8["encode_gbps"]["max"] == pytest.approx(2.0)
+    assert int8["faults"] == {"encode": 2, "decode": 9} and memcpy["faults"] == 0
+
+
+def test_codec_sizes_parse_with_binary_suffixes() -> None:
+    assert codecs.parse_size("4M") == 4 << 20 and codecs.parse_size("16m") == 16 << 20
+    assert codecs.parse_size("1000") == 1000 and codecs.parse_size("2K") == 2048
+    for bad in ("", "M", "-1M", "1.5M", "0"):
+        with pytest.raises(ValueError, match="positive integer"):
+            codecs.parse_size(bad)
+
+
+def test_codec_benchmark_writes_results_and_their_table(tmp_path: Path) -> None:
+    argv = ["--sizes", "64K", "--threads", "1", "--repeats", "2", "--specs", "int8,topk:0.01"]
+    assert codecs.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "codecs.json").read_text())
+    (run,) = res["runs"]
+    assert (run["numel"], run["threads"], run["repeats"]) == (64 << 10, 1, 2)
+    rows = {r["spec"]: r for r in run["rows"]}
+    assert list(rows) == ["memcpy", "clone", "int8", "topk:0.01"]
+    assert rows["int8"]["bits_per_element"] == pytest.approx(8 + 32 / 128)
+    assert 0 < rows["int8"]["rel_l2_error"] < 0.05
+    assert all(len(r["encode_s"]) == len(r["decode_faults"]) == 2 for r in run["raw"][2:])
+    assert rows["memcpy"]["faults"] == 0  # into a tensor that exists: no fresh pages
+    assert res["command"][-len(argv) - 2 :] == [*argv, "--out-dir", str(tmp_path)]
+    # The document beside results outside benchmarks/ is theirs alone; BENCHMARKS.md is not
+    # touched.
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    ratio = rows["int8"]["ratio_to_memcpy"]
+    assert f"**int8 encode + decode ÷ memcpy** (goal: at least 0.5): {ratio['median']:.2f}" in text
+    bits = rows["topk:0.01"]["bits_per_element"]
+    assert bits == pytest.approx(0.01 * 64, rel=0.01)  # 1% of values, each with an int32 index
+    assert f"| `topk:0.01` | {bits:.3g} |" in text
 
 
 # --------------------------------------------------------------------------- end to end
@@ -280,7 +359,7 @@ def test_smoke_suite_end_to_end_on_loopback(
         "--profile", "smoke", "--rates", "loopback", "--peers", "",
         "--work-dir", str(work), "--out", str(out), "--doc", str(doc),
     ]  # fmt: skip
-    assert bench.main(argv) == 0
+    assert suite.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     quality = res["aggregate"]["quality"]
     assert set(quality) == {"ddp", "diloco-h4"}
@@ -323,14 +402,14 @@ def test_smoke_suite_end_to_end_on_loopback(
         raise AssertionError("a cached run was launched again")
 
     monkeypatch.setattr(launch, "run_workers", no_launch)
-    assert bench.main(argv) == 0
+    assert suite.main(argv) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["aggregate"]["quality"] == res["aggregate"]["quality"]
 
 
 def _can_shape() -> str | None:
     try:
-        bench.wansim.check_prerequisites()
+        wansim.check_prerequisites()
     except (PermissionError, FileNotFoundError) as e:
         return str(e)
     return None
@@ -350,7 +429,7 @@ def test_tiny_shaped_run_wire_bytes_agree_with_the_library(tmp_path: Path) -> No
         "--out", str(out), "--doc", str(tmp_path / "B.md"),
     ]  # fmt: skip
     try:
-        assert bench.main(argv) == 0
+        assert suite.main(argv) == 0
     except RuntimeError as e:  # the container refused namespaces
         pytest.skip(f"network namespaces unavailable: {e}")
     res = json.loads((out / "results.json").read_text())
@@ -402,7 +481,7 @@ def test_swarm_method_trains_hivemind_peers_through_a_bootstrap_dht(
     pytest.importorskip("hivemind")
     if rate != "loopback" and (why := _can_shape()) is not None:
         pytest.skip(why)
-    assert bench.main(_swarm_argv(tmp_path, rate)) == 0
+    assert suite.main(_swarm_argv(tmp_path, rate)) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     t = res["aggregate"]["throughput"][rate]["methods"]["swarm-h4"]
     assert t["tokens_per_s"] > 0
@@ -480,7 +559,7 @@ def test_swarm_summary_counts_the_swarm_when_a_frozen_peer_left_the_last_round_a
     peer1 = work / "runs" / "throughput" / "loopback" / "swarm-h4" / "peer1"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         froze = pool.submit(_freeze_peer_while, peer1, 2, peer1.parent / "metrics.jsonl")
-        assert bench.main(_swarm_argv(tmp_path, "loopback")) == 0
+        assert suite.main(_swarm_argv(tmp_path, "loopback")) == 0
         assert froze.result()
     for rank in (0, 1):
         assert _check_swarm_peer(peer1.parent, rank)["peers"] == 1
@@ -497,7 +576,7 @@ def test_swarm_peers_start_together_when_one_comes_up_late(tmp_path: Path) -> No
     peer1 = work / "runs" / "throughput" / "loopback" / "swarm-h4" / "peer1"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         froze = pool.submit(_freeze_peer_while, peer1, None, 12.0)
-        assert bench.main(_swarm_argv(tmp_path, "loopback")) == 0
+        assert suite.main(_swarm_argv(tmp_path, "loopback")) == 0
         assert froze.result()
     for rank in (0, 1):
         _check_swarm_peer(peer1.parent, rank)
@@ -510,20 +589,20 @@ def test_sigterm_stops_the_suite_and_its_workers(tmp_path: Path) -> None:
     # the workers run in sessions of their own and must not outlive it.
     work = tmp_path / "work"
     cmd = [
-        sys.executable, str(SCRIPTS / "bench_suite.py"), "--profile", "smoke",
+        sys.executable, "-m", "scripts.bench.suite", "--profile", "smoke",
         "--phases", "quality", "--methods", "diloco-h4", "--steps", "4000",
         "--work-dir", str(work), "--out", str(tmp_path / "out"), "--doc", str(tmp_path / "B.md"),
     ]  # fmt: skip
-    suite = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = work / "runs" / "quality" / "diloco-h4" / "seed0" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and "train/loss" in metrics.read_text()):
-        assert suite.poll() is None and time.monotonic() < deadline, "no training started"
+        assert proc.poll() is None and time.monotonic() < deadline, "no training started"
         time.sleep(0.2)
     workers = [p for p in psutil.process_iter(["cmdline"]) if str(metrics.parent) in " ".join(
         p.info["cmdline"] or [])]  # fmt: skip
     assert len(workers) == 2
-    suite.send_signal(signal.SIGTERM)
-    assert suite.wait(timeout=30) == 128 + signal.SIGTERM
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     gone, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, f"workers outlived the suite: {alive}"

@@ -1,11 +1,11 @@
-"""Smoke tests of the peer-library baselines in ``scripts/peers/`` against a replay oracle.
+"""Smoke tests of the peer-library baselines in ``scripts.bench.peers`` against a replay oracle.
 
-Each script runs as a subprocess on the tiny config (a few inner steps) and its JSON lines are
+Each baseline runs as a subprocess on the tiny config (a few inner steps) and its JSON lines are
 checked against an independent single-process replay of the same task (the recipe's GPT,
 AdamW, schedule and ``sample_batch`` streams; plain torch for the outer step):
 
 * torchft (needs an interpreter with torch + torchft + lowcomm: ``$LOWCOMM_TORCHFT_PYTHON``,
-  this interpreter, ``.venv-torchft`` (``make bench-peers``) or ``/tmp/ftvenv/bin/python``; skipped otherwise): torchft's DiLoCo with 2
+  this interpreter or ``.venv-torchft`` (``make bench-peers``); skipped otherwise): torchft's DiLoCo with 2
   workers must land on the replay's global parameters (eval loss to 1e-4), with exactly
   steps/H committed rounds, identical workers and the expected all-reduce payload.
 * hivemind (this interpreter): one peer never averages, so it must equal local AdamW training;
@@ -15,31 +15,23 @@ AdamW, schedule and ``sample_batch`` streams; plain torch for the outer step):
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-PEERS = REPO / "scripts" / "peers"
+from recipes import train_lm as recipe
+from scripts.bench import REPO
+
+PEERS = "scripts.bench.peers"
 TINY = REPO / "recipes" / "configs" / "tiny.toml"
 
 pytestmark = pytest.mark.slow
-
-
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _config(steps: int, sync_every: int) -> Any:
@@ -55,7 +47,6 @@ def replay(cfg: Any, workers: int, average: bool) -> float:
     from lowcomm.data import eval_batches, load_corpus, sample_batch
     from lowcomm.gpt import GPT, GPTConfig
 
-    recipe = _load(REPO / "recipes" / "train_lm.py", "peers_test_recipe")
     corpus = load_corpus(cfg.dataset, cache_dir=cfg.data_dir, heldout_fraction=cfg.heldout_fraction)
     evals = eval_batches(
         corpus.val, num_batches=cfg.eval_batches, batch_size=cfg.batch_size, seq_len=cfg.seq_len
@@ -112,8 +103,8 @@ def replay(cfg: Any, workers: int, average: bool) -> float:
     return float(recipe.evaluate(final, evals, torch.device("cpu"), contextlib.nullcontext))
 
 
-def _run(python: str, script: str, out: Path, *args: str, timeout: float = 150) -> list[dict]:
-    cmd = [python, str(PEERS / script), "--config", str(TINY), "--out", str(out), *args]
+def _run(python: str, module: str, out: Path, *args: str, timeout: float = 150) -> list[dict]:
+    cmd = [python, "-m", f"{PEERS}.{module}", "--config", str(TINY), "--out", str(out), *args]
     cmd += ["--timeout", str(timeout - 30)]
     # The script's own --timeout kills its workers first; this one only guards the test.
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -125,10 +116,7 @@ def _torchft_python() -> str | None:
     candidates = [
         os.environ.get("LOWCOMM_TORCHFT_PYTHON"),
         sys.executable,
-        str(
-            Path(__file__).resolve().parent.parent / ".venv-torchft/bin/python"
-        ),  # make bench-peers
-        "/tmp/ftvenv/bin/python",
+        str(REPO / ".venv-torchft" / "bin" / "python"),  # make bench-peers
     ]
     for python in candidates:
         if python and Path(python).exists():
@@ -146,12 +134,12 @@ def test_torchft_diloco_matches_replay(tmp_path: Path) -> None:
     if python is None:
         pytest.skip(
             "torchft not importable (set LOWCOMM_TORCHFT_PYTHON to an interpreter with "
-            "torch, torchft==0.2.0 and lowcomm; see scripts/peers/torchft_diloco.py)"
+            "torch, torchft==0.2.0 and lowcomm; `make bench-peers` builds .venv-torchft)"
         )
     steps, sync_every = 8, 4
     lines = _run(
         python,
-        "torchft_diloco.py",
+        "torchft_diloco",
         tmp_path / "ft.jsonl",
         *f"--workers 2 --steps {steps} --sync-every {sync_every}".split(),
     )
@@ -171,7 +159,7 @@ def test_torchft_script_exits_2_without_torchft(tmp_path: Path) -> None:
     probe = subprocess.run([sys.executable, "-c", "import torchft"], capture_output=True)
     if probe.returncode == 0:
         pytest.skip("torchft is importable in this interpreter")
-    cmd = [sys.executable, str(PEERS / "torchft_diloco.py"), "--out", str(tmp_path / "x")]
+    cmd = [sys.executable, "-m", f"{PEERS}.torchft_diloco", "--out", str(tmp_path / "x")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "torchft is not importable" in proc.stderr
@@ -185,7 +173,7 @@ def test_hivemind_single_peer_is_local_adamw(tmp_path: Path) -> None:
     steps = 8
     lines = _run(
         sys.executable,
-        "hivemind_optimizer.py",
+        "hivemind_optimizer",
         tmp_path / "hm1.jsonl",
         *f"--workers 1 --steps {steps} --sync-every 4".split(),
     )
@@ -204,7 +192,7 @@ def test_hivemind_two_peers_end_to_end(tmp_path: Path) -> None:
     )
     lines = _run(
         sys.executable,
-        "hivemind_optimizer.py",
+        "hivemind_optimizer",
         tmp_path / "hm2.jsonl",
         *["--workers", "2", "--steps", "16", "--sync-every", "4"],
     )

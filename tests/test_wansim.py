@@ -1,4 +1,4 @@
-"""Tests for scripts/wansim.py, the network-namespace WAN simulator.
+"""Tests for ``scripts.bench.wansim``, the network-namespace WAN simulator.
 
 Unit tests build and inspect command lists (no root). Tests marked ``root`` create real
 namespaces, veths and tbf qdiscs; they skip when not root, when iproute2 is missing, or when
@@ -8,7 +8,6 @@ checks that nothing with it is left behind.
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
 import os
@@ -23,13 +22,7 @@ from typing import Any
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "wansim.py"
-_spec = importlib.util.spec_from_file_location("wansim", _PATH)
-assert _spec is not None and _spec.loader is not None
-wansim = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("wansim", wansim)  # dataclasses resolve the module by name
-_spec.loader.exec_module(wansim)
-
+from scripts.bench import REPO, wansim
 
 # --------------------------------------------------------------------------- command building
 
@@ -460,10 +453,9 @@ def test_teardown_on_exception_kills_workers_and_strays(prefix: str) -> None:
 
 
 _SIGTERM_CHILD = r"""
-import importlib.util, json, sys, time
-spec = importlib.util.spec_from_file_location("wansim", sys.argv[1])
-w = importlib.util.module_from_spec(spec); sys.modules["wansim"] = w; spec.loader.exec_module(w)
-with w.WanSim(2, "100mbit", prefix=sys.argv[2]) as sim:
+import json, sys, time
+from scripts.bench import wansim as w
+with w.WanSim(2, "100mbit", prefix=sys.argv[1]) as sim:
     p = sim.popen(1, ["sleep", "30"])
     print(json.dumps({"tag": sim.names.tag, "pid": p.pid}), flush=True)
     time.sleep(30)
@@ -474,7 +466,8 @@ with w.WanSim(2, "100mbit", prefix=sys.argv[2]) as sim:
 @pytest.mark.timeout(60)
 def test_sigterm_tears_down(prefix: str) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-c", _SIGTERM_CHILD, str(_PATH), prefix],
+        [sys.executable, "-c", _SIGTERM_CHILD, prefix],
+        cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -571,11 +564,10 @@ def test_sync_state_returns_once_the_state_crossed_a_slow_link(prefix: str) -> N
     # starts after it, and a transfer still draining into the first steps would be counted
     # against them.
     nbytes = 1 << 20
-    repo = _PATH.parents[1]
     with wansim.WanSim(2, "8mbit", prefix=prefix) as sim:
         argv = [sys.executable, "-c", _SYNC_STATE_RANK, "29561", str(nbytes)]
         procs = [
-            sim.popen(i, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
+            sim.popen(i, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
             for i in range(2)
         ]
         outs = [p.communicate(timeout=60) for p in procs]

@@ -50,6 +50,17 @@ __all__ = ["Int2", "Int4", "Int8"]
 # pattern, so a cast of the bits to a byte reads the code with no separate round pass.
 _MAGIC = 12582912.0
 _FP32_MAX = torch.finfo(torch.float32).max
+# Elements per pass of the CPU loops, per intra-op thread. Each encode pass reads the input
+# chunk or a scratch chunk of the same size and writes one of them: at 64Ki fp32 (256 KiB)
+# per thread both stay in that core's L2 from one pass to the next.
+_CPU_CHUNK_PER_THREAD = 1 << 16
+
+
+def _loop_chunk_elems(device: torch.device) -> int:
+    """Elements per pass of the encode/decode loops on ``device``."""
+    if device.type == "cpu":
+        return _CPU_CHUNK_PER_THREAD * torch.get_num_threads()
+    return _chunk_elems(device)
 
 
 class _BlockQuantizer:
@@ -108,7 +119,7 @@ class _BlockQuantizer:
         scales = data[: 4 * num_blocks].view(torch.float32)
         codes = data[4 * num_blocks :]
         num_full = (numel // bs) * bs
-        step = max(1, _chunk_elems(x.device) // bs) * bs
+        step = max(1, _loop_chunk_elems(x.device) // bs) * bs
         size = min(step, num_full)
         buf = torch.empty(size, dtype=torch.float32, device=x.device)
         scratch = torch.empty(size if pb > 1 else 0, dtype=torch.uint8, device=x.device)
@@ -146,13 +157,13 @@ class _BlockQuantizer:
     ) -> None:
         """Quantize ``blocks`` (rows are blocks) into ``scales`` and packed bytes ``out``."""
         h = self._levels_per_side
-        torch.abs(blocks, out=buf)
-        absmax = buf.amax(dim=1)
+        absmax = torch.abs(blocks, out=buf).amax(dim=1)
         torch.div(absmax, h, out=scales)
-        # Zero blocks get inv 0 (codes for 0, no 0/0); a subnormal absmax would give inv=inf and
-        # inf*0=NaN, so inv is capped, which still maps every element into [-h, h].
-        inv = torch.full_like(absmax, h).div_(absmax)
-        inv = torch.where(absmax > 0, inv, 0.0).clamp_(max=_FP32_MAX)
+        # h/absmax is inf for a zero block and for a subnormal absmax, NaN for a NaN one. inf is
+        # capped (inf*0 would be NaN) and NaN zeroed, which maps every element into [-h, h]; a
+        # zero block holds only zeros, which the capped inverse keeps at 0. Two small ops, not
+        # five: on a chunk of this loop each costs about as much as a pass over the chunk.
+        inv = torch.div(h, absmax).nan_to_num_(nan=0.0, posinf=_FP32_MAX)
         # Each op below rounds once (no fused multiply-add), so the codes do not depend on
         # where a chunk starts: that is what makes chunked compression bit-identical.
         torch.mul(blocks, inv[:, None], out=buf)
@@ -179,7 +190,7 @@ class _BlockQuantizer:
         codes = data[4 * num_blocks :]
         out = torch.empty(numel, dtype=torch.float32, device=data.device)
         num_full = (numel // bs) * bs
-        step = max(1, _chunk_elems(data.device) // bs) * bs
+        step = max(1, _loop_chunk_elems(data.device) // bs) * bs
         for start in range(0, num_full, step):
             end = min(start + step, num_full)
             chunk = out[start:end]

@@ -1,14 +1,15 @@
-#!/usr/bin/env python
 """Benchmark suite: what each training method sends, how good the model gets, how fast it trains.
 
-Run (from the repository root; shaped links need root, everything else does not)::
+Run (from the repository root of a source checkout; shaped links need root, the rest not)::
 
-    sudo .venv/bin/python scripts/bench_suite.py                      # default profile, minutes
-    .venv/bin/python scripts/bench_suite.py --rates loopback          # no root: no shaped links
-    sudo nohup .venv/bin/python scripts/bench_suite.py --profile headline > bench.log 2>&1 &
-    .venv/bin/python scripts/bench_suite.py --profile smoke --out /tmp/b --doc /tmp/b/B.md
-    .venv/bin/python scripts/bench_suite.py --dry-run                 # the plan, what is cached
-    .venv/bin/python scripts/bench_suite.py --help
+    sudo .venv/bin/python -m scripts.bench.suite                      # default profile, minutes
+    .venv/bin/python -m scripts.bench.suite --rates loopback          # no root: no shaped links
+    sudo nohup .venv/bin/python -m scripts.bench.suite --profile headline > bench.log 2>&1 &
+    .venv/bin/python -m scripts.bench.suite --profile smoke --out /tmp/b --doc /tmp/b/B.md
+    .venv/bin/python -m scripts.bench.suite --dry-run                 # the plan, what is cached
+    .venv/bin/python -m scripts.bench.suite --help
+
+``make bench ARGS=...`` and ``lowcomm bench ...`` run the same from a checkout.
 
 Every run goes through the real recipe, ``recipes/train_lm.py``, one process per worker
 (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` env:// rendezvous), ONE training at a time, with the
@@ -25,23 +26,25 @@ resumes where it stopped; ``--force`` reruns):
    evaluation. DP's bytes are the ring all-reduce estimate (torch DDP counts nothing); the shaped
    runs check that estimate against the interface counters.
 2. **Throughput** (one network namespace per worker behind ``tbf``-shaped links, via
-   ``scripts/wansim.py``; ``loopback`` runs without namespaces): short runs per method and
+   :mod:`scripts.bench.wansim`; ``loopback`` runs without namespaces): short runs per method and
    link rate. tokens/s is measured from the end of the step-0 evaluation to the last step's
    log line (no evaluation inside). The ceiling is ``--mode local`` (no communication at all),
    measured before and after each rate's block; every method is reported as a fraction of it.
    The per-host interface byte counters are read when the step-0 evaluation is logged and
    after the run, and put beside the library's own counter for the same window.
 3. **Peers** (loopback): torchft 0.2.0 DiLoCo and hivemind 1.1.12 ``Optimizer
-   (use_local_updates=True)`` through ``scripts/peers/*.py`` on the same task and seeds.
+   (use_local_updates=True)`` through :mod:`scripts.bench.peers` on the same task and seeds
+   (torchft from its own interpreter, ``--torchft-python``: ``make bench-peers`` builds it).
 
 Then ``benchmarks/results.json`` (every run, every eval point, the machine),
-``benchmarks/summary.csv``, the plots (``scripts/bench_plots.py``) and ``BENCHMARKS.md``
-(``scripts/bench_report.py``) are written. Profiles other than ``default`` write to
+``benchmarks/summary.csv``, the plots (:mod:`scripts.bench.plots`) and ``BENCHMARKS.md``
+(:mod:`scripts.bench.report`) are written. Profiles other than ``default`` write to
 ``benchmarks/<profile>/``; the report shows every profile found there.
 
-This file holds the settings, the phases and the command line; method names and profiles
-are in ``bench_methods.py``, launching a run and reading its metrics in ``bench_launch.py``,
-the aggregation into tables in ``bench_aggregate.py``.
+This module holds the settings, the phases and the command line; method names are in
+:mod:`scripts.bench.methods`, profiles in :mod:`scripts.bench.profiles`, launching a run and
+reading its metrics in :mod:`scripts.bench.launch`, the aggregation into tables in
+:mod:`scripts.bench.aggregate`.
 """
 
 from __future__ import annotations
@@ -49,12 +52,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -63,22 +64,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO = SCRIPTS.parent
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
-
-import bench_plots  # noqa: E402
-import bench_report  # noqa: E402
-import wansim  # noqa: E402
-from bench_aggregate import (  # noqa: E402
+from scripts.bench import REPO, plots, report, wansim
+from scripts.bench.aggregate import (
     aggregate_peers,
     aggregate_quality,
     aggregate_throughput,
     headline_rows,
     write_csv,
 )
-from bench_launch import (  # noqa: E402
+from scripts.bench.launch import (
     RunFailed,
     _kill,
     _tail,
@@ -89,16 +83,19 @@ from bench_launch import (  # noqa: E402
     run_with_retry,
     throughput_record,
 )
-from bench_methods import PROFILES, Method, Profile, parse_method  # noqa: E402
+from scripts.bench.machine import machine_info, python_command
+from scripts.bench.methods import Method, parse_method
+from scripts.bench.profiles import PROFILES, Profile
 
 logger = logging.getLogger("lowcomm.bench")
 
-PEER_SCRIPTS = {
-    "torchft": REPO / "scripts" / "peers" / "torchft_diloco.py",
-    "hivemind": REPO / "scripts" / "peers" / "hivemind_optimizer.py",
+# The peer baselines, run as ``python -m MODULE`` from the repository root.
+PEER_MODULES = {
+    "torchft": "scripts.bench.peers.torchft_diloco",
+    "hivemind": "scripts.bench.peers.hivemind_optimizer",
 }
-PEER_VERSIONS = {"torchft": "0.2.0", "hivemind": "1.1.12"}
-DEFAULT_TORCHFT_PYTHON = "/tmp/ftvenv/bin/python"
+# torchft pulls in dependencies of its own, so it lives in a venv of its own (make bench-peers).
+DEFAULT_TORCHFT_PYTHON = str(REPO / ".venv-torchft" / "bin" / "python")
 RESULT_VERSION = 1
 # The suite's phases, in the order they run.
 PHASES = ("quality", "throughput", "peers")
@@ -160,7 +157,7 @@ def task_config(profile: Profile, sets: Sequence[str], device: str) -> dict[str,
 
 def write_toml(values: dict[str, Any], path: Path) -> None:
     """Write a flat dict as TOML (str, bool, int, float values)."""
-    lines = ["# Generated by scripts/bench_suite.py: the benchmark task, shared by every run."]
+    lines = ["# Generated by scripts.bench.suite: the benchmark task, shared by every run."]
     for key, value in values.items():
         if isinstance(value, bool):
             text = "true" if value else "false"
@@ -430,11 +427,7 @@ def peers_phase(
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for library in st.peers:
-        script = PEER_SCRIPTS[library]
         python = _peer_python(st, library)
-        if not script.exists():
-            skipped.append({"what": library, "why": f"{script.relative_to(REPO)} is missing"})
-            continue
         if not Path(python).exists():
             skipped.append(
                 {"what": library, "why": f"no interpreter at {python} (--torchft-python)"}
@@ -456,7 +449,7 @@ def peers_phase(
             out = st.work_dir / "runs" / "peers" / library / f"seed{seed}.jsonl"
             out.parent.mkdir(parents=True, exist_ok=True)
             argv = [
-                python, str(script), "--config", str(toml), "--workers", str(st.workers),
+                python, "-m", PEER_MODULES[library], "--config", str(toml), "--workers", str(st.workers),
                 "--steps", str(st.task["steps"]), "--sync-every", str(st.peer_sync_every),
                 "--seed", str(seed), "--eval-every", str(st.task["eval_every"]),
                 "--threads", str(st.threads), "--out", str(out),
@@ -514,33 +507,6 @@ def peers_phase(
     return records, skipped
 
 
-# --------------------------------------------------------------------------- machine, CSV
-
-
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import torch
-
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {
-        "cpu_model": cpu or platform.processor() or None,
-        "cpu_cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    with contextlib.suppress(OSError):
-        info["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
-    return info
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -572,8 +538,8 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
             wansim.parse_rate(rate)
     peers = _csv_list(args.peers) if args.peers is not None else list(profile.peers)
     for p in peers:
-        if p not in PEER_SCRIPTS:
-            raise ValueError(f"peer {p!r} must be one of {', '.join(PEER_SCRIPTS)}")
+        if p not in PEER_MODULES:
+            raise ValueError(f"peer {p!r} must be one of {', '.join(PEER_MODULES)}")
     all_h = {m.sync_every for m in methods + tmethods if m.sync_every}
     for h in sorted(all_h):
         if task["steps"] % h:
@@ -583,8 +549,10 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
             f"eval_every ({task['eval_every']}) must be a multiple of log_every "
             f"({task['log_every']}) so that bytes are known at every evaluation"
         )
-    default_out = (
-        REPO / "benchmarks" if profile.name == "default" else REPO / "benchmarks" / profile.name
+    out_dir = (
+        Path(args.out)
+        if args.out
+        else (report.BENCH_DIR if profile.name == "default" else report.BENCH_DIR / profile.name)
     )
     phases = _csv_list(args.phases)
     for ph in phases:
@@ -605,8 +573,8 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
         threads=args.threads,
         device=args.device,
         work_dir=Path(args.work_dir) if args.work_dir else REPO / "runs" / "bench" / profile.name,
-        out_dir=Path(args.out) if args.out else default_out,
-        doc=Path(args.doc) if args.doc else REPO / "BENCHMARKS.md",
+        out_dir=out_dir,
+        doc=Path(args.doc) if args.doc else report.default_doc(out_dir),
         torchft_python=args.torchft_python
         or os.environ.get("LOWCOMM_TORCHFT_PYTHON")
         or DEFAULT_TORCHFT_PYTHON,
@@ -620,7 +588,7 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
 def parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(
-        prog="bench_suite.py",
+        prog="python -m scripts.bench.suite",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="profiles: "
@@ -655,7 +623,10 @@ def parser() -> argparse.ArgumentParser:
         "--work-dir", help="run directories and cached results (default runs/bench/<profile>)"
     )
     p.add_argument("--out", help="results, CSV and plots (default benchmarks[/<profile>])")
-    p.add_argument("--doc", help="the generated Markdown (default BENCHMARKS.md)")
+    p.add_argument(
+        "--doc",
+        help="the generated Markdown (default: BENCHMARKS.md for benchmarks/, else beside --out)",
+    )
     p.add_argument("--run-timeout", type=float, help="seconds one run may take")
     p.add_argument("--force", action="store_true", help="rerun cached runs")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what is cached")
@@ -706,7 +677,7 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
         not_compared.append(
             {
                 "what": "peers under shaped links (throughput vs link rate)",
-                "why": "scripts/peers/*.py fork all workers from one parent process on "
+                "why": "the peer baselines (scripts.bench.peers) fork all workers from one parent process on "
                 "loopback (torchft's lighthouse and hivemind's DHT address are handed to the "
                 "workers in memory); a one-process-per-host launch for them is not built, so "
                 "torchft and hivemind's Optimizer are compared on loopback only. lowcomm's own "
@@ -786,11 +757,11 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
 def write_outputs(results: dict[str, Any], out_dir: Path, doc: Path) -> None:
     """results.json, summary.csv, the PNGs, and the regenerated Markdown report."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = bench_plots.make_plots(results, out_dir)
-    results["plots"] = {k: str(v.name) for k, v in plots.items()}
+    made = plots.make_plots(results, out_dir)
+    results["plots"] = {k: str(v.name) for k, v in made.items()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     write_csv(results, out_dir / "summary.csv")
-    bench_report.write_report(bench_report.find_results(out_dir, doc), doc)
+    report.write_report(out_dir, doc)
     logger.info("wrote %s, %s and %s", out_dir / "results.json", out_dir / "summary.csv", doc)
 
 
@@ -799,14 +770,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    python = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        python = python.relative_to(REPO)
-    command = [str(python), "scripts/bench_suite.py", *argv]
+    command = [python_command(), "-m", "scripts.bench.suite", *argv]
     try:
         st = build_settings(args, command)
     except ValueError as e:
-        print(f"bench_suite: {e}", file=sys.stderr)
+        print(f"scripts.bench.suite: {e}", file=sys.stderr)
         return 2
 
     def stop(signum: int, _frame: Any) -> None:

@@ -1,13 +1,12 @@
-#!/usr/bin/env python
 """WAN simulator: N hosts in Linux network namespaces behind rate-limited links.
 
-Run (as root; needs iproute2's ``ip`` and ``tc``)::
+Run from the repository root (as root; needs iproute2's ``ip`` and ``tc``)::
 
-    python scripts/wansim.py --hosts 2 --rate 100mbit -- \\
+    python -m scripts.bench.wansim --hosts 2 --rate 100mbit -- \\
         torchrun --nnodes 2 --node-rank {rank} --nproc-per-node 1 \\
         --master-addr {addr0} --master-port 29500 train.py
-    python scripts/wansim.py measure --rate 100mbit --seconds 3
-    python scripts/wansim.py cleanup --prefix lcwan
+    python -m scripts.bench.wansim measure --rate 100mbit --seconds 3
+    python -m scripts.bench.wansim cleanup --prefix lcwan
 
 Topology (a star, one access link per host)::
 
@@ -22,7 +21,7 @@ namespaces. Each veth gets a ``tbf`` qdisc on BOTH ends: the host end shapes wha
 sends (upload), the bridge end shapes what it receives (download). ``netem`` is not assumed;
 latency, if wanted, belongs in the process.
 
-The names, addresses and ``ip``/``tc`` command lines come from ``wansim_topology.py`` (pure,
+The names, addresses and ``ip``/``tc`` command lines come from :mod:`scripts.bench.topology` (pure,
 testable without root); this module runs them and re-exports every public name.
 
 As a library::
@@ -59,12 +58,7 @@ from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import IO, Any
 
-# The topology helpers live beside this file, which also runs as a script or loaded by path.
-_SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-if _SCRIPTS not in sys.path:
-    sys.path.insert(0, _SCRIPTS)
-
-from wansim_topology import (  # noqa: E402
+from scripts.bench.topology import (
     DEFAULT_PREFIX,
     DEFAULT_SUBNET,
     SUFFIX_HEX_DIGITS,
@@ -127,7 +121,7 @@ def check_prerequisites() -> None:
         raise PermissionError(
             "wansim needs root (euid 0) to create network namespaces with `ip netns` and "
             "shape links with `tc`; rerun with sudo, e.g. "
-            "`sudo -E .venv/bin/python scripts/wansim.py ...`"
+            "`sudo -E .venv/bin/python -m scripts.bench.wansim ...` from the repository root"
         )
     missing = [t for t in ("ip", "tc") if _tool_path(t) is None]
     if missing:
@@ -317,7 +311,7 @@ class WanSim:
                 if self._fixed_suffix:
                     raise RuntimeError(
                         f"namespaces of {self.names.tag!r} exist already; "
-                        f"run `wansim.py cleanup --prefix {self.names.prefix}`"
+                        f"run `python -m scripts.bench.wansim cleanup --prefix {self.names.prefix}`"
                     )
                 self.names = make_names(self.names.prefix, self.num_hosts)
             for k, argv in enumerate(setup_commands(self.names, self.rate, self.subnet)):
@@ -685,7 +679,7 @@ def _parse_cli_rate(text: str) -> str | None:
 
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="wansim.py",
+        prog="python -m scripts.bench.wansim",
         usage="%(prog)s [run] --hosts N --rate RATE [options] -- CMD [ARG ...]",
         description=(
             "Run CMD once per host, each in its own network namespace behind a tbf-shaped "
@@ -771,7 +765,7 @@ def _cmd_run(argv: list[str]) -> int:
 
 def _cmd_measure(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="wansim.py measure",
+        prog="python -m scripts.bench.wansim measure",
         description="Measure TCP throughput host0->host1 through a shaped 2-host link.",
     )
     p.add_argument("--rate", required=True, help="per-direction rate, e.g. 100mbit; or none")
@@ -785,7 +779,8 @@ def _cmd_measure(argv: list[str]) -> int:
 
 def _cmd_cleanup(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="wansim.py cleanup", description="Remove leftover simulator namespaces."
+        prog="python -m scripts.bench.wansim cleanup",
+        description="Remove leftover simulator namespaces.",
     )
     p.add_argument("--prefix", default=DEFAULT_PREFIX)
     args = p.parse_args(argv)

@@ -1,12 +1,13 @@
 """Generate ``BENCHMARKS.md`` from the benchmark suite's results files. Nothing is typed by hand.
 
-Run (regenerates the document from every results file under ``benchmarks/``)::
+Run from the repository root (regenerates the document from every results file under
+``benchmarks/``)::
 
-    .venv/bin/python scripts/bench_report.py
-    .venv/bin/python scripts/bench_report.py --results /tmp/b/results.json --out /tmp/b/B.md
+    .venv/bin/python -m scripts.bench.report
+    .venv/bin/python -m scripts.bench.report --results /tmp/b/results.json --out /tmp/b/B.md
 
 Every number in the document is read from a ``results.json`` written by
-``scripts/bench_suite.py``; the prose around the numbers is fixed text in this file, and the
+:mod:`scripts.bench.suite`; the prose around the numbers is fixed text in this file, and the
 plots are the PNGs the suite wrote next to the results. One section per profile
 (``default`` first).
 """
@@ -14,6 +15,7 @@ plots are the PNGs the suite wrote next to the results. One section per profile
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
@@ -21,10 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["find_results", "render", "write_report"]
+from scripts.bench import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+__all__ = ["document", "find_codecs", "find_results", "render", "write_report"]
+
 BENCH_DIR = REPO / "benchmarks"
+#: The codec benchmark's results file, beside the suite's (:mod:`scripts.bench.codecs`).
+CODECS_FILE = "codecs.json"
+# Suite results recorded before the suite became a package name the script by its path.
+_LEGACY_SUITE_SCRIPT = "scripts/bench_suite.py"
+_SUITE = ["-m", "scripts.bench.suite"]
 
 
 # --------------------------------------------------------------------------- formatting
@@ -70,8 +78,20 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 # --------------------------------------------------------------------------- sections
 
 
+def suite_command(command: Sequence[str]) -> list[str]:
+    """The suite invocation a results file records, as it is spelled now.
+
+    Results recorded before the suite became the package ``scripts.bench`` name the script
+    ``scripts/bench_suite.py``; the document shows the command that runs today.
+    """
+    cmd = list(command)
+    if len(cmd) > 1 and cmd[1] == _LEGACY_SUITE_SCRIPT:
+        cmd[1:2] = _SUITE
+    return cmd
+
+
 def _reproduce(res: dict[str, Any]) -> str:
-    cmd = shlex.join(res["command"])
+    cmd = shlex.join(suite_command(res["command"]))
     profile = res["profile"]
     lines = [
         "From the repository root (shaped links need root: network namespaces and `tc`):",
@@ -85,14 +105,12 @@ def _reproduce(res: dict[str, Any]) -> str:
         "reruns). Other entry points:",
         "",
         "```sh",
-        f".venv/bin/python scripts/bench_suite.py --profile {profile} --dry-run   "
+        f".venv/bin/python -m scripts.bench.suite --profile {profile} --dry-run   "
         "# the plan, what is cached",
-        f".venv/bin/python scripts/bench_suite.py --profile {profile} --report-only  "
+        f".venv/bin/python -m scripts.bench.suite --profile {profile} --report-only  "
         "# plots + this file",
-        ".venv/bin/python scripts/bench_suite.py --rates loopback   # without root: no shaped links",
-        "# torchft runs from its own venv:",
-        "python3 -m venv /tmp/ftvenv && /tmp/ftvenv/bin/pip install torch==2.13.0 "
-        "torchft==0.2.0 numpy tqdm && /tmp/ftvenv/bin/pip install --no-deps -e .",
+        ".venv/bin/python -m scripts.bench.suite --rates loopback   # without root: no shaped links",
+        "make bench-peers   # torchft's own venv (.venv-torchft), which the suite runs it from",
         "```",
     ]
     return "\n".join(lines)
@@ -424,7 +442,7 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         _gap(res),
         "### Throughput under shaped links",
         "One network namespace per worker, each behind a `tbf`-shaped veth (the rate applies to "
-        "upload and download), via `scripts/wansim.py`; `loopback` runs without namespaces. "
+        "upload and download), via `scripts.bench.wansim`; `loopback` runs without namespaces. "
         "tokens/s runs from the end of the step-0 evaluation to the last step's log record "
         "(every step of the run, no evaluation inside), counting every worker's tokens. "
         "Each link's runs (the ceiling first, then every method) are repeated in passes and "
@@ -443,7 +461,8 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "sync the run started. For DP the library column is the ring all-reduce estimate.",
         _wire(res),
         "### Peers (loopback)",
-        "Same task, seeds, data streams and token budget through `scripts/peers/*.py`; torchft "
+        "Same task, seeds, data streams and token budget through `scripts.bench.peers` (one training loop; the "
+        "libraries differ only in how they wrap the optimizer and communicate); torchft "
         "evaluates its global parameters, hivemind its rank-0 local parameters (it keeps no "
         "global copy). tokens/s include evaluations for all rows in this table.",
         _peers(res),
@@ -455,23 +474,132 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
     return "\n\n".join(parts)
 
 
-def render(results: Sequence[tuple[Path, dict[str, Any]]], doc_dir: Path) -> str:
-    """The whole document: a banner, then one section per results file."""
-    sources = ", ".join(f"`{os.path.relpath(p, doc_dir)}`" for p, _ in results)
+def _range(stat: dict[str, float], fmt: str) -> str:
+    return f"{stat['median']:{fmt}} [{stat['min']:{fmt}}–{stat['max']:{fmt}}]"
+
+
+def _codec_run(run: dict[str, Any]) -> str:
+    rows = []
+    for r in run["rows"]:
+        faults = r.get("faults")
+        if "encode_gbps" in r:
+            name = f"`{r['spec']}`"
+            codec = [
+                fmt_num(r["bits_per_element"], ".3g"),
+                fmt_num(r["rel_l2_error"], ".2e"),
+                fmt_num(r["encode_gbps"]["median"], ".2f"),
+                fmt_num(r["decode_gbps"]["median"], ".2f"),
+            ]
+            if faults is not None:
+                faults = f"{faults['encode']:,.0f} / {faults['decode']:,.0f}"
+        else:  # memcpy and clone: no payload, no error, one operation
+            name, codec = r["spec"], ["", "", "", ""]
+            if faults is not None:
+                faults = f"{faults:,.0f}"
+        rows.append(
+            [name, *codec, _range(r["total_gbps"], ".2f"), _range(r["ratio_to_memcpy"], ".3f"),
+             faults if faults is not None else "n/a"]
+        )  # fmt: skip
+    header = [
+        "codec", "bits / element", "rel. L2 error", "encode GB/s", "decode GB/s",
+        "encode + decode GB/s", "÷ memcpy", "page faults per call (encode / decode)",
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def _elements(numel: int) -> str:
+    """``4194304 -> '4M'`` (binary, as ``--sizes`` takes them)."""
+    for unit, shift in (("M", 20), ("K", 10)):
+        if numel % (1 << shift) == 0:
+            return f"{numel >> shift}{unit}"
+    return f"{numel:,}"
+
+
+def _threads(run: dict[str, Any]) -> str:
+    return f"{run['threads']} thread{'s' if run['threads'] > 1 else ''}"
+
+
+def _run_title(run: dict[str, Any]) -> str:
+    default = " (torch's default)" if run.get("default_threads") else ""
+    return (
+        f"{_elements(run['numel'])} elements ({fmt_bytes(4 * run['numel'])} of fp32), "
+        f"{_threads(run)}{default}, {run['device']}, {run['repeats']} passes"
+    )
+
+
+def render_codecs(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
+    """The codec section: encode + decode bandwidth of every codec against memcpy."""
+    rel = os.path.relpath(res_path, doc_dir)
+    m = res["machine"]
+    int8 = [
+        f"{_range(r['ratio_to_memcpy'], '.2f')} ({_elements(run['numel'])} elements, "
+        f"{_threads(run)})"
+        for run in res["runs"]
+        for r in run["rows"]
+        if r["spec"] == "int8"
+    ]
+    parts = [
+        "## Codecs: encode + decode bandwidth against memcpy",
+        f"Generated from [`{rel}`]({rel}). From the repository root: "
+        f"`{shlex.join(res['command'])}` (`make bench-codecs`).",
+        "Each codec compresses and then decompresses the same fp32 tensor (a heavy-tailed "
+        "draw, normal times log-normal), each call allocating its output as a backend does. "
+        "Bandwidth is the tensor's fp32 bytes (4 per element) over the seconds taken. "
+        "`memcpy` is `copy_` into a preallocated fp32 tensor (4 bytes read and 4 written per "
+        "element); `clone` allocates, then copies. The passes are interleaved (every row once "
+        "per pass, in an order rotated per pass) and each ratio to memcpy is taken within a "
+        "pass; cells show the median [min–max] over passes. The page faults are the median "
+        "count of minor faults per call: first touches of freshly mapped pages, which a "
+        "fresh output costs on top of writing it (large allocations are fresh mappings). "
+        "Error feedback is not timed (`sparseloco` is its top-k with 2-bit values).",
+        f"Measured on {m.get('cpu_model')} ({m.get('cpu_cores')} cores"
+        f"{', ' + m['cuda'] if m.get('cuda') else ''}), torch {m.get('torch')}, "
+        f"{m.get('date_utc')}; 1-minute load average {m.get('loadavg_1m')} at the start, "
+        f"{res.get('loadavg_1m_end')} at the end (other processes share the machine).",
+    ]
+    if int8:
+        parts.append(
+            "**int8 encode + decode ÷ memcpy** (goal: at least 0.5): " + "; ".join(int8) + "."
+        )
+    for run in res["runs"]:
+        parts += [f"### {_run_title(run)}", _codec_run(run)]
+    return "\n\n".join(parts)
+
+
+def render(
+    results: Sequence[tuple[Path, dict[str, Any]]],
+    doc_dir: Path,
+    codecs: tuple[Path, dict[str, Any]] | None = None,
+) -> str:
+    """The whole document: a banner, one section per profile's results file, the codecs."""
+    paths = [p for p, _ in results] + ([codecs[0]] if codecs else [])
+    sources = ", ".join(f"`{os.path.relpath(p, doc_dir)}`" for p in paths)
     head = [
-        "<!-- GENERATED by scripts/bench_report.py from the suite's results; do not edit. -->",
+        "<!-- GENERATED by scripts.bench.report from the suite's results; do not edit. -->",
         "# lowcomm benchmarks",
         f"> **Generated file.** Every number, table and image below comes from {sources}, "
-        "written by `scripts/bench_suite.py`; regenerate with `.venv/bin/python "
-        "scripts/bench_report.py`. Nothing here is typed by hand.",
+        "written by `python -m scripts.bench.suite` (and `python -m scripts.bench.codecs`); "
+        "regenerate with `.venv/bin/python -m scripts.bench.report`. Nothing here is typed by "
+        "hand.",
         "What a training method sends, how good the model gets, and how fast it trains under "
         "a given link, measured in one suite run against synchronous data-parallel training "
-        "(DP) and the peer libraries that install here.",
+        "(DP) and the peer libraries that install here; and how fast each codec encodes and "
+        "decodes.",
     ]
-    if not results:
-        return "\n\n".join([*head, "No results yet: run `scripts/bench_suite.py`."]) + "\n"
+    if not paths:
+        return "\n\n".join([*head, "No results yet: run `python -m scripts.bench.suite`."]) + "\n"
     body = [render_profile(res, path, doc_dir) for path, res in results]
+    if codecs:
+        body.append(render_codecs(codecs[1], codecs[0], doc_dir))
     return "\n\n".join(head + body) + "\n"
+
+
+def _base(out_dir: Path) -> Path:
+    """The directory whose results go into one document: ``benchmarks/`` for anything under
+    it, else ``out_dir`` itself."""
+    out_dir = out_dir.resolve()
+    root = BENCH_DIR.resolve()
+    return root if out_dir == root or root in out_dir.parents else out_dir
 
 
 def find_results(out_dir: Path, doc: Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -480,38 +608,46 @@ def find_results(out_dir: Path, doc: Path) -> list[tuple[Path, dict[str, Any]]]:
     Under ``benchmarks/``, every profile's results (``benchmarks/results.json`` and
     ``benchmarks/*/results.json``) go into one document, ``default`` first.
     """
-    import json
-
-    out_dir = out_dir.resolve()
-    root = BENCH_DIR.resolve()
-    base = root if out_dir == root or root in out_dir.parents else out_dir
+    base = _base(out_dir)
     paths = [base / "results.json", *sorted(base.glob("*/results.json"))]
-    found = []
-    for p in paths:
-        if p.exists():
-            found.append((p, json.loads(p.read_text(encoding="utf-8"))))
+    found = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in paths if p.exists()]
     found.sort(key=lambda pr: (pr[1]["profile"] != "default", pr[1]["profile"]))
     return found
 
 
-def write_report(results: Sequence[tuple[Path, dict[str, Any]]], doc: Path) -> None:
-    """Render and write the document."""
+def find_codecs(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The codec benchmark's results beside ``out_dir``'s (``codecs.json``), if any."""
+    path = _base(out_dir) / CODECS_FILE
+    return (path, json.loads(path.read_text(encoding="utf-8"))) if path.exists() else None
+
+
+def default_doc(out_dir: Path) -> Path:
+    """``BENCHMARKS.md`` for results under ``benchmarks/``; else one beside the results."""
+    base = _base(out_dir)
+    return REPO / "BENCHMARKS.md" if base == BENCH_DIR.resolve() else base / "BENCHMARKS.md"
+
+
+def document(out_dir: Path, doc: Path) -> str:
+    """The document ``doc`` for every results file that belongs with ``out_dir``'s."""
+    return render(find_results(out_dir, doc), doc.parent.resolve(), find_codecs(out_dir))
+
+
+def write_report(out_dir: Path, doc: Path) -> None:
+    """Render and write the document (see :func:`document`)."""
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(render(results, doc.parent.resolve()), encoding="utf-8")
+    doc.write_text(document(out_dir, doc), encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: regenerate the document."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", help="one results.json (default: every one under benchmarks/)")
-    p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="the Markdown file")
+    p.add_argument("--out", help="the Markdown file (default: BENCHMARKS.md for benchmarks/)")
     args = p.parse_args(argv)
-    if args.results:
-        res_dir = Path(args.results).resolve().parent
-    else:
-        res_dir = BENCH_DIR
-    write_report(find_results(res_dir, Path(args.out)), Path(args.out))
-    print(args.out)
+    res_dir = Path(args.results).resolve().parent if args.results else BENCH_DIR
+    out = Path(args.out) if args.out else default_doc(res_dir)
+    write_report(res_dir, out)
+    print(out)
     return 0
 
 

@@ -2,7 +2,7 @@
 to DP paired by seed, throughput as a fraction of the ceiling, the headline rows, the CSV.
 
 Pure functions of the records (no processes, no files but the CSV). Used by
-``scripts/bench_suite.py``.
+:mod:`scripts.bench.suite`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_methods import parse_method
+from scripts.bench.methods import parse_method
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:

@@ -2,7 +2,7 @@
 
 Run (regenerates the PNGs next to a results file)::
 
-    .venv/bin/python scripts/bench_plots.py benchmarks/results.json
+    .venv/bin/python -m scripts.bench.plots benchmarks/results.json
 
 Four figures, each from ``results["aggregate"]`` only:
 

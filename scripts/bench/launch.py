@@ -4,7 +4,7 @@
 simulator's namespaces (reading the interface counters around the training window), and
 kills every worker on failure or timeout; :func:`read_metrics` and the ``*_record``
 functions turn a run's ``metrics.jsonl`` into the numbers the suite keeps. Used by
-``scripts/bench_suite.py``.
+:mod:`scripts.bench.suite`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import wansim
-from bench_methods import Method
+from scripts.bench import REPO, wansim
+from scripts.bench.methods import Method
 
 logger = logging.getLogger("lowcomm.bench")
 
-REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "train_lm.py"
 # Inside a fresh namespace every port is free; on loopback a free one is picked per run.
 NETNS_MASTER_PORT = 29500

@@ -2,7 +2,7 @@
 ``ip``/``tc`` command lines that build and remove it.
 
 Pure: nothing here runs a command or touches the network, so all of it is testable without
-root. ``scripts/wansim.py`` runs these commands and re-exports every public name.
+root. :mod:`scripts.bench.wansim` runs these commands and re-exports every public name.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Print the README's benchmark tables from the suite's results.
 
-.venv/bin/python scripts/readme_table.py   # the streaming/compression table (default profile)
-.venv/bin/python scripts/readme_table.py --headline   # the headline rows (headline profile)
+Run from the repository root::
+
+    .venv/bin/python -m scripts.bench.readme_table   # the streaming/compression table (default profile)
+    .venv/bin/python -m scripts.bench.readme_table --headline   # the headline rows (headline profile)
 
 Paste-free: the README sections are this output.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from scripts.bench import report
 
 ROWS = [
     "ddp",
@@ -27,9 +31,9 @@ def main(path: str = "benchmarks/results.json") -> str:
     results = json.loads(Path(path).read_text())
     agg = results["aggregate"]["quality"]
     lines = [
-        f"Measured by `scripts/bench_suite.py` (profile `{results['profile']}`; M=2 workers, "
+        f"Measured by `python -m scripts.bench.suite` (profile `{results['profile']}`; M=2 workers, "
         f"{agg['ddp']['num_params']:,}-parameter byte GPT, {agg['ddp']['steps']} inner steps, "
-        f"seeds {agg['ddp']['seeds']}; printed by `scripts/readme_table.py`):",
+        f"seeds {agg['ddp']['seeds']}; printed by `python -m scripts.bench.readme_table`):",
         "",
         "| method | final eval loss | bytes sent per worker | peak bytes per sync |",
         "|---|---|---|---|",
@@ -51,17 +55,14 @@ def main(path: str = "benchmarks/results.json") -> str:
 
 def headline(path: str = "benchmarks/headline/results.json") -> str:
     """The headline profile's comparisons, as BENCHMARKS.md shows them."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_report
-
     results = json.loads(Path(path).read_text())
     s = results["settings"]
     intro = (
-        f"Headline (`scripts/bench_suite.py --profile {results['profile']}`: M={s['workers']} "
+        f"Headline (`python -m scripts.bench.suite --profile {results['profile']}`: M={s['workers']} "
         f"workers, {s['task']['steps']:,} inner steps, seeds {s['seeds']}; printed by "
-        "`scripts/readme_table.py --headline`):"
+        "`python -m scripts.bench.readme_table --headline`):"
     )
-    return intro + "\n\n" + bench_report.headline_table(results)
+    return intro + "\n\n" + report.headline_table(results)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""Benchmark profiles: the task (a recipe config), the seeds, the methods of each phase, the
+link rates, the peer libraries and the headline comparisons, by name (``--profile``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A benchmark matrix: the task (recipe config), the methods, seeds, rates and peers.
+
+    Attributes:
+        name: the profile's name.
+        base_config: a recipe TOML the task starts from (None: the recipe's defaults).
+        task: recipe options on top of ``base_config`` (model, data, inner optimizer, evals).
+        seeds: the quality runs' seeds.
+        methods: methods of the quality runs.
+        throughput_methods: methods of the throughput runs (the ceiling is always added).
+        throughput_steps: inner steps of each throughput run.
+        rates: link rates of the throughput runs (``loopback``, ``unshaped`` or e.g.
+            ``100mbit``).
+        peers: peer libraries to compare (``torchft``, ``hivemind``).
+        peer_sync_every: H of the peer runs (compared with lowcomm's ``diloco-h<H>``).
+        headline: role -> method for the headline table (``main``, ``fp32``, ``streaming``,
+            ``topk``, ``topk_ef``).
+        throughput_repeats: passes over a rate's runs (ceiling, then every method); each
+            cell reports its fastest pass, since other processes on the machine only ever
+            slow a run down.
+        run_timeout: seconds one quality run may take.
+    """
+
+    name: str
+    base_config: str | None
+    task: dict[str, Any]
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    throughput_methods: tuple[str, ...]
+    throughput_steps: int
+    rates: tuple[str, ...]
+    peers: tuple[str, ...]
+    peer_sync_every: int
+    headline: dict[str, str]
+    throughput_repeats: int = 3
+    run_timeout: float = 1800.0
+
+
+PROFILES: dict[str, Profile] = {
+    # A few seconds per run: the test suite's smoke run.
+    "smoke": Profile(
+        name="smoke",
+        base_config="recipes/configs/tiny.toml",
+        task={"steps": 16, "eval_every": 8, "log_every": 4, "eval_batches": 2},
+        seeds=(0,),
+        methods=("ddp", "diloco-h4"),
+        throughput_methods=("diloco-h4",),
+        throughput_steps=16,
+        rates=("loopback",),
+        peers=(),
+        peer_sync_every=4,
+        headline={"main": "diloco-h4"},
+        throughput_repeats=1,
+        run_timeout=300.0,
+    ),
+    # Minutes on 2 CPU cores: a 137k-parameter byte GPT, 400 steps, 3 seeds.
+    "default": Profile(
+        name="default",
+        base_config=None,
+        task={
+            "seq_len": 64,
+            "n_layer": 2,
+            "n_head": 2,
+            "n_embd": 64,
+            "batch_size": 8,
+            "steps": 400,
+            "warmup_steps": 20,
+            "inner_lr": 2e-3,
+            "eval_every": 20,
+            "eval_batches": 4,
+            "log_every": 10,
+        },
+        seeds=(0, 1, 2),
+        methods=(
+            "ddp",
+            "diloco-h20",
+            "diloco-h100",
+            "diloco-h20-int8",
+            "streaming-p4-h20",
+            "diloco-h20-topk0.01",
+            "diloco-h20-topk0.01-ef",
+            # SparseLoCo's pairing (Sarfi et al. 2025): a decayed residual, no outer momentum.
+            "diloco-h20-topk0.01-ef0.95-m0",
+            # Parameter averaging (outer SGD lr 1, no momentum): hivemind's outer step.
+            "diloco-h20-lr1-m0",
+        ),
+        throughput_methods=(
+            "ddp",
+            "diloco-h20",
+            "diloco-h100",
+            "diloco-h20-int8",
+            "streaming-p4-h20",
+            "diloco-h20-topk0.01-ef",
+            # The same averaging over lowcomm's hivemind backend (DHT, peers join and leave).
+            "swarm-h20-int8",
+        ),
+        throughput_steps=100,
+        rates=("unshaped", "100mbit", "20mbit"),
+        peers=("torchft", "hivemind"),
+        peer_sync_every=20,
+        headline={
+            "main": "diloco-h20-int8",
+            "fp32": "diloco-h20",
+            "streaming": "streaming-p4-h20",
+            "topk": "diloco-h20-topk0.01",
+            "topk_ef": "diloco-h20-topk0.01-ef",
+        },
+        run_timeout=900.0,
+    ),
+    # The issue's headline settings: the demo's 0.87M-parameter GPT, M=2, H=25, int8, 1,800
+    # steps, 3 seeds. Hours on 2 CPU cores: run it in the background; it resumes.
+    "headline": Profile(
+        name="headline",
+        base_config="recipes/configs/demo.toml",
+        task={"steps": 1800, "eval_every": 100, "log_every": 25, "ckpt_every": 0},
+        seeds=(0, 1, 2),
+        methods=(
+            "ddp",
+            "diloco-h25",
+            "diloco-h25-int8",
+            "streaming-p4-h100",
+            "diloco-h25-topk0.01",
+            "diloco-h25-topk0.01-ef",
+        ),
+        throughput_methods=(
+            "ddp",
+            "diloco-h25",
+            "diloco-h25-int8",
+            "streaming-p4-h100",
+            "diloco-h25-topk0.01-ef",
+            "swarm-h25-int8",
+        ),
+        throughput_steps=200,
+        rates=("unshaped", "100mbit", "20mbit"),
+        peers=("torchft", "hivemind"),
+        peer_sync_every=25,
+        headline={
+            "main": "diloco-h25-int8",
+            "fp32": "diloco-h25",
+            "streaming": "streaming-p4-h100",
+            "topk": "diloco-h25-topk0.01",
+            "topk_ef": "diloco-h25-topk0.01-ef",
+        },
+        run_timeout=7200.0,
+    ),
+}
