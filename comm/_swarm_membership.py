@@ -157,6 +157,62 @@ def _parse_record(key: bytes | None, peer: str, value: object) -> _Record | None
     )
 
 
+# -- run info --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a live peer says about its run: a JSON text (the recipe's config) and the
+    lowcomm version it runs, both signed with the run key when the run has one.
+
+    Attributes:
+        peer: the publishing peer's id.
+        text: the JSON text as published (parse it with ``json.loads``: data, never code).
+        version: the publishing peer's lowcomm version.
+    """
+
+    peer: str
+    text: str
+    version: str
+
+
+def _sign_info(
+    key: bytes | None, peer: str, text: str, version: str, signed_at: float | None = None
+) -> list[Any]:
+    """The DHT value of ``peer``'s run info, with its time and MAC (see :func:`_parse_info`)."""
+    signed_at = time.time() if signed_at is None else signed_at
+    mac = _mac(key, f"info|{peer}|{version}|{signed_at!r}|{text}")
+    return [_PROTOCOL, text, version, signed_at, mac]
+
+
+def _parse_info(
+    key: bytes | None, peer: str, value: object, now: float | None = None
+) -> RunInfo | None:
+    """``peer``'s run info from its DHT value, or None unless validly signed and recent."""
+    if not isinstance(value, list) or len(value) != 5 or value[0] != _PROTOCOL:
+        return None
+    _, text, version, signed_at, mac = value
+    if not isinstance(text, str) or not isinstance(version, str):
+        return None
+    try:
+        signed_at = float(signed_at)
+    except (TypeError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    if not now - _RECORD_MAX_AGE <= signed_at <= now + _CLOCK_SKEW:
+        return None
+    if not _mac_ok(key, f"info|{peer}|{version}|{signed_at!r}|{text}", mac):
+        return None
+    return RunInfo(peer, text, version)
+
+
+def _run_prefix(run_id: str, key: bytes | None) -> str:
+    """The start of every DHT key of a run; the run key goes into it, so a stranger without
+    the key cannot even find the run's records."""
+    salt = hashlib.sha256(f"{_PROTOCOL}|{run_id}".encode() + (key or b"")).hexdigest()
+    return f"lowcomm{salt[:20]}"
+
+
 # -- this peer -------------------------------------------------------------------------------
 
 
@@ -174,6 +230,8 @@ class _Peer:
         fingerprint: the model/config fingerprint, set by ``check_consistent``.
         admission: what this peer's reducers accept and how they combine it (sent to the
             averager with every round, so a bound set later applies from the next round).
+        run_info: the JSON text this peer publishes about its run (None: nothing).
+        version: this peer's lowcomm version, published with the run info.
     """
 
     run_id: str
@@ -184,11 +242,18 @@ class _Peer:
     lock: threading.RLock = field(default_factory=threading.RLock)
     fingerprint: str = ""
     admission: Any = None
+    run_info: str | None = None
+    version: str = ""
 
     @property
     def records_key(self) -> str:
         """The run's DHT key, under which every live peer keeps its record."""
         return f"{self.prefix}_peers"
+
+    @property
+    def info_key(self) -> str:
+        """The run's DHT key for run info (:class:`RunInfo`), one entry per peer."""
+        return f"{self.prefix}_info"
 
 
 # -- membership --------------------------------------------------------------------------------
@@ -238,15 +303,26 @@ class _Membership:
         return future.result(timeout=max(5.0, self._me.timeouts.request_timeout * 4))
 
     def publish(self) -> None:
-        """Store this peer's record (valid for ``peer_ttl``)."""
+        """Store this peer's record, and its run info if it has one (valid for ``peer_ttl``)."""
         get_dht_time = _subclasses().get_dht_time
+        me = self._me
+        expiration = get_dht_time() + me.timeouts.peer_ttl
         self._dht_call(
             self._dht.store,
-            self._me.records_key,
+            me.records_key,
             subkey=self._peer_bytes,
             value=self._record(),
-            expiration_time=get_dht_time() + self._me.timeouts.peer_ttl,
+            expiration_time=expiration,
         )
+        if me.run_info is not None:
+            info = _sign_info(me.key, me.id, me.run_info, me.version)
+            self._dht_call(
+                self._dht.store,
+                me.info_key,
+                subkey=self._peer_bytes,
+                value=info,
+                expiration_time=expiration,
+            )
 
     def withdraw(self) -> None:
         """Replace this peer's record by an empty one, so others see it leave at once."""

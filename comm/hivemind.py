@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import importlib.metadata
 import logging
 import math
 import signal
@@ -52,12 +53,19 @@ from lowcomm.comm._swarm_averaging import (
     _Rounds,
     _SwarmWork,
 )
-from lowcomm.comm._swarm_membership import _PROTOCOL, _Membership, _Peer
+from lowcomm.comm._swarm_membership import (
+    RunInfo,
+    _Membership,
+    _parse_info,
+    _Peer,
+    _run_prefix,
+)
 from lowcomm.comm._swarm_procs import (
     _FAILURES,
     _make_dht,
     _Processes,
     _sigterm_to_exit,
+    _subclasses,
     start_bootstrap_dht,
 )
 from lowcomm.comm._swarm_state import _SharedState
@@ -68,7 +76,13 @@ from lowcomm.comm.reduce import Identity
 if TYPE_CHECKING:
     from lowcomm.comm.compression.base import Compressor
 
-__all__ = ["HivemindBackend", "SwarmTimeouts", "start_bootstrap_dht"]
+__all__ = [
+    "HivemindBackend",
+    "RunInfo",
+    "SwarmTimeouts",
+    "fetch_run_info",
+    "start_bootstrap_dht",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +192,9 @@ class HivemindBackend:
             use the same rule.
         handle_sigterm: turn SIGTERM into ``SystemExit`` (so ``close`` runs) when this is
             the main thread and no other SIGTERM handler is installed.
+        run_info: a JSON text describing the run (the recipe publishes its config) that this
+            peer publishes, signed, beside its heartbeat, with its lowcomm version, so that a
+            volunteer can join by address alone (:func:`fetch_run_info`). None: nothing.
 
     Attributes:
         stats: wire counters (:class:`~lowcomm.comm.base.WireStats`).
@@ -203,6 +220,7 @@ class HivemindBackend:
         norm_ratio: float | None = 10.0,
         aggregation: str = "mean",
         handle_sigterm: bool = True,
+        run_info: str | None = None,
         wait_for_peers: int = 1,
         wait_for_peers_timeout: float = 600.0,
     ) -> None:
@@ -230,7 +248,6 @@ class HivemindBackend:
         self.wait_for_peers = wait_for_peers
         self.wait_for_peers_timeout = float(wait_for_peers_timeout)
         key = (run_key.encode() if isinstance(run_key, str) else run_key) or None
-        salt = hashlib.sha256(f"{_PROTOCOL}|{run_id}".encode() + (key or b"")).hexdigest()
         self.stats = WireStats()
         self._closed = False
         self._previous_sigterm: Any = None
@@ -243,7 +260,8 @@ class HivemindBackend:
             dht.shutdown()
             raise
         # The run key goes into every DHT key, so a stranger without it cannot even find them.
-        me = _Peer(run_id, peer, key, f"lowcomm{salt[:20]}", timeouts)
+        me = _Peer(run_id, peer, key, _run_prefix(run_id, key), timeouts)
+        me.run_info, me.version = run_info, lowcomm_version()
         me.admission = _Admission(max_norm, norm_ratio, None, aggregation)
         self._me = me
         self._procs = _Processes(self, dht, me.lock, run_key=key, peers_key=me.records_key)
@@ -509,3 +527,52 @@ def _close_at_exit(ref: weakref.ref[HivemindBackend]) -> None:
     if backend is not None:
         with contextlib.suppress(*_FAILURES):
             backend.close()
+
+
+def lowcomm_version() -> str:
+    """The installed lowcomm's version (what peers compare before they train together)."""
+    try:
+        return importlib.metadata.version("lowcomm")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source tree only
+        return "0+unknown"
+
+
+def fetch_run_info(
+    run_id: str,
+    initial_peers: Sequence[str],
+    *,
+    run_key: str | bytes | None = None,
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+    announce_maddrs: Sequence[str] | None = None,
+    timeout: float = 30.0,
+) -> list[RunInfo]:
+    """What the live peers of ``run_id`` publish about it (their :class:`RunInfo`).
+
+    Joins the DHT briefly (a client of its own, shut down before returning) and reads the
+    run's info entries, keeping only those signed for their peer with ``run_key`` (when the
+    run has one) and signed recently. Looks again for up to ``timeout`` seconds while none is
+    found (records of peers that just started may not be visible yet).
+
+    Returns:
+        One entry per live peer that publishes run info; empty if none does.
+    """
+    key = (run_key.encode() if isinstance(run_key, str) else run_key) or None
+    info_key = f"{_run_prefix(run_id, key)}_info"
+    dht = _make_dht(list(initial_peers), host_maddrs, announce_maddrs, timeout)
+    try:
+        peer_id = _subclasses().PeerID
+        deadline = time.monotonic() + timeout
+        while True:
+            found = dht.get(info_key, latest=True)
+            infos = []
+            if found is not None and isinstance(found.value, dict):
+                for subkey, entry in found.value.items():
+                    with contextlib.suppress(Exception):
+                        info = _parse_info(key, str(peer_id(subkey)), entry.value)
+                        if info is not None:
+                            infos.append(info)
+            if infos or time.monotonic() > deadline:
+                return sorted(infos, key=lambda i: i.peer)
+            time.sleep(1.0)
+    finally:
+        dht.shutdown()

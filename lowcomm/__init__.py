@@ -23,7 +23,13 @@ from lowcomm.comm.compression import (
     parse_compression,
     sparseloco,
 )
-from lowcomm.optim import DiLoCo, DiLoCoStats, MemoryReport, StaggeredSchedule
+from lowcomm.optim import (
+    DeadlineSchedule,
+    DiLoCo,
+    DiLoCoStats,
+    MemoryReport,
+    StaggeredSchedule,
+)
 
 __version__ = "0.1.0"
 
@@ -32,6 +38,7 @@ __all__ = [
     "FP16",
     "Backend",
     "Compressor",
+    "DeadlineSchedule",
     "DiLoCo",
     "DiLoCoStats",
     "ElasticBackend",

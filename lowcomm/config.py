@@ -43,9 +43,12 @@ __all__ = [
     "MODES",
     "OVERLAP_MODES",
     "RESUMABLE_KEYS",
+    "SWARM_LOCAL_KEYS",
     "SHARDS",
+    "SYNC_CLOCKS",
     "TrainConfig",
     "config_help",
+    "explicit_keys",
     "load_config",
     "shipped_configs",
 ]
@@ -54,6 +57,7 @@ MODES = ("diloco", "ddp", "local")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "bf16")
 SHARDS = ("ddp", "fsdp")
+SYNC_CLOCKS = ("auto", "steps", "deadline")
 AGGREGATIONS = ("mean", "trimmed_mean", "centered_clip")
 OVERLAP_MODES = ("mix", "eager", "delayed")
 
@@ -85,6 +89,38 @@ RESUMABLE_KEYS = frozenset(
         "run_dir",
         "run_name",
         "steps",
+        "wandb",
+        "wandb_project",
+    }
+)
+
+#: Keys a swarm volunteer sets for itself; every other key is the run's (model, data,
+#: optimizers, schedule, compression, the swarm's rules) and comes from the live peers when a
+#: volunteer joins by address (``lowcomm join --initial-peers ADDR --run-id RUN``).
+SWARM_LOCAL_KEYS = frozenset(
+    {
+        "accelerate",
+        "backend",
+        "ckpt_every",
+        "ckpt_timeout",
+        "config",
+        "data_dir",
+        "device",
+        "eval_batches",
+        "eval_every",
+        "initial_peers",
+        "keep",
+        "log_every",
+        "overwrite",
+        "progress",
+        "resume",
+        "run_dir",
+        "run_id",
+        "run_key_file",
+        "run_name",
+        "seed",
+        "wait_for_peers",
+        "wait_for_peers_timeout",
         "wandb",
         "wandb_project",
     }
@@ -176,7 +212,12 @@ class TrainConfig:
         run_id: the swarm run's name; peers with the same run id (and key) train together.
         run_key_file: a file holding the shared secret of a private swarm run (kept out of the
             config, checkpoints and logs; ``LOWCOMM_RUN_KEY`` works too).
-        round_seconds: estimate of one outer round's wall time; swarm timeouts follow it.
+        round_seconds: one outer round's wall time: its length with ``sync_clock`` deadline,
+            else an estimate; swarm timeouts follow it.
+        sync_clock: what cuts rounds: ``steps`` (every ``sync_every`` inner steps, the same on
+            every worker, bit-exact), ``deadline`` (every ``round_seconds`` of wall clock; each
+            worker contributes the inner steps it managed, so slow machines are never left
+            out; swarms only) or ``auto`` (deadline for backend hivemind, else steps).
         wait_for_peers: a swarm peer starts training only once this many peers of the run
             (itself included) are live; 1 starts at once.
         wait_for_peers_timeout: seconds a swarm peer waits for them before failing.
@@ -253,6 +294,7 @@ class TrainConfig:
     run_id: str = "lowcomm"
     run_key_file: str | None = None
     round_seconds: float = 60.0
+    sync_clock: str = "auto"
     wait_for_peers: int = 1
     wait_for_peers_timeout: float = 600.0
     max_norm: float = 0.0
@@ -270,6 +312,12 @@ class TrainConfig:
         _choice("overlap_mode", self.overlap_mode, OVERLAP_MODES)
         _choice("backend", self.backend, ("auto", "hivemind"))
         _choice("shard", self.shard, SHARDS)
+        _choice("sync_clock", self.sync_clock, SYNC_CLOCKS)
+        if self.sync_clock == "deadline" and self.backend != "hivemind":
+            raise ValueError(
+                "sync_clock 'deadline' is for swarms (backend 'hivemind'): under torchrun every "
+                "rank must sync at the same steps, or the collectives would pair different rounds"
+            )
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         if self.max_norm < 0 or self.norm_ratio < 0:
             raise ValueError(
@@ -365,9 +413,22 @@ class TrainConfig:
             return
         parse_compression(self.compression)  # raises ValueError listing the valid forms
 
+    @property
+    def deadline_rounds(self) -> bool:
+        """Whether rounds are cut by the clock (``sync_clock`` deadline, or auto in a swarm)."""
+        return self.sync_clock == "deadline" or (
+            self.sync_clock == "auto" and self.backend == "hivemind"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain JSON-able dict."""
         return dataclasses.asdict(self)
+
+    def run_config_text(self) -> str:
+        """The run's part of this config (every key but :data:`SWARM_LOCAL_KEYS`) as JSON: what
+        a swarm peer publishes so that volunteers can join by address alone."""
+        run = {k: v for k, v in self.to_dict().items() if k not in SWARM_LOCAL_KEYS}
+        return json.dumps(run, sort_keys=True)
 
     def fingerprint(self) -> str:
         """Hex digest of every key outside :data:`RESUMABLE_KEYS` (what checkpoints depend on)."""
@@ -563,6 +624,20 @@ def load_config(argv: list[str] | None = None, **defaults: Any) -> TrainConfig:
         if key != "config":
             values[key] = _from_string(key, value)
     return TrainConfig(**values)
+
+
+def explicit_keys(argv: list[str] | None) -> set[str]:
+    """The keys ``argv`` sets itself: every key of its ``--config`` file and of its options.
+
+    Raises:
+        ValueError: as :func:`load_config` for unknown keys or a bad config file.
+    """
+    pairs = _parse_argv(list(argv or []))
+    keys = {k for k, _ in pairs}
+    config_path = next((v for k, v in reversed(pairs) if k == "config"), None)
+    if config_path is not None:
+        keys |= set(_read_toml(_config_file(config_path)))
+    return keys
 
 
 def config_help() -> str:

@@ -2,13 +2,14 @@
 
 from lowcomm.optim.diloco import MAX_SKIPPED_ROUNDS, OVERLAP_MODES, DiLoCo
 from lowcomm.optim.fragments import check_partition, fragment_bytes, partition
-from lowcomm.optim.schedule import FragmentSchedule, StaggeredSchedule
+from lowcomm.optim.schedule import DeadlineSchedule, FragmentSchedule, StaggeredSchedule
 from lowcomm.optim.stats import DiLoCoStats, MemoryReport
 
 __all__ = [
     "MAX_SKIPPED_ROUNDS",
     "OVERLAP_MODES",
     "DiLoCo",
+    "DeadlineSchedule",
     "DiLoCoStats",
     "FragmentSchedule",
     "MemoryReport",

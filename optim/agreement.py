@@ -23,7 +23,7 @@ __all__ = ["config_fingerprint", "shard_fingerprint"]
 def config_fingerprint(
     names: Sequence[str],
     params: Sequence[torch.Tensor],
-    sync_every: int,
+    schedule: str,
     fragments: Sequence[Sequence[str]],
     overlap_mode: str,
     overlap_steps: int,
@@ -31,7 +31,8 @@ def config_fingerprint(
     compression: Compressor | ErrorFeedback | None,
     outer: Sequence[torch.optim.Optimizer],
 ) -> str:
-    """A digest of the model layout (names, local shapes, dtypes), the schedule, each
+    """A digest of the model layout (names, local shapes, dtypes), the schedule (its repr:
+    kind, ``H``, ``P``, round length), each
     fragment's members by name, the overlap settings, the compression and every outer
     optimizer's class and hyperparameters."""
     layout = [(n, tuple(local_view(p).shape), str(p.dtype)) for n, p in zip(names, params)]
@@ -45,7 +46,7 @@ def config_fingerprint(
     blob = repr(
         (
             layout,
-            sync_every,
+            schedule,
             [list(f) for f in fragments],
             overlap_mode,
             overlap_steps,

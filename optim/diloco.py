@@ -51,7 +51,7 @@ from lowcomm.optim.params import (
     single_device,
     synced_parameters,
 )
-from lowcomm.optim.schedule import StaggeredSchedule
+from lowcomm.optim.schedule import DeadlineSchedule, StaggeredSchedule
 from lowcomm.optim.state import (
     load_shared,
     outer_extras,
@@ -177,6 +177,12 @@ class DiLoCo(WrappingOptimizer):
             error-feedback residuals live (default: with the parameters). ``"cpu"`` for a
             model on the GPU keeps them in pinned host memory and stages one fragment at a
             time, so DiLoCo holds no persistent memory on the GPU (see :meth:`memory`).
+        round_seconds: sync at wall-clock deadlines, every ``round_seconds`` (fragment ``p``
+            at ``p/P`` of the way), instead of every ``sync_every`` inner steps
+            (:class:`~lowcomm.optim.schedule.DeadlineSchedule`): for swarms of machines of
+            unequal speed, each of which then contributes the inner steps it managed.
+            ``sync_every`` stays the nominal steps per round (for bounds and fingerprints).
+            None (default): the step-keyed schedule, bit-exact across workers.
     """
 
     # torch.amp.GradScaler then calls step() every iteration, with ``grad_scale`` and
@@ -197,6 +203,7 @@ class DiLoCo(WrappingOptimizer):
         overlap_mode: str = "mix",
         fragment_strategy: str = "strided",
         global_device: torch.device | str | None = None,
+        round_seconds: float | None = None,
     ) -> None:
         _check_arguments(model, inner_optimizer, overlap_mode, overlap_steps, mix, compression)
 
@@ -215,12 +222,17 @@ class DiLoCo(WrappingOptimizer):
 
         # Fragments.
         if isinstance(fragments, int) and not isinstance(fragments, bool):
-            self._schedule = StaggeredSchedule(sync_every, fragments)
+            num_fragments = fragments
             frags = partition(model, self._params, fragments, fragment_strategy)
         else:
             frags = [list(f) for f in fragments]  # type: ignore[union-attr]
             check_partition(self._params, frags)
-            self._schedule = StaggeredSchedule(sync_every, len(frags))
+            num_fragments = len(frags)
+        self._schedule: StaggeredSchedule | DeadlineSchedule = (
+            StaggeredSchedule(sync_every, num_fragments)
+            if round_seconds is None
+            else DeadlineSchedule(round_seconds, num_fragments, sync_every)
+        )
         if overlap_steps >= self._schedule.spacing:
             raise ValueError(
                 f"overlap_steps ({overlap_steps}) must be less than the fragment spacing (the "
@@ -272,8 +284,11 @@ class DiLoCo(WrappingOptimizer):
             )
         if self._elastic:
             prime_outer_state(self._outer)
-            # A fragment's weight is the inner steps since its last sync: never more than H.
-            self.backend.bound_weights(float(self._schedule.period))  # type: ignore[attr-defined]
+            # A fragment's weight is the inner steps since its last sync: never more than H
+            # on a step-keyed schedule; on deadlines a machine up to 4x the nominal pace
+            # counts in full.
+            bound = self._schedule.period * (1 if round_seconds is None else 4)
+            self.backend.bound_weights(float(bound))  # type: ignore[attr-defined]
 
         self._inner_steps = 0
         self._last_sync = [0] * len(self._fragments)
@@ -344,7 +359,7 @@ class DiLoCo(WrappingOptimizer):
         return config_fingerprint(
             self._names,
             self._params,
-            self._schedule.period,
+            repr(self._schedule),
             self.fragments,
             self.overlap_mode,
             self.overlap_steps,
@@ -364,7 +379,7 @@ class DiLoCo(WrappingOptimizer):
         return [[self._names[i] for i in f] for f in self._fragments]
 
     @property
-    def schedule(self) -> StaggeredSchedule:
+    def schedule(self) -> StaggeredSchedule | DeadlineSchedule:
         """Which fragment syncs when."""
         return self._schedule
 
@@ -485,7 +500,10 @@ class DiLoCo(WrappingOptimizer):
 
     def _sync(self, frag: int, step: int) -> None:
         self._check_world()
-        weight = float(step - self._last_sync[frag])
+        # A stale fragment (this worker missed a round of it) sits this one out: its
+        # pseudo-gradient is against global parameters the others moved on from.
+        stale = self._schedule.stale(frag)
+        weight = 0.0 if stale else float(step - self._last_sync[frag])
         self._last_sync[frag] = step
         delta = self._pseudo_gradient(frag)
         landed = None
@@ -497,7 +515,8 @@ class DiLoCo(WrappingOptimizer):
         send = self._feedback.prepare(f"fragment.{frag}", delta) if self._feedback else delta
         if self._round_started is None or frag == 0:
             self._round_timing()
-        work = self.backend.average(send, weight=weight, compressor=self._compressor, step=step)
+        key = self._schedule.key(frag, step)
+        work = self.backend.average(send, weight=weight, compressor=self._compressor, step=key)
         comp = self._compressor
         nbytes = comp.nbytes(send.numel()) if comp is not None else 4 * send.numel()
         self._sent_numel += send.numel()
@@ -706,12 +725,8 @@ class DiLoCo(WrappingOptimizer):
                 local_view(p).copy_(g)
         self._stats.fragment_syncs = int(state["meta.outer_step"].item())
         self._inner_steps = int(state["meta.inner_steps"].item())
-        period = self._schedule.period
         for f in range(len(self._fragments)):
-            # The last step <= inner_steps at which fragment f synced (0: never).
-            offset = self._schedule.offset(f) or period
-            last = self._inner_steps - ((self._inner_steps - offset) % period)
-            self._last_sync[f] = last if last >= offset else 0
+            self._last_sync[f] = self._schedule.last_sync_step(f, self._inner_steps)
 
     # -- global parameters -------------------------------------------------------------------
 

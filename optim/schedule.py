@@ -1,19 +1,27 @@
-"""Which fragment syncs when. Pure: no tensors, no I/O.
+"""Which fragment syncs when. No tensors, no I/O (a deadline schedule reads a clock it is given).
 
 Streaming DiLoCo (Douillard et al. 2025, "Streaming DiLoCo with overlapping communication")
 syncs fragment ``p`` of ``P`` every ``H`` inner steps at offset ``p * H / P`` (rounded down when
 ``P`` does not divide ``H``), so about ``1/P`` of the model is on the wire at any time instead of
-all of it every ``H`` steps.
+all of it every ``H`` steps: :class:`StaggeredSchedule`, keyed by inner steps, the same on
+every worker, bit-exact.
 
-Writing your own schedule: any object with ``num_fragments``, ``period``, ``spacing`` and
-``due(step)`` satisfies :class:`FragmentSchedule`.
+Machines of unequal speed drift apart on a step-keyed schedule (a slow one reaches step
+``k·H`` after the others averaged it). :class:`DeadlineSchedule` cuts rounds by a shared wall
+clock instead: every worker syncs at the same instants, each contributing the inner steps it
+managed (Async Local-SGD, Liu et al. 2024; hivemind weighs contributions by samples alike).
+
+Writing your own schedule: implement :class:`FragmentSchedule`.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["FragmentSchedule", "StaggeredSchedule"]
+__all__ = ["DeadlineSchedule", "FragmentSchedule", "StaggeredSchedule"]
 
 
 @runtime_checkable
@@ -33,6 +41,23 @@ class FragmentSchedule(Protocol):
 
     def due(self, step: int) -> list[int]:
         """Fragments whose sync starts right after inner step ``step`` (counted from 1)."""
+        ...
+
+    def key(self, fragment: int, step: int) -> int:
+        """The round a sync of ``fragment`` started after ``step`` belongs to: workers group
+        only with workers of the same key (a swarm backend's ``average(step=...)``)."""
+        ...
+
+    def stale(self, fragment: int) -> bool:
+        """True when ``fragment``'s previous sync was more than a round before the one due
+        now: this worker was held up, and its pseudo-gradient is against global parameters
+        the others have moved on from (it should sit the round out and catch up)."""
+        ...
+
+    def last_sync_step(self, fragment: int, inner_steps: int) -> int:
+        """After this worker's state was replaced at ``inner_steps`` (a swarm download): the
+        inner step that counts as ``fragment``'s last sync, from which its next weight counts.
+        Also restarts any bookkeeping of its own."""
         ...
 
 
@@ -83,5 +108,115 @@ class StaggeredSchedule:
         fragment = self._fragment_at.get(step % self.period)
         return [] if fragment is None else [fragment]
 
+    def key(self, fragment: int, step: int) -> int:
+        """The inner step itself: lockstep workers reach it together."""
+        return step
+
+    def stale(self, fragment: int) -> bool:
+        """Never: steps cannot be skipped."""
+        return False
+
+    def last_sync_step(self, fragment: int, inner_steps: int) -> int:
+        """The last step ``<= inner_steps`` at which ``fragment`` synced (0: never)."""
+        offset = self._offsets[fragment] or self.period
+        last = inner_steps - ((inner_steps - offset) % self.period)
+        return last if last >= offset else 0
+
     def __repr__(self) -> str:
         return f"StaggeredSchedule(sync_every={self.period}, num_fragments={self.num_fragments})"
+
+
+class DeadlineSchedule:
+    """Fragments sync at wall-clock deadlines: every ``round_seconds``, fragment ``p`` at
+    offset ``p·T/P`` into the round, the same instants on every machine whose clock is right.
+
+    The clock is cut into slots of ``T/P`` seconds; slot ``q = ⌊clock() / (T/P)⌋`` belongs to
+    fragment ``q % P``, and ``q`` is its round key, so workers meet by the clock alone. At an
+    inner step that ends in a new slot, that slot's fragment is due (at most one per step: a
+    worker that slept through several slots syncs the current one only). Each worker's weight
+    is the inner steps it took since the fragment's last sync, so a slow machine contributes
+    less but is never left out. A fragment whose previous sync is more than a round old is
+    :meth:`stale`: DiLoCo has it sit the round out (weight 0) and the swarm's state catches
+    it up.
+
+    Clocks must agree to well within a slot (NTP does; hivemind's own DHT expirations rely on
+    wall time too).
+
+    Args:
+        round_seconds: ``T``, seconds between two syncs of one fragment.
+        num_fragments: ``P``.
+        sync_every: the nominal inner steps per round (``period``); used for bounds and
+            fingerprints, not for timing.
+        clock: seconds since the epoch; :func:`time.time` (looked up when built) unless
+            given.
+
+    Raises:
+        ValueError: if ``T`` is not a positive finite number, or ``P``/``H`` are invalid.
+    """
+
+    def __init__(
+        self,
+        round_seconds: float,
+        num_fragments: int = 1,
+        sync_every: int = 1,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if isinstance(round_seconds, bool) or not (
+            isinstance(round_seconds, (int, float)) and math.isfinite(round_seconds)
+        ):
+            raise ValueError(f"round_seconds ({round_seconds!r}) must be a positive number")
+        if round_seconds <= 0:
+            raise ValueError(f"round_seconds ({round_seconds!r}) must be a positive number")
+        steps = StaggeredSchedule(sync_every, num_fragments)  # the same checks on H and P
+        self.round_seconds = float(round_seconds)
+        self.num_fragments = num_fragments
+        self.period = sync_every
+        self.spacing = steps.spacing
+        self._slot = self.round_seconds / num_fragments
+        self._clock = clock or time.time
+        self._last_slot: int | None = None
+        self._synced: dict[int, int] = {}  # fragment -> slot of its last sync
+        self._stale = False  # the sync due now skipped a round of its fragment
+
+    def _now(self) -> int:
+        return math.floor(self._clock() / self._slot)
+
+    def due(self, step: int) -> list[int]:
+        """The fragment of the current slot, if this is the first step to end in it."""
+        slot = self._now()
+        if self._last_slot is None:
+            # Counting starts now: the first deadline is the next slot boundary.
+            self._last_slot = slot
+            return []
+        if slot <= self._last_slot:
+            return []
+        self._last_slot = slot
+        fragment = slot % self.num_fragments
+        previous = self._synced.get(fragment)
+        self._stale = previous is not None and slot - previous > self.num_fragments
+        self._synced[fragment] = slot
+        return [fragment]
+
+    def key(self, fragment: int, step: int) -> int:
+        """The slot number: the same for every worker syncing at this deadline."""
+        assert self._last_slot is not None, "key() is asked for a fragment due()"
+        return self._last_slot
+
+    def stale(self, fragment: int) -> bool:
+        """Whether the sync just due skipped one or more of this fragment's rounds."""
+        return self._stale
+
+    def last_sync_step(self, fragment: int, inner_steps: int) -> int:
+        """``inner_steps``: after a download, the next weight counts from now; every
+        fragment's bookkeeping restarts at the current slot."""
+        slot = self._now()
+        self._last_slot = slot
+        self._synced = {f: slot for f in range(self.num_fragments)}
+        self._stale = False
+        return inner_steps
+
+    def __repr__(self) -> str:
+        return (
+            f"DeadlineSchedule(round_seconds={self.round_seconds}, "
+            f"num_fragments={self.num_fragments}, sync_every={self.period})"
+        )

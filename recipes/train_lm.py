@@ -66,7 +66,14 @@ import torch.distributed as dist
 from torch import nn
 
 from lowcomm import checkpoint as ckpt
-from lowcomm.config import RESUMABLE_KEYS, TrainConfig, config_help, load_config
+from lowcomm.config import (
+    RESUMABLE_KEYS,
+    SWARM_LOCAL_KEYS,
+    TrainConfig,
+    config_help,
+    explicit_keys,
+    load_config,
+)
 from lowcomm.data import eval_batches, load_corpus, sample_batch, shard_bounds
 from lowcomm.gpt import GPT, GPTConfig, parameter_signature
 from lowcomm.metrics import MetricsLogger, Progress, format_bytes
@@ -311,26 +318,108 @@ def load_training_corpus(cfg: TrainConfig) -> Any:
     )
 
 
+def _run_key(cfg: TrainConfig) -> str | None:
+    key = os.environ.get("LOWCOMM_RUN_KEY")
+    if cfg.run_key_file:
+        key = Path(cfg.run_key_file).read_text().strip()
+    return key or None
+
+
+def _initial_peers(cfg: TrainConfig) -> list[str]:
+    return [a.strip() for a in cfg.initial_peers.split(",") if a.strip()]
+
+
+def join_run_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """A swarm peer's config: the run's, as its live peers publish it, with this peer's own
+    settings (:data:`~lowcomm.config.SWARM_LOCAL_KEYS`) on top.
+
+    Nothing is unpickled: the run's config is JSON text, signed with the run key when the run
+    has one, and builds a :class:`TrainConfig` like any other (every value validated).
+
+    Args:
+        cfg: this peer's config as given.
+        explicit: the keys given explicitly (its ``--config`` file and its options).
+
+    Raises:
+        ValueError: the live peers run another lowcomm version (both named); an explicit
+            setting contradicts the run's config (every difference listed); the peers do not
+            agree on the run's config; or nobody publishes one and this peer gave none.
+    """
+    from collections import Counter
+
+    from lowcomm.comm.hivemind import fetch_run_info, lowcomm_version
+
+    own = explicit - SWARM_LOCAL_KEYS
+    # A peer that brings a config looks briefly (it may be starting the run); one without
+    # waits for the run's peers to show up.
+    infos = fetch_run_info(
+        cfg.run_id,
+        _initial_peers(cfg),
+        run_key=_run_key(cfg),
+        timeout=2.0 if own else 30.0,
+    )
+    if not infos:
+        if not own:
+            raise ValueError(
+                f"no live peer of run {cfg.run_id!r} publishes its config (is the run id right, "
+                f"and the run key? is a peer of it running?); to start the run, give its "
+                f"config (e.g. --config demo)"
+            )
+        return cfg
+    counts = Counter(info.text for info in infos)
+    text, count = counts.most_common(1)[0]
+    if len(counts) > 1 and count <= len(infos) // 2:
+        raise ValueError(
+            f"the live peers of run {cfg.run_id!r} publish {len(counts)} different configs "
+            f"(no majority): give the run's config explicitly"
+        )
+    versions = sorted({info.version for info in infos if info.text == text})
+    mine = lowcomm_version()
+    if versions != [mine]:
+        raise ValueError(
+            f"run {cfg.run_id!r} runs lowcomm {', '.join(versions)}, this peer lowcomm {mine}: "
+            f"install the run's version (pip install lowcomm=={versions[0]}) to join it"
+        )
+    run = json.loads(text)
+    if not isinstance(run, dict):
+        raise ValueError(f"run {cfg.run_id!r} publishes a config that is not a JSON object")
+    mine_cfg = cfg.to_dict()
+    differences = [
+        f"{key} ({mine_cfg.get(key)!r} here, {run.get(key)!r} in the run)"
+        for key in sorted(own)
+        if mine_cfg.get(key) != run.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"these settings contradict run {cfg.run_id!r}'s config: {'; '.join(differences)}. "
+            f"Leave them out to take the run's, or use another run id"
+        )
+    local = {k: v for k, v in mine_cfg.items() if k in SWARM_LOCAL_KEYS}
+    logger.info("joining run %r with its config, from %d live peer(s)", cfg.run_id, count)
+    return TrainConfig(**{**run, **local})
+
+
 def make_backend(cfg: TrainConfig) -> Any:
-    """The swarm backend for ``--backend hivemind``; None lets DiLoCo pick (torch.distributed)."""
+    """The swarm backend for ``--backend hivemind``; None lets DiLoCo pick (torch.distributed).
+
+    The swarm peer publishes the run's config (JSON, signed with the run key) beside its
+    heartbeat, so that volunteers can join by address alone (:func:`join_run_config`).
+    """
     if cfg.backend != "hivemind":
         return None
     from lowcomm.comm.hivemind import HivemindBackend
 
-    key = os.environ.get("LOWCOMM_RUN_KEY")
-    if cfg.run_key_file:
-        key = Path(cfg.run_key_file).read_text().strip()
-    peers = [a.strip() for a in cfg.initial_peers.split(",") if a.strip()]
     return HivemindBackend(
         cfg.run_id,
-        initial_peers=peers,
-        run_key=key or None,
+        initial_peers=_initial_peers(cfg),
+        run_key=_run_key(cfg),
         round_seconds=cfg.round_seconds,
         wait_for_peers=cfg.wait_for_peers,
         wait_for_peers_timeout=cfg.wait_for_peers_timeout,
         max_norm=cfg.max_norm or None,
         norm_ratio=cfg.norm_ratio or None,
         aggregation=cfg.aggregation,
+        run_info=cfg.run_config_text(),
     )
 
 
@@ -365,6 +454,7 @@ def make_optimizer(
         mix=cfg.mix,
         overlap_mode=cfg.overlap_mode,
         backend=backend,
+        round_seconds=cfg.round_seconds if cfg.deadline_rounds else None,
     )
 
 
@@ -752,6 +842,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     try:
         cfg = load_config(argv)
+        if cfg.backend == "hivemind":
+            cfg = join_run_config(cfg, explicit_keys(argv))
     except ValueError as e:
         # A user's mistake, not the program's: one line, not a traceback per rank.
         print(f"lowcomm: error: {e}", file=sys.stderr, flush=True)

@@ -1069,8 +1069,9 @@ def _insider(index: int, maddrs: list[str], attack: str, start: Any) -> Any:
             return honest_step(self, *args, **kwargs)
 
         subclasses.Averager.lowcomm_step = sender_only  # type: ignore[method-assign]
-    if not hostile:
-        backend.bound_weights(1.0)
+    # Everyone declares the same rules (peers with other rules never group): the insider
+    # lies in what it does, not in what it declares.
+    backend.bound_weights(1.0)
     try:
         backend.check_consistent("fp")
         start.wait(60)

@@ -150,6 +150,9 @@ def parse_method(name: str) -> Method:
         options["outer_momentum"] = momentum
     if kind == "swarm":
         options["backend"] = "hivemind"
+        # Rounds every H steps, as diloco-h<H> (a swarm peer would default to wall-clock
+        # deadlines): the benchmark compares the same schedule over two transports.
+        options["sync_clock"] = "steps"
     label = {"streaming": "Streaming DiLoCo", "swarm": "Swarm DiLoCo (hivemind backend)"}.get(
         kind, "DiLoCo"
     ) + f" H={h}"

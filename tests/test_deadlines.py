@@ -1,0 +1,105 @@
+"""Rounds cut by a shared clock: slow workers contribute less but are never left out.
+
+A fake clock drives :class:`DeadlineSchedule` and DiLoCo on deadlines, so every test is
+exact and instant.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lowcomm import DeadlineSchedule, DiLoCo, LocalBackend
+
+from .oracle import batch, loss_fn, make_model
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _run(schedule: DeadlineSchedule, clock: Clock, times: list[float]) -> list[tuple]:
+    """(step, fragments due, keys) for inner steps ending at ``times``."""
+    out = []
+    for step, t in enumerate(times, start=1):
+        clock.t = t
+        due = schedule.due(step)
+        out.append((step, due, [schedule.key(f, step) for f in due]))
+    return out
+
+
+def test_fragments_sync_at_the_clocks_slots_whatever_the_pace():
+    clock = Clock(1000.2)
+    sched = DeadlineSchedule(10.0, num_fragments=2, sync_every=8, clock=clock)
+    # Slots of 5 s: 1000-1005 is slot 200 (fragment 0), 1005-1010 slot 201 (fragment 1).
+    fast = _run(sched, clock, [1000.2 + 0.5 * i for i in range(1, 41)])
+    syncs = [(s, d, k) for s, d, k in fast if d]
+    assert [d for _, d, _ in syncs] == [[1], [0], [1], [0]]
+    assert [k for _, _, k in syncs] == [[201], [202], [203], [204]]
+    # A worker at a fifth of the pace syncs at the same slots, with the same keys.
+    slow_clock = Clock(1000.2)
+    slow = DeadlineSchedule(10.0, num_fragments=2, sync_every=8, clock=slow_clock)
+    slow_syncs = [
+        r for r in _run(slow, slow_clock, [1000.2 + 2.5 * i for i in range(1, 9)]) if r[1]
+    ]
+    assert [k for _, _, k in slow_syncs] == [[201], [202], [203], [204]]
+
+
+def test_a_worker_that_slept_through_rounds_syncs_once_and_is_stale():
+    clock = Clock(1000.0)
+    sched = DeadlineSchedule(10.0, clock=clock)
+    _run(sched, clock, [1001.0, 1011.0])  # one round: fragment 0 synced at slot 101
+    clock.t = 1045.0  # stalled for three rounds
+    assert sched.due(3) == [0] and sched.key(0, 3) == 104 and sched.stale(0)
+    clock.t = 1051.0
+    assert sched.due(4) == [0] and not sched.stale(0)
+    # After the swarm's state was downloaded, counting restarts: nothing is stale.
+    clock.t = 1095.0
+    assert sched.last_sync_step(0, 40) == 40
+    clock.t = 1101.0
+    assert sched.due(5) == [0] and not sched.stale(0)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True])
+def test_round_seconds_must_be_a_positive_number(bad):
+    with pytest.raises(ValueError, match="round_seconds"):
+        DeadlineSchedule(bad)
+
+
+class Recording(LocalBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, float]] = []
+
+    def average(self, flat, *, weight=1.0, compressor=None, step=None):  # type: ignore[no-untyped-def]
+        self.calls.append((step, weight))
+        return super().average(flat, weight=weight, compressor=compressor, step=step)
+
+
+def test_diloco_on_deadlines_weighs_each_round_by_the_steps_taken(monkeypatch):
+    clock = Clock(1000.0)
+    monkeypatch.setattr(time, "time", clock)
+    model = make_model(0)
+    params = list(model.parameters())
+    backend = Recording()
+    opt = DiLoCo(
+        model, torch.optim.SGD(params, lr=0.1), sync_every=4, backend=backend, round_seconds=10.0
+    )
+    # 4 steps in the first round, 7 in the second (a machine that sped up), then a stall.
+    times = [1002, 1004, 1006, 1011] + [1012 + i for i in range(6)] + [1021, 1055, 1061]
+    for step, t in enumerate(times, start=1):
+        clock.t = float(t)
+        x, y = batch(0, 0, step)
+        loss_fn(params, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert backend.calls == [(101, 4.0), (102, 7.0), (105, 0.0), (106, 1.0)]
+    # The stale round sat out (weight 0) and left theta alone; the others stepped it.
+    assert opt.stats.fragment_syncs == 4 and opt.stats.skipped_outer_steps == 1
+    opt.close()
