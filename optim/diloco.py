@@ -639,6 +639,8 @@ class DiLoCo(WrappingOptimizer):
         s.peak_sync_bytes = max(s.peak_sync_bytes, result.bytes_sent)
         s.num_peers = result.num_peers
         s.max_peers = max(s.max_peers, result.num_peers)
+        if result.num_peers >= 2 and result.own_weight > 0 and result.total_weight > 0:
+            s.averaged_steps += result.own_weight / len(self._fragments)
 
     def _record_sync(self, result: AverageResult, overlap: int) -> None:
         s = self._stats

@@ -36,6 +36,10 @@ class DiLoCoStats:
         max_peers: the most workers in any one average so far. On an elastic backend a
             round can fall back to fewer (a peer that timed out averages alone), so this,
             not ``num_peers``, is how large the swarm this worker trained in was.
+        averaged_steps: this worker's inner steps whose pseudo-gradient entered an average
+            with at least one other worker (its weight in those averages, over fragments
+            divided by ``P``): divided by ``inner_steps``, the share of its work that
+            reached the global model.
     """
 
     inner_steps: int = 0
@@ -54,6 +58,7 @@ class DiLoCoStats:
     nonfinite_rounds: int = 0
     num_peers: int = 1
     max_peers: int = 1
+    averaged_steps: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict, for logging."""

@@ -631,6 +631,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "comm_seconds": s.comm_seconds,
             "compression_ratio": s.compression_ratio,
             "peak_sync_bytes": s.peak_sync_bytes,
+            "averaged_steps": s.averaged_steps,
             # Who met in the last average (before the first: the backend's world); the
             # heartbeat view (live_peers) drops as soon as a peer that finished first leaves.
             "peers": s.num_peers if s.outer_steps else diloco.backend.world_size,
@@ -659,7 +660,14 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         model.train()
         t_start = t_log = time.perf_counter()
         loss_sum, loss_count = torch.zeros((), device=device), 0
-        while step < cfg.steps:
+        # With rounds cut by the clock, a peer that stopped mid-round would lose the work of
+        # its last partial round: past --steps it trains on to the end of the round (less
+        # than round_seconds), averages it, then stops.
+        on_deadlines = diloco is not None and cfg.deadline_rounds
+        rounds_at_target: int | None = None
+        last = step >= cfg.steps and not on_deadlines
+        while not last:
+            rounds_before = diloco.stats.outer_steps if diloco is not None else 0
             x, y = sample_batch(
                 corpus.train,
                 batch_size=cfg.batch_size,
@@ -688,12 +696,19 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             step += 1
             loss_sum += loss.detach()
             loss_count += 1
-            if step == cfg.steps and diloco is not None:
+            if on_deadlines and step >= cfg.steps:
+                assert diloco is not None
+                if rounds_at_target is None:
+                    rounds_at_target = rounds_before
+                last = diloco.stats.outer_steps > rounds_at_target
+            else:
+                last = step >= cfg.steps
+            if last and diloco is not None:
                 # Land the syncs still in flight: the final model, its evaluation, the last
                 # log line and the byte counters all include them.
                 diloco.flush()
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or last:
                 now = time.perf_counter()
                 train_loss = float(loss_sum) / loss_count
                 tps = loss_count * tokens_per_step * workers / max(now - t_log, 1e-9)
@@ -719,9 +734,9 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                 progress.update(loss_count, **postfix)
                 t_log, loss_sum, loss_count = now, torch.zeros((), device=device), 0
 
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if step % cfg.eval_every == 0 or last:
                 run_eval()
-            if cfg.ckpt_every and (step % ckpt_period == 0 or step == cfg.steps):
+            if cfg.ckpt_every and (step % ckpt_period == 0 or last):
                 state = {
                     "model": model_state(raw_model),
                     "optimizer": base_opt.state_dict(),

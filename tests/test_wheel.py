@@ -193,3 +193,36 @@ def test_dht_prints_an_address_and_stops_on_sigterm(dht: subprocess.Popen[str]) 
     assert addr and "/p2p/" in addr[0], "".join(lines)
     dht.send_signal(signal.SIGTERM)
     assert dht.wait(timeout=30) == 0, dht.stdout.read()
+
+
+@pytest.mark.hivemind
+def test_two_volunteers_from_the_wheel_train_together_one_given_no_config(
+    installed: Installed, tmp_path: Path
+) -> None:
+    if importlib.util.find_spec("hivemind") is None:
+        pytest.skip("needs the hivemind extra")
+    addrs = tmp_path / "addrs"
+    procs = [installed.popen("dht", "--host", "127.0.0.1", "--addrs-file", str(addrs))]
+    try:
+        deadline = time.monotonic() + 90
+        while not addrs.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        addr = addrs.read_text().split()[0]
+        common = ["--initial-peers", addr, "--run-id", "wheel-join"]
+        common += ["--data-dir", str(installed.data_dir), "--ckpt-every", "0"]
+        first = installed.popen(
+            "join", *common, "--config", "tiny", "--steps", "300", "--round-seconds", "4",
+            "--wait-for-peers", "2", "--run-dir", str(tmp_path / "a"),
+        )  # fmt: skip
+        second = installed.popen("join", *common, "--run-dir", str(tmp_path / "b"))
+        procs += [first, second]
+        outs = [p.communicate(timeout=240)[0] for p in (first, second)]
+        for p, out in zip((first, second), outs):
+            assert p.returncode == 0, out[-3000:]
+            assert "swarm peer (up to 2 per round" in out, out[-3000:]
+        assert "joining run 'wheel-join' with its config" in outs[1]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)

@@ -1,0 +1,216 @@
+"""Machines of unequal speed in a swarm: does a slow peer's work reach the global model?
+
+Needs a source checkout and root (CPU quotas through the cgroup v1 ``cpu`` controller)::
+
+    python -m scripts.bench.slow_peer                # writes benchmarks/slow_peer.json
+
+Three volunteers (``lowcomm join``, the demo model, found through one ``lowcomm dht`` on
+loopback), each in a cgroup of its own with a CPU quota: two at ``--quota`` cores, one at
+half of it. The quotas fix the speed ratio at 2:1 whatever else the machine runs. Three
+runs: the slow peer with rounds cut by the clock (``--sync-clock deadline``, the default of
+``lowcomm join``), the slow peer with rounds every H inner steps (``--sync-clock steps``),
+and three equal peers with the clock. The slow peer trains half the inner steps of the
+others, so all three train for about the same wall time. Per peer: inner steps, the share of
+them whose pseudo-gradient entered an average with another peer (``averaged_steps`` /
+inner steps), the final eval loss of its global model; per run: the swarm's tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CGROUP = Path("/sys/fs/cgroup/cpu")
+PERIOD_US = 100_000
+
+
+def _cgroup(name: str, cores: float) -> Path:
+    path = CGROUP / name
+    path.mkdir(exist_ok=True)
+    (path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+    (path / "cpu.cfs_quota_us").write_text(str(int(cores * PERIOD_US)))
+    return path
+
+
+def _remove_cgroup(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def _launch(cmd: list[str], cgroup: Path, log: Path) -> subprocess.Popen[bytes]:
+    # The peer puts itself (and so every process it forks) into its cgroup, then runs.
+    script = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    out = open(log, "wb")  # noqa: SIM115 - closed when the process is reaped
+    return subprocess.Popen(
+        ["sh", "-c", script, "sh", *cmd],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _lowcomm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lowcomm.cli", *args]
+
+
+def _last_metrics(run_dir: Path) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        last.update({k: v for k, v in record.items() if v is not None})
+    return last
+
+
+def run_swarm(
+    name: str,
+    work: Path,
+    sync_clock: str,
+    slow: bool,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One swarm of three peers; returns each peer's steps, share and final eval loss."""
+    run = work / name
+    run.mkdir(parents=True)
+    groups = [_cgroup(f"lowcomm-slowpeer-{name}-{i}", args.quota) for i in range(3)]
+    if slow:
+        _remove_cgroup(groups[2])
+        groups[2] = _cgroup(f"lowcomm-slowpeer-{name}-2", args.quota / 2)
+    addrs = run / "addrs"
+    dht = _launch(
+        _lowcomm("dht", "--host", "127.0.0.1", "--addrs-file", str(addrs)),
+        groups[0],
+        run / "dht.log",
+    )
+    procs = [dht]
+    try:
+        deadline = time.monotonic() + 60
+        while not addrs.exists():
+            if time.monotonic() > deadline or dht.poll() is not None:
+                raise RuntimeError(f"lowcomm dht did not start: {(run / 'dht.log').read_text()}")
+            time.sleep(0.2)
+        addr = addrs.read_text().split()[0]
+        peers = []
+        for i in range(3):
+            steps = args.steps // 2 if slow and i == 2 else args.steps
+            cmd = _lowcomm(
+                "join",
+                "--initial-peers", addr,
+                "--run-id", f"slow-peer-{name}",
+                "--config", args.config,
+                "--steps", str(steps),
+                "--sync-every", str(args.sync_every),
+                "--warmup-steps", "20",
+                "--sync-clock", sync_clock,
+                "--round-seconds", str(args.round_seconds),
+                "--wait-for-peers", "3",
+                "--eval-every", str(args.steps // 4),
+                "--log-every", "20",
+                "--ckpt-every", "0",
+                "--progress", "false",
+                "--seed", str(args.seed),
+                "--data-dir", str(work / "data"),
+                "--run-dir", str(run / f"peer{i}"),
+            )  # fmt: skip
+            peers.append(_launch(cmd, groups[i], run / f"peer{i}.log"))
+        procs += peers
+        for i, p in enumerate(peers):
+            if p.wait(timeout=args.timeout) != 0:
+                raise RuntimeError(f"peer {i} failed: {(run / f'peer{i}.log').read_text()[-3000:]}")
+        out = {"sync_clock": sync_clock, "slow": slow, "peers": []}
+        tokens = 0
+        for i in range(3):
+            last = _last_metrics(run / f"peer{i}")
+            steps_run = int(last["summary/steps_run"])
+            out["peers"].append(
+                {
+                    "cores": args.quota / 2 if slow and i == 2 else args.quota,
+                    "inner_steps": steps_run,
+                    "averaged_steps": float(last.get("averaged_steps", 0.0)),
+                    "share": float(last.get("averaged_steps", 0.0)) / max(1, steps_run),
+                    "final_eval_loss": float(last["summary/final_eval_loss"]),
+                    "elapsed_s": float(last["summary/elapsed_s"]),
+                }
+            )
+            tokens += int(last["summary/tokens_per_worker"])
+        out["swarm_tokens"] = tokens
+        return out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=20)
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+        for g in groups:
+            _remove_cgroup(g)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the three swarms and write their results as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench.slow_peer", description=__doc__)
+    parser.add_argument("--config", default="demo", help="the recipe config of the task")
+    parser.add_argument("--steps", type=int, default=600, help="inner steps of a full-speed peer")
+    parser.add_argument("--sync-every", type=int, default=50, help="H (nominal with the clock)")
+    parser.add_argument("--round-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--quota",
+        type=float,
+        default=0.4,
+        help="cores of a full-speed peer (the three peers' quotas add up to 2.5x this: keep it "
+        "below the machine's idle cores, or the scheduler's fair share evens the speeds out)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--out", default="benchmarks/slow_peer.json")
+    parser.add_argument("--keep", default=None, help="keep the runs' files in this directory")
+    parser.add_argument("--only", default=None, help="run only this one of the three swarms")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0 or not (CGROUP / "cpu.cfs_quota_us").exists():
+        print("slow_peer: needs root and the cgroup v1 cpu controller", file=sys.stderr)
+        return 2
+    work = Path(args.keep or tempfile.mkdtemp(prefix="lowcomm-slowpeer-"))
+    swarms = {
+        "deadline-slow": ("deadline", True),
+        "steps-slow": ("steps", True),
+        "deadline-equal": ("deadline", False),
+    }
+    try:
+        runs = {
+            name: run_swarm(name, work, clock, slow, args)
+            for name, (clock, slow) in swarms.items()
+            if args.only in (None, name)
+        }
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "command": "python -m scripts.bench.slow_peer " + " ".join(argv or sys.argv[1:]),
+        "settings": vars(args),
+        "runs": runs,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for name, r in runs.items():
+        shares = ", ".join(f"{p['share']:.2f}" for p in r["peers"])
+        losses = ", ".join(f"{p['final_eval_loss']:.4f}" for p in r["peers"])
+        print(f"{name}: share of steps averaged [{shares}]; final eval loss [{losses}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
