@@ -265,9 +265,6 @@ class _SwarmWork:
         self._round = round_id
         self._result: AverageResult | None = None
 
-    def is_completed(self) -> bool:
-        return self._result is not None or self._control.done()
-
     def wait(self) -> AverageResult:
         if self._result is not None:
             return self._result

@@ -18,8 +18,7 @@ process.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
@@ -106,25 +105,15 @@ class AverageWork(Protocol):
         """Block until the average is complete; return it. Call at most once."""
         ...
 
-    def is_completed(self) -> bool:
-        """True if ``wait`` would not block."""
-        ...
-
 
 @dataclass
 class DoneWork:
     """An :class:`AverageWork` that is already complete (single process, synchronous paths)."""
 
     result: AverageResult
-    on_wait: Callable[[], None] | None = field(default=None, repr=False)
 
     def wait(self) -> AverageResult:
-        if self.on_wait is not None:
-            self.on_wait()
         return self.result
-
-    def is_completed(self) -> bool:
-        return True
 
 
 @runtime_checkable

@@ -55,9 +55,6 @@ class _FutureWork:
         self._stats.record(result.bytes_sent, result.bytes_received)
         return result
 
-    def is_completed(self) -> bool:
-        return self._future.done()
-
 
 class TorchDistBackend:
     """Averages through a ``torch.distributed`` process group of its own.
@@ -127,7 +124,6 @@ class TorchDistBackend:
                 f"given (ranks {ranks}); pass the group this rank averages in"
             )
         self.transport = str(dist.get_backend(group))
-        self.user_group = group
         self.group = dist.new_group(
             sorted(ranks),
             backend=self.transport,

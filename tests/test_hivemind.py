@@ -380,6 +380,18 @@ def test_sparse_compressor_and_bad_weight_refused(bootstrap: list[str]) -> None:
 
     backend = _backend("sparse", bootstrap)
     try:
+        # Refused when the optimizer is built, not H steps later at the first sync.
+        from lowcomm import DiLoCo
+
+        model = torch.nn.Linear(3, 2)
+        with pytest.raises(ValueError, match="sparse compressor"):
+            DiLoCo(
+                model,
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                sync_every=100,
+                compression=TopK(0.1),
+                backend=backend,
+            )
         with pytest.raises(ValueError, match="sparse"):
             backend.average(torch.zeros(10), compressor=TopK(0.1))
         with pytest.raises(ValueError, match="weight"):
