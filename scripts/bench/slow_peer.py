@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 CGROUP = Path("/sys/fs/cgroup/cpu")
+RESULTS_FILE = "slow_peer.json"
+"""Its results file, beside the suite's under ``benchmarks/``."""
 PERIOD_US = 100_000
 
 
@@ -160,6 +162,46 @@ def run_swarm(
             _remove_cgroup(g)
 
 
+def render_section(res: dict[str, Any], path: Path, doc_dir: Path) -> str:
+    """The BENCHMARKS.md section for these results (written by :func:`main`)."""
+    names = {
+        "deadline-slow": "slow peer, rounds cut by the clock (`lowcomm join`'s default)",
+        "steps-slow": "slow peer, rounds every H inner steps",
+        "deadline-equal": "three equal peers, rounds cut by the clock",
+    }
+    rows = []
+    for name, run in res["runs"].items():
+        for i, p in enumerate(run["peers"]):
+            rows.append(
+                f"| {names.get(name, name)} | {i}{' (slow)' if run['slow'] and i == 2 else ''} "
+                f"| {p['cores']:g} | {p['inner_steps']} | {p['inner_steps'] / p['elapsed_s']:.2f} "
+                f"| **{p['share']:.2f}** | {p['final_eval_loss']:.4f} |"
+            )
+    settings = res["settings"]
+    return "\n".join(
+        [
+            "## Machines of unequal speed in a swarm",
+            "",
+            f"`{res['command'].strip()}` (needs root: CPU quotas through cgroups); results in "
+            f"`{os.path.relpath(path, doc_dir)}`. Three `lowcomm join` peers of the "
+            f"`{settings['config']}` model on loopback, each in a cgroup with a CPU quota; in "
+            f"the slow runs peer 2 gets half the others' quota and trains half their inner "
+            f"steps ({settings['steps']} for the others), so all train for about the same "
+            f"wall time. Rounds of {settings['round_seconds']:g} s with the clock, or every "
+            f"H = {settings['sync_every']} inner steps. *Share* is the fraction of a peer's "
+            "inner steps whose pseudo-gradient entered an average with another peer "
+            "(`opt.stats.averaged_steps` / inner steps): the goal is >= 0.9 for the slow "
+            "peer. Steps/s is measured (the quotas set the ratio, the machine's load the "
+            "rest).",
+            "",
+            "| run | peer | CPU quota (cores) | inner steps | steps/s | share averaged | "
+            "final eval loss |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the three swarms and write their results as JSON."""
     parser = argparse.ArgumentParser(prog="python -m scripts.bench.slow_peer", description=__doc__)
@@ -176,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0)
-    parser.add_argument("--out", default="benchmarks/slow_peer.json")
+    parser.add_argument("--out", default=f"benchmarks/{RESULTS_FILE}")
     parser.add_argument("--keep", default=None, help="keep the runs' files in this directory")
     parser.add_argument("--only", default=None, help="run only this one of the three swarms")
     args = parser.parse_args(argv)
