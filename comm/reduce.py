@@ -136,7 +136,7 @@ def dense_average(
     scaled, total = _scales(weights)
     bounds = chunk_bounds(flat.numel(), world, compressor.granularity)
     sizes = [compressor.nbytes(hi - lo) if hi > lo else 0 for lo, hi in bounds]
-    send = torch.cat([_encode(compressor, flat[lo:hi]) for lo, hi in bounds])
+    send = _encode_chunks(compressor, flat, bounds, sizes)
     lo, hi = bounds[rank]
     mine = sizes[rank]
     received = all_to_all(send, sizes, [mine] * world)
@@ -148,19 +148,24 @@ def dense_average(
             acc.add_(part, alpha=scaled[src])
             if src == rank:
                 own_chunk = part
+    del received  # summed: not alive beside what comes next
     if total > 0:
         acc.div_(total)
     pad = sizes[0]
     reduced = _encode(compressor, acc)
+    del acc  # encoded: not alive beside the decoded mean below
     if reduced.numel() < pad:
         reduced = torch.cat([reduced, reduced.new_zeros(pad - reduced.numel())])
     gathered = all_gather(reduced)
-    out = torch.cat(
-        [
-            _decode(compressor, gathered[r * pad : r * pad + sizes[r]], b_hi - b_lo)
-            for r, (b_lo, b_hi) in enumerate(bounds)
-        ]
-    )
+    if isinstance(compressor, Identity) and all(size == pad for size in sizes):
+        # fp32 chunks of one size, in order: the gathered bytes are the mean itself.
+        out = gathered.view(torch.float32)
+    else:
+        # Decoded chunk by chunk into one buffer: one chunk's decode at a time beside it.
+        out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+        for r, (b_lo, b_hi) in enumerate(bounds):
+            data = gathered[r * pad : r * pad + sizes[r]]
+            out[b_lo:b_hi] = _decode(compressor, data, b_hi - b_lo)
     own = _own(compressor, flat, weights[rank], send, sizes, bounds, rank, own_chunk)
     sent = sum(s for r, s in enumerate(sizes) if r != rank) + (world - 1) * pad
     recv = (world - 1) * mine + (world - 1) * pad
@@ -182,14 +187,34 @@ def _own(
         return torch.zeros_like(flat)
     if isinstance(compressor, Identity):
         return flat  # lossless: the bytes sent are the input's
-    parts, offset = [], 0
+    own = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+    offset = 0
     for r, ((lo, hi), size) in enumerate(zip(bounds, sizes)):
         if r == rank and own_chunk is not None:
-            parts.append(own_chunk)  # already decoded while reducing
+            own[lo:hi] = own_chunk  # already decoded while reducing
         else:
-            parts.append(_decode(compressor, send[offset : offset + size], hi - lo))
+            own[lo:hi] = _decode(compressor, send[offset : offset + size], hi - lo)
         offset += size
-    return torch.cat(parts)
+    return own
+
+
+def _encode_chunks(
+    compressor: Compressor,
+    flat: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    sizes: list[int],
+) -> torch.Tensor:
+    """Every chunk's payload, back to back, in one buffer (the all-to-all's input)."""
+    if isinstance(compressor, Identity) and flat.is_contiguous():
+        # fp32 chunks cut in order are the input's own bytes: no copy.
+        return flat.view(torch.uint8)
+    send = torch.empty(sum(sizes), dtype=torch.uint8, device=flat.device)
+    offset = 0
+    for (lo, hi), size in zip(bounds, sizes):
+        if size:
+            send[offset : offset + size] = _encode(compressor, flat[lo:hi])
+        offset += size
+    return send
 
 
 def sparse_average(
