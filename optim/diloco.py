@@ -253,7 +253,12 @@ class DiLoCo(WrappingOptimizer):
         self.backend = self._pick_backend(backend)
         self.backend.check_compressor(self._compressor)
         self._world_size = self.backend.world_size
-        self._elastic = isinstance(self.backend, ElasticBackend) and bool(self.backend.elastic)
+        # A swarm backend (workers come and go), or None.
+        self._swarm: ElasticBackend | None = (
+            self.backend
+            if isinstance(self.backend, ElasticBackend) and self.backend.elastic
+            else None
+        )
 
         # Global copy (fp32), one outer optimizer per fragment.
         self._global_device = (
@@ -282,13 +287,13 @@ class DiLoCo(WrappingOptimizer):
                 "history and together they overshoot. Use an outer SGD without momentum "
                 "(SparseLoCo's decayed residual stands in for it)."
             )
-        if self._elastic:
+        if self._swarm is not None:
             prime_outer_state(self._outer)
             # A fragment's weight is the inner steps since its last sync: never more than H
             # on a step-keyed schedule; on deadlines a machine up to 4x the nominal pace
             # counts in full.
             bound = self._schedule.period * (1 if round_seconds is None else 4)
-            self.backend.bound_weights(float(bound))  # type: ignore[attr-defined]
+            self._swarm.bound_weights(float(bound))
 
         self._inner_steps = 0
         self._last_sync = [0] * len(self._fragments)
@@ -475,7 +480,7 @@ class DiLoCo(WrappingOptimizer):
         )
 
     def _check_world(self) -> None:
-        if self._elastic:
+        if self._swarm is not None:
             return
         world = self.backend.world_size
         if world != self._world_size:
@@ -686,9 +691,9 @@ class DiLoCo(WrappingOptimizer):
 
     def _after_outer_step(self) -> None:
         """Swarm backends: serve the new state to joiners; catch up if this worker fell behind."""
-        if not self._elastic:
+        backend = self._swarm
+        if backend is None:
             return
-        backend: ElasticBackend = self.backend  # type: ignore[assignment]
         backend.publish_state(self._shared_state())
         if backend.needs_resync():
             logger.warning(
@@ -704,8 +709,8 @@ class DiLoCo(WrappingOptimizer):
 
     def _round_timing(self) -> None:
         now = time.monotonic()
-        if self._round_started is not None and self._elastic:
-            self.backend.set_round_seconds(now - self._round_started)  # type: ignore[attr-defined]
+        if self._round_started is not None and self._swarm is not None:
+            self._swarm.set_round_seconds(now - self._round_started)
         self._round_started = now
 
     def _shared_state(self) -> dict[str, torch.Tensor]:
