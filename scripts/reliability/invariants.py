@@ -22,8 +22,8 @@ as they arrive, with what the harness did to each peer (stalls, kills, exits), a
   seconds (stopped time not counted), or that logged none ``startup_bound`` seconds after
   it started.
 * ``exited``: a peer process that ended by itself (the harness only kills, stops, and
-  terminates); ``leave_hung``: one that did not exit within the harness's wait after
-  SIGTERM; ``orphans``: a killed peer whose child processes outlived it.
+  terminates); ``leave_hung``: one that did not exit within the harness's wait (60 s)
+  after SIGTERM, at a leave or at the soak's end; ``orphans``: a killed peer whose child processes outlived it.
 
 Checkpoint and loss invariants need torch and the files; they live in :mod:`.soak`.
 """
@@ -346,7 +346,8 @@ class SoakChecker:
                     f"the peer exited by itself with status {state.returncode}",
                 )
             )
-        if state.cause == "leave" and state.returncode is None:
+        if state.cause in ("leave", "end") and state.returncode is None:
+            # A graceful leave (or the soak's end, also SIGTERM) that never finished.
             out.append(Violation("leave_hung", name, -1, state.ended, "no exit after SIGTERM"))
         if state.orphans:
             out.append(

@@ -57,6 +57,8 @@ class SoakSettings:
         sync_every: the run's nominal inner steps per round (weights are bounded at 4x).
         mean_gap: mean seconds between two disruptions.
         min_uptime: a peer is disrupted only this long after it joined.
+        min_live: peers up and not stalled at every instant (of the schedule).
+        quiet_tail: the schedule's last seconds, without new faults.
         eval_every: inner steps between evaluations (every peer).
         eval_batches: held-out batches per evaluation.
         ckpt_every: outer steps (``sync_every`` inner steps each) between checkpoints.
@@ -71,6 +73,8 @@ class SoakSettings:
     sync_every: int = 50
     mean_gap: float = 20.0
     min_uptime: float = 20.0
+    min_live: int = 2
+    quiet_tail: float = 30.0
     eval_every: int = 200
     eval_batches: int = 8
     ckpt_every: int = 2
@@ -127,10 +131,11 @@ class _Phase:
         self.live_violations: list[dict[str, Any]] = []
         self.timeline: list[dict[str, Any]] = []
 
-    def start_peer(self, slot: int, first: bool = False, wait: int = 1) -> Peer:
+    def start_peer(self, slot: int, first: bool = False) -> Peer:
         options = self.settings.own_options()
         if first:
-            options += [*self.settings.run_options(), "--wait-for-peers", str(wait)]
+            wait = str(self.settings.num_peers)
+            options += [*self.settings.run_options(), "--wait-for-peers", wait]
         peer = self.swarm.start_peer(slot, options)
         self.checker.peer_started(peer.name, peer.started)
         self.evals[peer.name] = []
@@ -204,8 +209,9 @@ def _apply(phase: _Phase, event: Event, conts: list[tuple[float, Peer]]) -> dict
     outcome: dict[str, Any] = {**event.as_dict(), "wall": time.time()}
     if event.kind == "join":
         if peer is not None:
-            outcome["skipped"] = f"slot {event.slot} still runs {peer.name}"
-            return outcome
+            # Its last peer is still leaving (a graceful leave takes seconds): join once it
+            # is gone.
+            return {**outcome, "deferred": f"slot {event.slot} still runs {peer.name}"}
         outcome["peer"] = phase.start_peer(event.slot).name
         return outcome
     if peer is None or peer.stopped:
@@ -232,20 +238,15 @@ def run_phase(
     try:
         addr = swarm.start_dht()
         _log(f"{label}: bootstrap DHT at {addr}")
-        first = phase.start_peer(0, first=True, wait=settings.num_peers)
-        # The others join by address alone: they need the first one's published config.
-        deadline = time.monotonic() + settings.startup_timeout
-        log = swarm.work_dir / "logs" / f"{first.name}.log"
-        while "others can join through" not in log.read_text(errors="replace"):
-            if time.monotonic() > deadline or first.proc.poll() is not None:
-                raise RuntimeError(f"the first peer did not join the DHT; see {log}")
-            time.sleep(0.5)
-        initial = [first] + [phase.start_peer(s) for s in range(1, settings.num_peers)]
+        # The first peers start the run together (its config on their command lines);
+        # every later joiner joins by address alone and takes the config from them.
+        initial = [phase.start_peer(s, first=True) for s in range(settings.num_peers)]
         _wait_for_first_rounds(phase, initial, settings.startup_timeout)
         t0 = time.time()
         _log(f"{label}: every first peer applied an outer step; the clock starts")
         pending = list(events)
         conts: list[tuple[float, Peer]] = []
+        deferred: list[Event] = []
         next_check = next_sample = 0.0
         while (now := time.time()) < t0 + duration:
             for due in [c for c in conts if c[0] <= now]:
@@ -254,7 +255,11 @@ def run_phase(
             while pending and t0 + pending[0].at <= now:
                 event = pending.pop(0)
                 outcome = _apply(phase, event, conts)
+                if "deferred" in outcome:
+                    deferred.append(event)
+                    continue
                 outcome["t"] = round(now - t0, 1)
+                outcome["late_s"] = round(now - t0 - event.at, 1)
                 executed.append(outcome)
                 _log(
                     f"{label} t={outcome['t']:.0f}s {event.kind} slot {event.slot} "
@@ -262,6 +267,9 @@ def run_phase(
                 )
             phase.read()
             phase.update()
+            # Deferred joins go back in line; one is tried again on the next pass.
+            pending = sorted(pending + deferred, key=lambda e: e.at)
+            deferred = []
             if now >= next_sample:
                 phase.sample(t0)
                 next_sample = now + 5.0
@@ -439,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync-every", type=int, default=d.sync_every)
     parser.add_argument("--mean-gap", type=float, default=d.mean_gap)
     parser.add_argument("--min-uptime", type=float, default=d.min_uptime)
+    parser.add_argument("--min-live", type=int, default=d.min_live)
+    parser.add_argument("--quiet-tail", type=float, default=d.quiet_tail)
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("--recover-rounds", type=int, default=d.recover_rounds)
     parser.add_argument("--min-events", type=int, default=0, help="refuse a shorter schedule")
@@ -453,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         sync_every=args.sync_every,
         mean_gap=args.mean_gap,
         min_uptime=args.min_uptime,
+        min_live=args.min_live,
+        quiet_tail=args.quiet_tail,
         eval_every=args.eval_every,
         recover_rounds=args.recover_rounds,
     )
@@ -463,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         mean_gap=settings.mean_gap,
         round_seconds=settings.round_seconds,
         min_uptime=settings.min_uptime,
+        min_live=settings.min_live,
+        quiet_tail=settings.quiet_tail,
     )
     if len(events) < args.min_events:
         parser.error(f"the schedule has {len(events)} events, fewer than --min-events")

@@ -158,6 +158,9 @@ class Peer:
             "returncode": self.returncode,
             "stalls": self.stalls,
             "orphans": self.orphans,
+            "leave_s": None
+            if self._leaving_since is None or self.ended is None
+            else round(self.ended - self._leaving_since, 2),
         }
 
 
