@@ -5,7 +5,6 @@ strict xfails until they are fixed."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
@@ -119,7 +118,7 @@ def test_a_peer_killed_before_it_could_agree_again_is_not_counted_but_one_at_the
     for p in "abc":
         checker.add(_rec(p, 4.0, 1, "odd" if p == "c" else "t1"))
     for p in "abc":
-        checker.update_peer(p, ended=5.0, cause="end")
+        checker.update_peer(p, ended=5.0, cause="end", returncode=143)
     assert _kinds(checker, 6.0, final=True) == [("diverged", "c")]
 
 
