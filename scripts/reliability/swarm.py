@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import psutil
 
+from scripts.reliability import REPO
+
 __all__ = ["LoopbackSwarm", "Peer", "read_records"]
 
 
@@ -211,12 +213,18 @@ class LoopbackSwarm:
             "GLOO_SOCKET_IFNAME": "lo",
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
+            # A peer may run a module of this checkout (scripts.reliability.robust).
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+            ),
         }
 
-    def _popen(self, args: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    def _popen(
+        self, args: list[str], log_path: Path, entry: list[str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
         log = open(log_path, "ab")  # noqa: SIM115 - closed when the peer ends
         proc = subprocess.Popen(
-            [self.python, "-m", "lowcomm.cli", *args],
+            [self.python, *(entry or ["-m", "lowcomm.cli"]), *args],
             cwd=self.work_dir,
             env=self.env,
             stdout=log,
@@ -246,9 +254,10 @@ class LoopbackSwarm:
         self.addr = addrs.read_text().split()[0]
         return self.addr
 
-    def start_peer(self, slot: int, options: list[str]) -> Peer:
+    def start_peer(self, slot: int, options: list[str], entry: list[str] | None = None) -> Peer:
         """Start a new incarnation of ``slot``: ``lowcomm join`` with ``options`` after the
-        swarm's own (initial peers, run id, run dir, data dir)."""
+        swarm's own (initial peers, run id, run dir, data dir); ``entry`` replaces
+        ``-m lowcomm.cli`` (a module of this checkout that takes the same arguments)."""
         generation = self._generation.get(slot, -1) + 1
         self._generation[slot] = generation
         name = f"s{slot}g{generation}"
@@ -265,7 +274,7 @@ class LoopbackSwarm:
             str(self.data_dir),
             *options,
         ]
-        proc, log = self._popen(args, self.work_dir / "logs" / f"{name}.log")
+        proc, log = self._popen(args, self.work_dir / "logs" / f"{name}.log", entry)
         peer = Peer(name, slot, run_dir, proc, log, time.time())
         self.peers.append(peer)
         return peer
