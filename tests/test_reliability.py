@@ -5,6 +5,7 @@ strict xfails until they are fixed."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -233,3 +234,54 @@ def test_two_peers_never_plan_to_download_each_others_state():
     plan_b = b.plan({"a": _record("a", a)})
     # One of them takes the other's state; both doing so swaps them, and they still differ.
     assert (plan_a is None) != (plan_b is None), (plan_a, plan_b)
+
+
+# -- the harnesses, short ----------------------------------------------------------------------
+
+
+@pytest.mark.hivemind
+@pytest.mark.timeout(300)
+def test_short_churn_soak_holds_every_invariant(tmp_path):
+    """4 real `lowcomm join` peers, ~45 s of seeded faults: a stall, a leave, a kill, joins."""
+    pytest.importorskip("hivemind")
+    from scripts.reliability import soak
+
+    out = tmp_path / "soak.json"
+    argv = [
+        "--duration", "45", "--baseline-duration", "0", "--seed", "11", "--round-seconds", "4",
+        "--mean-gap", "8", "--min-uptime", "6", "--min-live", "3", "--quiet-tail", "12",
+        "--work-dir", str(tmp_path / "work"), "--out", str(out),
+    ]  # fmt: skip
+    rc = soak.main(argv)
+    results = json.loads(out.read_text())["churn"]
+    assert results["violations"] == [] and rc == 0
+    assert {"kill", "leave", "join", "stall"} <= set(results["event_counts"])
+    assert results["num_rounds"] >= 5 and results["records"] >= 15
+    killed = results["checkpoints"]
+    assert killed and all(c["ok"] and c["matches_log"] for c in killed)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_torchrun_restart_after_a_killed_rank_ends_bit_identical(tmp_path):
+    from scripts.reliability import restarts
+
+    out = tmp_path / "restarts.json"
+    argv = ["--steps", "120", "--kills", "1", "--seed", "1"]
+    rc = restarts.main([*argv, "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert len(results["killed"]["kills"]) == 1 and results["killed"]["resumed_from"] >= 1
+    assert results["identical"] and rc == 0, results["differences"]
+
+
+def test_state_comparison_sees_one_flipped_bit_and_a_missing_key():
+    from scripts.reliability.restarts import compare_states
+
+    a = {"x": torch.tensor([1.0, 2.0]), "n": [1, {"k": torch.zeros(())}]}
+    b = {"x": torch.tensor([1.0, 2.0]), "n": [1, {"k": torch.zeros(())}]}
+    assert compare_states(a, b) == []
+    b["x"].view(torch.int32)[1] ^= 1  # one bit of one float
+    b["n"][1]["extra"] = 0
+    assert sorted(compare_states(a, b)) == ["/n/1/extra", "/x"]
+    nan = torch.tensor([float("nan")])
+    assert compare_states({"v": nan}, {"v": nan.clone()}) == []  # bits, not ==
