@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.reliability import REPO, RESULTS_DIR
+from scripts.reliability.soak import compare_loss
 
 __all__ = ["document", "main", "soak_figure"]
 
@@ -53,7 +54,7 @@ def soak_figure(soak: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(3, 1, figsize=(10, 10))
     ax = axes[0]
     t = [s["t"] / 60 for s in churn["timeline"]]
-    ax.step(t, [s["running"] for s in churn["timeline"]], where="post", label="running")
+    ax.step(t, [s["running"] for s in churn["timeline"]], where="post", label="peer processes")
     ax.step(t, [s["stopped"] for s in churn["timeline"]], where="post", label="stopped (SIGSTOP)")
     marks = {"kill": ("x", "red"), "leave": ("v", "purple"), "join": ("^", "green")}
     for kind, (marker, color) in marks.items():
@@ -190,13 +191,19 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
         f"incomplete, the previous one used): {sum(1 for c in ck if c['newest_incomplete'])}.",
         "",
     ]
-    loss = soak.get("loss")
+    loss = None
+    if clean is not None:
+        # From the stored evaluations, by the soak's own rule (so the two always agree).
+        loss = compare_loss(churn, clean)
+        if loss["x_percent"] is None:
+            loss = compare_loss(churn, clean, survivors=False)
     if loss and loss.get("x_percent") is not None:
         lo, hi = loss["tokens"]
         out += [
             "### Loss",
             "",
-            f"Survivors' eval loss against tokens, over the last 10% of the tokens both runs "
+            f"{'Survivors' if loss['survivors'] else 'Every peer'}{chr(39) if loss['survivors'] else chr(39) + 's'} eval loss against tokens, "
+            f"over the last 10% of the tokens both runs "
             f"reached ({lo:,.0f} to {hi:,.0f} tokens per peer): {loss['churn_loss']:.4f} with "
             f"faults ({loss['churn_points']} evaluations) against {loss['clean_loss']:.4f} "
             f"without ({loss['clean_points']}): **x = {loss['x_percent']:+.2f}%**.",

@@ -399,15 +399,16 @@ def _summarise(
 
 
 def compare_loss(
-    churn: dict[str, Any], clean: dict[str, Any], window: float = 0.1
+    churn: dict[str, Any], clean: dict[str, Any], window: float = 0.1, survivors: bool = True
 ) -> dict[str, Any]:
-    """Survivors' eval loss against tokens, against the run without faults.
+    """Eval loss against tokens with faults (the survivors', or every peer's), against the
+    run without faults (every peer's).
 
-    Both runs' eval points (every surviving peer's in the churn run, every peer's in the
-    clean one) are compared over the last ``window`` of the tokens both runs reached: the
-    relative difference of the means, in percent (positive: the churn run is worse).
+    Compared over the last ``window`` of the tokens both reached: the relative difference of
+    the means, in percent (positive: the run with faults is worse).
     """
-    ours = [e for name in churn["survivors"] for e in churn["evals"][name]]
+    names = churn["survivors"] if survivors else list(churn["evals"])
+    ours = [e for name in names for e in churn["evals"][name]]
     theirs = [e for evals in clean["evals"].values() for e in evals]
     if not ours or not theirs:
         return {"x_percent": None, "why": "no eval points"}
@@ -419,6 +420,7 @@ def compare_loss(
         return {"x_percent": None, "why": "no eval points in the window"}
     mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
     return {
+        "survivors": survivors,
         "tokens": [lo, reach],
         "churn_loss": mean_a,
         "clean_loss": mean_b,
@@ -488,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     if baseline > 0:
         clean = run_phase(settings, args.work_dir / "clean", [], baseline, "clean")
     loss = compare_loss(churn, clean) if clean is not None else None
+    if loss is not None and loss["x_percent"] is None:
+        loss = compare_loss(churn, clean, survivors=False)
     results = {
         "command": "python -m scripts.reliability.soak " + " ".join(argv or sys.argv[1:]),
         "settings": {k: v for k, v in vars(settings).items() if k != "extra"},
