@@ -199,10 +199,11 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
             loss = compare_loss(churn, clean, survivors=False)
     if loss and loss.get("x_percent") is not None:
         lo, hi = loss["tokens"]
+        who = "Survivors'" if loss["survivors"] else "Every peer's"
         out += [
             "### Loss",
             "",
-            f"{'Survivors' if loss['survivors'] else 'Every peer'}{chr(39) if loss['survivors'] else chr(39) + 's'} eval loss against tokens, "
+            f"{who} eval loss against tokens, "
             f"over the last 10% of the tokens both runs "
             f"reached ({lo:,.0f} to {hi:,.0f} tokens per peer): {loss['churn_loss']:.4f} with "
             f"faults ({loss['churn_points']} evaluations) against {loss['clean_loss']:.4f} "
