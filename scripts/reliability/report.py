@@ -139,6 +139,12 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
         ],
         "",
     ]
+    incidents = sorted({v["peer"] for v in churn["violations"]})
+    if incidents:
+        out += [
+            f"Peers with violations (with faults): {len(incidents)}: {', '.join(incidents)}.",
+            "",
+        ]
     shown = churn["violations"][:12]
     if shown:
         out += ["Violations (first 12, with faults):", ""]
@@ -156,6 +162,10 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
         f"- {churn['num_rounds']} state versions (rounds) with faults, {churn['records']} "
         f"per-peer round records; {churn['rounds_all_agree']} rounds in which every record "
         f"holds the same θ.",
+        f"- Who averaged: records by the number of contributing peers in their round's "
+        f"average: {dict(sorted(Counter(g for r in churn['rounds'] for g in r['group_sizes']).items()))}"
+        f"; records of a peer that sat its round out (stale, weight 0): "
+        f"{sum(len(r['sat_out']) for r in churn['rounds'])}.",
         f"- Records that disagreed with the swarm's θ, by the peer's rounds until it agreed "
         f"again: {dict(sorted(lags.items())) or 'none'}.",
         f"- State downloads: {churn['downloads']} with faults"
