@@ -162,6 +162,16 @@ def test_no_progress_exits_hung_leaves_and_orphans_are_violations():
     assert _kinds(checker, 80.0) == []  # 50 s running of a 60 s startup bound
 
 
+def test_the_round_bound_the_soak_checks_is_the_documented_one():
+    """README/HivemindBackend: a round takes at most matchmaking + averaging timeout + 10 s;
+    the soak checks each round against the bound its peer logged, this property."""
+    from lowcomm.comm._swarm_timeouts import SwarmTimeouts
+
+    for seconds, bound in ((5.0, 3.0 + 5.0 + 10.0), (100.0, 30.0 + 100.0 + 10.0)):
+        t = SwarmTimeouts.from_round_seconds(seconds)
+        assert t.wait_timeout == t.matchmaking_timeout + t.averaging_timeout + 10.0 == bound
+
+
 def test_loss_comparison_uses_the_tokens_both_runs_reached():
     churn = {
         "survivors": ["a"],
