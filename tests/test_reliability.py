@@ -172,6 +172,44 @@ def test_the_round_bound_the_soak_checks_is_the_documented_one():
         assert t.wait_timeout == t.matchmaking_timeout + t.averaging_timeout + 10.0 == bound
 
 
+def _checkpoint(run_dir: Any, step: int, theta: torch.Tensor) -> Any:
+    from lowcomm import checkpoint as ckpt
+
+    shared = {"param.w": theta, "meta.outer_step": torch.tensor([step // 10])}
+    state = {"optimizer": {"lowcomm": {"shared": shared}}, "step": step}
+    return ckpt.save_checkpoint(
+        ckpt.checkpoint_root(run_dir), step, state, rank=0, world_size=1, manifest={}, keep=3
+    )
+
+
+def test_a_killed_peers_checkpoint_must_load_and_hold_the_theta_it_logged(tmp_path):
+    from lowcomm.recipes.train_lm import theta_digest
+    from scripts.reliability.soak import check_checkpoint
+
+    theta = torch.arange(4.0)
+    _checkpoint(tmp_path, 10, theta)
+    newest = _checkpoint(tmp_path, 20, theta + 1)
+    peer = {"name": "p", "run_dir": str(tmp_path)}
+    logged = [_rec("p", 1.0, 1, theta_digest([theta]), step=10)]
+    logged.append(_rec("p", 2.0, 2, theta_digest([theta + 1]), step=20))
+    out = check_checkpoint(peer, logged)
+    assert out["ok"] and out["checkpoint"] == newest.name and out["matches_log"]
+    # Killed while writing a newer one: the newest complete one is what must load.
+    (newest.parent / "step_000000030").mkdir()
+    out = check_checkpoint(peer, logged)
+    assert out["ok"] and out["newest_incomplete"] and out["checkpoint"] == newest.name
+    # A θ other than the one the peer ran with at that step is a violation.
+    assert not check_checkpoint(peer, logged[:1])["ok"]
+    # A damaged newest one (flipped bytes) is passed over, as --resume auto does: the
+    # previous one verifies, loads, and holds what the peer logged at its step.
+    rank_file = next(newest.glob("rank*"))
+    data = bytearray(rank_file.read_bytes())
+    data[-20] ^= 0xFF
+    rank_file.write_bytes(bytes(data))
+    out = check_checkpoint(peer, logged)
+    assert out["ok"] and out["checkpoint"] == "step_000000010" and out["matches_log"]
+
+
 def test_loss_comparison_uses_the_tokens_both_runs_reached():
     churn = {
         "survivors": ["a"],
