@@ -485,7 +485,8 @@ def theta_digest(tensors: list[torch.Tensor]) -> str:
     for i, tensor in enumerate(tensors):
         host = tensor.detach().to("cpu").contiguous()
         digest.update(f"{i}|{tuple(host.shape)}|{host.dtype};".encode())
-        digest.update(host.reshape(-1).view(torch.uint8).numpy())
+        data: Any = host.reshape(-1).view(torch.uint8).numpy()  # the buffer, no copy
+        digest.update(data)
     return digest.hexdigest()
 
 
