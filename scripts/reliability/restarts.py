@@ -175,6 +175,46 @@ def run_torchrun(
     }
 
 
+#: A 2-rank gloo job without lowcomm whose rank 1 SIGKILLs itself mid-run once: whether
+#: ``torchrun --max-restarts`` can restart a gloo job at all on this machine.
+_PROBE = """
+import os, time, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+group = dist.new_group(backend="gloo")
+attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+for i in range(60):
+    dist.all_reduce(torch.ones(1000), group=group)
+    if attempt == 0 and dist.get_rank() == 1 and i == 20:
+        os.kill(os.getpid(), 9)
+    time.sleep(0.01)
+print("restarted job finished" if attempt else "no restart", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def torchrun_restarts_work(work_dir: Path, timeout: float = 60.0) -> tuple[bool, str]:
+    """Run :data:`_PROBE` under ``torchrun --max-restarts 1``: (it recovered, output tail)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    script = work_dir / "restart_probe.py"
+    script.write_text(_PROBE)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    try:
+        proc = subprocess.run(
+            [*cmd, "--max-restarts", "1", str(script)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout}s"
+    out = proc.stdout + proc.stderr
+    ok = proc.returncode == 0 and "restarted job finished" in out
+    errors = [line for line in out.splitlines() if "Error" in line or "refused" in line]
+    return ok, "\n".join(errors[-3:])
+
+
 def _final_states(run_dir: Path, steps: int) -> list[dict[str, Any]]:
     from lowcomm import checkpoint as ckpt
 
@@ -206,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     data = work / "data"
+    probe_ok, probe_errors = torchrun_restarts_work(work / "probe")
     plain = run_torchrun(work / "uninterrupted", args.steps, [], data_dir=data, max_restarts=0)
     killed = run_torchrun(
         work / "killed", args.steps, kills, data_dir=data, max_restarts=args.kills + 1
@@ -227,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "seed": args.seed,
         "planned_kills": [{"step": s, "rank": r} for s, r in kills],
+        # Whether torchrun restarts a plain gloo job (no lowcomm) here at all.
+        "torchrun_restart_probe": {"recovered": probe_ok, "errors": probe_errors},
         "uninterrupted": plain,
         "killed": killed,
         "identical": identical,
@@ -239,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         f"restarts: {len(killed['kills'])} kill(s) at {[k['newest_checkpoint'] for k in killed['kills']]}, "
         f"{killed['resumed_from']} resume(s); final state bit-identical: {identical}"
         + (f" (differs at {differences[:5]})" if differences else "")
+        + ("" if probe_ok else "; torchrun could not restart even a plain gloo job here")
     )
     return 0 if identical else 1
 
