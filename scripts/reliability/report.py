@@ -238,6 +238,28 @@ def _restarts_section(r: dict[str, Any] | None) -> list[str]:
         f"logged; the job exited {k['returncode']} after {k['wall_s']:.0f} s (uninterrupted: "
         f"{r['uninterrupted']['wall_s']:.0f} s).",
         "",
+    ]
+    probe = r.get("torchrun_restart_probe")
+    if probe is not None:
+        out += [
+            "Probe (`torchrun_restarts_work`: a 15-line gloo job without lowcomm whose rank 1 "
+            "SIGKILLs itself once, under `--max-restarts 1`): "
+            + (
+                "recovered."
+                if probe["recovered"]
+                else f"**did not recover** ({probe['errors'] or 'no output'}): torchrun "
+                "cannot restart a gloo job on this machine, so neither can the recipe."
+            ),
+            "",
+        ]
+    if k["returncode"] != 0 or r["uninterrupted"]["returncode"] != 0:
+        return [
+            *out,
+            "Final states **not compared**: a job did not finish (exit "
+            f"{k['returncode']} with kills, {r['uninterrupted']['returncode']} without).",
+            "",
+        ]
+    out += [
         f"Final state of every rank against the uninterrupted run's, bit for bit: "
         f"**{'identical' if r['identical'] else 'DIFFERENT'}**"
         + (f" (differences: {r['differences'][:8]})" if r["differences"] else "")
