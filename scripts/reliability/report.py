@@ -275,19 +275,24 @@ def _robust_section(r: dict[str, Any] | None) -> list[str]:
     if r is None:
         return [*out, "No results yet: `python -m scripts.reliability.robust`.", ""]
     out += [
-        f"Command: `{r['command']}`. 4 peers, `--sync-clock steps --sync-every "
-        f"{r['sync_every']}`, {r['steps']} inner steps; in the attack cases one peer sends "
+        f"Command: `{r['command']}`. 4 peers, `--sync-clock {r.get('sync_clock', 'steps')} "
+        f"--round-seconds 3 --sync-every {r['sync_every']}`, {r['steps']} inner steps; in the "
+        f"attack cases one peer sends "
         f"{r['scale']:g}·|Δ| with random signs each round (inside `norm_ratio` 10). Final "
         f"loss: the honest peers' last {r['final_evals']} evaluations.",
         "",
-        "| case | aggregation | final eval loss | vs clean | refused parts (logged) |",
-        "|---|---|---|---|---|",
+        "| case | aggregation | final eval loss | vs clean | honest rounds by group size "
+        "| attacker alone | refused parts |",
+        "|---|---|---|---|---|---|---|",
     ]
     for case, c in r["cases"].items():
         gap = c.get("gap_percent")
+        sizes = c.get("honest_group_sizes", {})
+        alone = c.get("attacker_alone_rounds") if c["attack"] else None
         out.append(
             f"| {case} | {c['aggregation']} | {_fmt(c['final_loss'], 4)} | "
-            f"{'n/a' if gap is None else f'{gap:+.2f}%'} | {c['dropped_warnings']} |"
+            f"{'n/a' if gap is None else f'{gap:+.2f}%'} | {sizes} | "
+            f"{'' if alone is None else alone} | {c['dropped_warnings']} |"
         )
     return [*out, ""]
 

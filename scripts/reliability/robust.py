@@ -5,9 +5,11 @@ Run from the repository root::
     .venv/bin/python -m scripts.reliability.robust                  # every case, ~10 minutes
     .venv/bin/python -m scripts.reliability.robust --cases clean,attack-mean
 
-Each case is a swarm of 4 recipe processes on loopback (``lowcomm join ... --config tiny``,
-rounds by step count, ``--sync-clock steps``, so that every evaluation of every case comes
-after the same number of rounds). In the ``attack-*`` cases the 4th peer is the recipe with
+Each case is a swarm of 4 recipe processes on loopback (``lowcomm join ... --config tiny``)
+with ``lowcomm join``'s default rounds, wall-clock deadlines (``--sync-clock auto``), so that
+a peer slower than the others (the attacker, say) still lands in every round; under
+``--sync-clock steps`` a peer that falls one round behind is left out of every later one
+(measured: the attacker averaged alone in every round, and the attack never landed). In the ``attack-*`` cases the 4th peer is the recipe with
 one thing changed: its backend replaces each pseudo-gradient it sends by noise with 5 times
 its norm, coordinate by coordinate (``5·|Δ_i|`` with a random sign): inside the default
 ``norm_ratio`` of 10 in every slice, so only the aggregation rule can stop it. The cases:
@@ -80,14 +82,21 @@ def _byzantine(argv: list[str]) -> int:
 
 
 def run_case(
-    case: str, work_dir: Path, *, steps: int, sync_every: int, eval_every: int, timeout: float
+    case: str,
+    work_dir: Path,
+    *,
+    steps: int,
+    sync_every: int,
+    eval_every: int,
+    timeout: float,
+    sync_clock: str = "auto",
 ) -> dict[str, Any]:
     """One swarm of 4 peers until each has taken ``steps`` inner steps; its eval curves."""
     attack = case.startswith("attack")
     aggregation = case.split("-", 1)[1] if "-" in case else "mean"
     swarm = LoopbackSwarm(work_dir, run_id=f"robust-{case}-{int(time.time())}")
     options = [
-        "--config", "tiny", "--steps", str(steps), "--sync-clock", "steps",
+        "--config", "tiny", "--steps", str(steps), "--sync-clock", sync_clock,
         "--sync-every", str(sync_every), "--round-seconds", "3", "--aggregation", aggregation,
         "--wait-for-peers", "4", "--eval-every", str(eval_every), "--eval-batches", "8",
         "--log-every", str(sync_every), "--ckpt-every", "0",
@@ -114,10 +123,12 @@ def run_case(
     finally:
         swarm.close(graceful=False)
     honest = peers[:3] if attack else peers
-    curves = {}
+    curves, group_sizes = {}, []
     for p in honest:
         records, _ = read_records(p.run_dir / "metrics.jsonl")
         curves[p.name] = [[r["step"], r["eval/loss"]] for r in records if "eval/loss" in r]
+        group_sizes += [r["swarm/peers"] for r in records if "swarm/peers" in r]
+    attacker_log = work_dir / "logs" / f"{peers[3].name}.log"
     logs = "".join(
         (work_dir / "logs" / f"{p.name}.log").read_text(errors="replace") for p in honest
     )
@@ -131,6 +142,9 @@ def run_case(
         # Parts the reducers refused (norm bounds): the attack is meant to pass them.
         "dropped_warnings": logs.count("were dropped from parts of the average"),
         "alone_rounds": logs.count("averaging alone"),
+        # Did the attacker land in the honest peers' averages? Their rounds by group size.
+        "honest_group_sizes": {n: group_sizes.count(n) for n in sorted(set(group_sizes))},
+        "attacker_alone_rounds": attacker_log.read_text(errors="replace").count("averaging alone"),
     }
 
 
@@ -149,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)}")
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--sync-clock", default="auto", help="auto (deadline rounds) or steps")
     parser.add_argument("--sync-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--final-evals", type=int, default=3)
@@ -164,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m scripts.reliability.robust " + " ".join(argv),
         "steps": args.steps,
         "sync_every": args.sync_every,
+        "sync_clock": args.sync_clock,
         "scale": SCALE,
         "final_evals": args.final_evals,
         "cases": {},
@@ -177,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             sync_every=args.sync_every,
             eval_every=args.eval_every,
             timeout=args.timeout,
+            sync_clock=args.sync_clock,
         )
         out["final_loss"] = _final(out, args.final_evals)
         failed |= any(rc != 0 for rc in out["returncodes"])
