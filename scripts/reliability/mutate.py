@@ -473,12 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lowcomm-mutate-") as tmp:
         root = Path(tmp)
         env = make_copy(root)
-        for tests in sorted({m.tests for m in chosen}):
-            passed, tail = _pytest(root, env, tests, args.timeout)
-            baseline[" ".join(tests)] = passed
-            if not passed:
-                print(f"mutate: the unmutated copy fails {tests}:\n{tail}", file=sys.stderr)
-                return 2
+        # Every test the mutations use, once, on the unmutated copy: they must pass.
+        tests = tuple(sorted({t for m in chosen for t in m.tests}))
+        passed, tail = _pytest(root, env, tests, args.timeout)
+        baseline[" ".join(tests)] = passed
+        if not passed:
+            print(f"mutate: the unmutated copy fails {tests}:\n{tail}", file=sys.stderr)
+            return 2
         for m in chosen:
             out = run_mutation(m, root, env, args.timeout)
             results.append(out)
