@@ -393,6 +393,10 @@ def make_copy(root: Path) -> dict[str, str]:
             REPO / src, root / dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
     shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    # Tests that read the shipped configs by their checkout path find them here too.
+    shutil.copytree(
+        REPO / "recipes", root / "recipes", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root / "pkg"), str(root)]),

@@ -199,17 +199,20 @@ def torchrun_restarts_work(work_dir: Path, timeout: float = 60.0) -> tuple[bool,
     script.write_text(_PROBE)
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--max-restarts", "1", str(script)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # so that a hung job's workers can be killed with it
+    )
     try:
-        proc = subprocess.run(
-            [*cmd, "--max-restarts", "1", str(script)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return False, f"timed out after {timeout}s"
-    out = proc.stdout + proc.stderr
     ok = proc.returncode == 0 and "restarted job finished" in out
     errors = [line for line in out.splitlines() if "Error" in line or "refused" in line]
     return ok, "\n".join(errors[-3:])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,8 @@ def run_case(
     sync_clock: str = "auto",
 ) -> dict[str, Any]:
     """One swarm of 4 peers until each has taken ``steps`` inner steps; its eval curves."""
+    if work_dir.exists():
+        shutil.rmtree(work_dir)  # a case's files are its own run's only
     attack = case.startswith("attack")
     aggregation = case.split("-", 1)[1] if "-" in case else "mean"
     swarm = LoopbackSwarm(work_dir, run_id=f"robust-{case}-{int(time.time())}")
@@ -186,15 +189,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed = False
     for case in cases:
-        out = run_case(
-            case,
-            args.work_dir / case,
-            steps=args.steps,
-            sync_every=args.sync_every,
-            eval_every=args.eval_every,
-            timeout=args.timeout,
-            sync_clock=args.sync_clock,
-        )
+        for attempt in range(3):
+            out = run_case(
+                case,
+                args.work_dir / case,
+                steps=args.steps,
+                sync_every=args.sync_every,
+                eval_every=args.eval_every,
+                timeout=args.timeout,
+                sync_clock=args.sync_clock,
+            )
+            out["attempts"] = attempt + 1
+            # A peer that failed to start (on a loaded machine: its DHT did not come up
+            # within the 2 s a peer with its own config waits) makes the case void: again.
+            if all(rc == 0 for rc in out["returncodes"]):
+                break
         out["final_loss"] = _final(out, args.final_evals)
         failed |= any(rc != 0 for rc in out["returncodes"])
         results["cases"][case] = out
