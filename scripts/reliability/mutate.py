@@ -47,7 +47,7 @@ DILOCO = (
     "tests/test_deadlines.py",
 )
 FAULTS = ("tests/test_faults.py",)
-AGREEMENT = ("tests/test_diloco.py", "tests/test_faults.py", "tests/test_config.py")
+AGREEMENT = ("tests/test_diloco.py", "tests/test_faults.py")
 STATE = ("tests/test_diloco.py", "tests/test_checkpoint.py", "tests/test_reliability.py")
 SWARM_RULES = ("tests/test_swarm_rules.py",)
 RESYNC = ("tests/test_hivemind.py::test_resync_rule", "tests/test_swarm_rules.py")
