@@ -477,6 +477,40 @@ def evaluate(
     return total / len(batches)
 
 
+def theta_digest(tensors: list[torch.Tensor]) -> str:
+    """A digest of global parameters in model order (shapes and bytes): equal iff θ is
+    bit-identical. A checkpoint's ``shared["param.*"]`` entries, in their stored order, give
+    the same digest as the live ``DiLoCo.global_tensors()``."""
+    digest = hashlib.blake2b(digest_size=16)
+    for i, tensor in enumerate(tensors):
+        host = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{i}|{tuple(host.shape)}|{host.dtype};".encode())
+        data: Any = host.reshape(-1).view(torch.uint8).numpy()  # the buffer, no copy
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def swarm_round_metrics(diloco: DiLoCo, backend: Any) -> dict[str, Any]:
+    """What a swarm peer logs after each applied outer step (a ``swarm/version`` record in
+    ``metrics.jsonl``), so that a run's peers can be compared round by round
+    (``scripts/reliability/soak.py`` checks them): the state version, :func:`theta_digest`,
+    who was in the last average, whether this peer sat it out, the state it downloaded so
+    far, the seconds it spent blocked in averages so far, and the bound on one such wait.
+    """
+    s = diloco.stats
+    return {
+        "swarm/version": s.fragment_syncs,
+        "swarm/theta": theta_digest(diloco.global_tensors()),
+        "swarm/peer": backend.peer_id,
+        "swarm/peers": s.num_peers,
+        "swarm/sat_out": diloco.schedule.stale(0),
+        "swarm/state_bytes": backend.state_bytes,
+        "swarm/comm_s": s.comm_seconds,
+        "swarm/wait_timeout_s": backend.timeouts.wait_timeout,
+        "swarm/inner_steps": s.inner_steps,
+    }
+
+
 def allreduce_bytes(num_params: int, world_size: int, steps: int) -> int:
     """Bytes one worker sends for a ring all-reduce of fp32 gradients every step."""
     return int(2 * (world_size - 1) / world_size * 4 * num_params * steps)
@@ -618,6 +652,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     tokens_per_step = cfg.batch_size * cfg.seq_len
     ckpt_period = cfg.ckpt_every * cfg.sync_every
     last_ckpt: Path | None = None
+    logged_version = diloco.stats.fragment_syncs if diloco is not None else 0
 
     def stats() -> dict[str, Any]:
         if diloco is None:
@@ -707,6 +742,11 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
                 # Land the syncs still in flight: the final model, its evaluation, the last
                 # log line and the byte counters all include them.
                 diloco.flush()
+
+            applied = diloco.stats.fragment_syncs if diloco is not None else 0
+            if backend is not None and diloco is not None and applied != logged_version:
+                logged_version = applied
+                metrics.log(step, swarm_round_metrics(diloco, backend))
 
             if step % cfg.log_every == 0 or last:
                 now = time.perf_counter()

@@ -1,0 +1,403 @@
+"""Generate ``RELIABILITY.md`` (and its figure) from the reliability results files only.
+
+Run from the repository root::
+
+    .venv/bin/python -m scripts.reliability.report
+    .venv/bin/python -m scripts.reliability.report --results DIR --out /tmp/R.md
+
+Reads ``soak.json``, ``restarts.json``, ``robust.json`` and ``mutate.json`` from
+``benchmarks/reliability/`` (``--results``), each written by its harness in this package;
+a missing file leaves its section saying how to produce it. Every number in the document
+comes from those files; the prose is fixed text here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from scripts.reliability import REPO, RESULTS_DIR
+from scripts.reliability.soak import compare_loss
+
+__all__ = ["document", "main", "soak_figure"]
+
+FIGURE = "soak.png"
+
+
+def _load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def soak_figure(soak: dict[str, Any], path: Path) -> None:
+    """Peers over time (with the faults), and eval loss over time and against tokens,
+    for the run with faults and the one without."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    churn, clean = soak["churn"], soak.get("clean")
+    fig, axes = plt.subplots(3, 1, figsize=(10, 10))
+    ax = axes[0]
+    t = [s["t"] / 60 for s in churn["timeline"]]
+    ax.step(t, [s["running"] for s in churn["timeline"]], where="post", label="peer processes")
+    ax.step(t, [s["stopped"] for s in churn["timeline"]], where="post", label="stopped (SIGSTOP)")
+    marks = {"kill": ("x", "red"), "leave": ("v", "purple"), "join": ("^", "green")}
+    for kind, (marker, color) in marks.items():
+        at = [e["t"] / 60 for e in churn["events"] if e["kind"] == kind and "skipped" not in e]
+        ax.scatter(at, [4.4] * len(at), marker=marker, color=color, label=kind, s=18)
+    ax.set_ylabel("peers")
+    ax.set_xlabel("minutes (run with faults)")
+    ax.set_ylim(0, 4.8)
+    ax.legend(loc="lower right", ncol=5, fontsize=8)
+    ax.set_title("Churn soak: peers of the swarm, and the faults")
+    for label, run, style in (("with faults", churn, "."), ("without", clean, "+")):
+        if run is None:
+            continue
+        points = [e for evals in run["evals"].values() for e in evals]
+        axes[1].plot(
+            [e["t"] / 60 for e in points], [e["loss"] for e in points], style, ms=3, label=label
+        )
+        keep = run["survivors"] if run is churn else list(run["evals"])
+        pts = sorted((e["tokens"], e["loss"]) for n in keep for e in run["evals"][n])
+        axes[2].plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=label)
+    axes[1].set_xlabel("minutes")
+    axes[1].set_ylabel("eval loss (every peer)")
+    axes[2].set_xlabel("tokens per peer")
+    axes[2].set_ylabel("eval loss (survivors)")
+    for ax in axes[1:]:
+        ax.set_ylim(top=3.0)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _soak_section(soak: dict[str, Any] | None) -> list[str]:
+    out = ["## Churn soak", ""]
+    if soak is None:
+        return [*out, "No results yet: `python -m scripts.reliability.soak`.", ""]
+    churn, clean, s = soak["churn"], soak.get("clean"), soak["settings"]
+    counts = churn["event_counts"]
+    out += [
+        f"Command: `{soak['command']}` ({soak['wall_s'] / 60:.0f} minutes of wall time).",
+        "",
+        f"{s['num_peers']} peers of the tiny model (`--config tiny --sync-every "
+        f"{s['sync_every']} --round-seconds {s['round_seconds']}`) over the hivemind backend "
+        f"on loopback, each a `lowcomm join` process; later joiners join by address alone. "
+        f"Rounds are `lowcomm join`'s default, `sync_clock=auto`: wall-clock deadline rounds "
+        f"every {s['round_seconds']} s; a peer that missed a round sits the next one out "
+        f"(weight 0) and downloads the swarm's state. {s['duration'] / 60:.0f} minutes of "
+        f"faults drawn from seed {s['seed']} (`scripts/reliability/events.py`), then "
+        + (
+            f"{clean['duration'] / 60:.0f} minutes of the same swarm without faults."
+            if clean
+            else "no run without faults."
+        ),
+        "",
+        "| events | kill | leave | join | stall | skipped |",
+        "|---|---|---|---|---|---|",
+        f"| {sum(counts.values())} | {counts.get('kill', 0)} | {counts.get('leave', 0)} | "
+        f"{counts.get('join', 0)} | {counts.get('stall', 0)} | {churn['skipped_events']} |",
+        "",
+    ]
+    kinds = Counter(v["kind"] for v in churn["violations"])
+    clean_kinds = Counter(v["kind"] for v in clean["violations"]) if clean else Counter()
+    names = [
+        ("diverged", "θ differs from the swarm's and not back within "
+         f"{s['recover_rounds']} rounds"),
+        ("regressed", "a peer went back to an older state version (rounds lost)"),
+        ("stalled", "a round blocked past its bound (SwarmTimeouts.wait_timeout)"),
+        ("no_progress", "a running peer without a round for too long"),
+        ("exited", "a peer exited by itself"),
+        ("leave_hung", "no exit within 60 s of SIGTERM"),
+        ("orphans", "a killed peer's children outlived it"),
+        ("checkpoint", "a killed peer's last checkpoint does not load"),
+    ]  # fmt: skip
+    out += [
+        "### Invariants",
+        "",
+        "| invariant | violations with faults | without |",
+        "|---|---|---|",
+        *[
+            f"| `{k}`: {why} | {kinds.get(k, 0)} | {clean_kinds.get(k, 0) if clean else 'n/a'} |"
+            for k, why in names
+        ],
+        "",
+    ]
+    incidents = sorted({v["peer"] for v in churn["violations"]})
+    if incidents:
+        out += [
+            f"Peers with violations (with faults): {len(incidents)}: {', '.join(incidents)}.",
+            "",
+        ]
+    shown = churn["violations"][:12]
+    if shown:
+        out += ["Violations (first 12, with faults):", ""]
+        out += [f"- `{v['kind']}` {v['peer']} v{v['version']}: {v['detail']}" for v in shown]
+        out.append("")
+    live = sum(1 for v in churn["live_violations"])
+    out += [
+        f"Found live (while the run went on): {live} of {len(churn['violations'])}.",
+        "",
+        "### Rounds",
+        "",
+    ]
+    lags = {int(k): v for k, v in churn["recovery_lags"].items()}
+    out += [
+        f"- {churn['num_rounds']} state versions (rounds) with faults, {churn['records']} "
+        f"per-peer round records; {churn['rounds_all_agree']} rounds in which every record "
+        f"holds the same θ.",
+        f"- Who averaged: records by the number of contributing peers in their round's "
+        f"average: {dict(sorted(Counter(g for r in churn['rounds'] for g in r['group_sizes']).items()))}"
+        f"; records of a peer that sat its round out (stale, weight 0): "
+        f"{sum(len(r['sat_out']) for r in churn['rounds'])}.",
+        f"- Records that disagreed with the swarm's θ, by the peer's rounds until it agreed "
+        f"again: {dict(sorted(lags.items())) or 'none'}.",
+        f"- State downloads: {churn['downloads']} with faults"
+        + (f", {clean['downloads']} without ({clean['num_rounds']} rounds)" if clean else "")
+        + ".",
+    ]
+    blocked = churn["blocked_s"]
+    if blocked:
+        bound = churn["wait_bound_s"]
+        out.append(
+            f"- Seconds blocked in a round's average: median {statistics.median(blocked):.2f}, "
+            f"99th percentile {_pct(blocked, 0.99):.2f}, max {max(blocked):.2f}; the bound "
+            f"each peer logged (matchmaking + averaging timeout + 10 s, from its measured "
+            f"round) was {bound[0]:.1f} to {bound[1]:.1f} s."
+        )
+    stalls = churn["stall_seconds"]
+    if stalls:
+        out.append(
+            f"- SIGSTOP stalls: {len(stalls)}, {min(stalls):.1f} to {max(stalls):.1f} s "
+            f"(median {statistics.median(stalls):.1f})."
+        )
+    leaves = [p["leave_s"] for p in churn["peers"] if p["cause"] == "leave" and p["leave_s"]]
+    if leaves:
+        out.append(
+            f"- Graceful leaves took {min(leaves):.1f} to {max(leaves):.1f} s from SIGTERM to exit."
+        )
+    ck = churn["checkpoints"]
+    out += [
+        f"- Killed peers: {len(ck)}; newest checkpoint verifies and loads: "
+        f"{sum(1 for c in ck if c['ok'] and c['checkpoint'])}; holds the θ the peer logged: "
+        f"{sum(1 for c in ck if c.get('matches_log'))}; killed before its first checkpoint: "
+        f"{sum(1 for c in ck if c['checkpoint'] is None)}; killed while writing one (newest "
+        f"incomplete, the previous one used): {sum(1 for c in ck if c['newest_incomplete'])}.",
+        "",
+    ]
+    loss = None
+    if clean is not None:
+        # From the stored evaluations, by the soak's own rule (so the two always agree).
+        loss = compare_loss(churn, clean)
+        if loss["x_percent"] is None:
+            loss = compare_loss(churn, clean, survivors=False)
+    if loss and loss.get("x_percent") is not None:
+        lo, hi = loss["tokens"]
+        who = "Survivors'" if loss["survivors"] else "Every peer's"
+        out += [
+            "### Loss",
+            "",
+            f"{who} eval loss against tokens, "
+            f"over the last 10% of the tokens both runs "
+            f"reached ({lo:,.0f} to {hi:,.0f} tokens per peer): {loss['churn_loss']:.4f} with "
+            f"faults ({loss['churn_points']} evaluations) against {loss['clean_loss']:.4f} "
+            f"without ({loss['clean_points']}): **x = {loss['x_percent']:+.2f}%**.",
+            "",
+        ]
+    out += [f"![peers and loss over time]({RESULTS_DIR.relative_to(REPO) / FIGURE})", ""]
+    return out
+
+
+def _restarts_section(r: dict[str, Any] | None) -> list[str]:
+    out = ["## torchrun restarts", ""]
+    if r is None:
+        return [*out, "No results yet: `python -m scripts.reliability.restarts`.", ""]
+    k = r["killed"]
+    at = ", ".join(f"{x['newest_checkpoint']} (rank {x['rank']})" for x in k["kills"])
+    out += [
+        f"Command: `{r['command']}`: `{k['command']}`.",
+        "",
+        f"{len(k['kills'])} SIGKILLs of a rank, each once the newest complete checkpoint "
+        f"reached a seeded step (at checkpoint steps {at}); {k['resumed_from']} resumes "
+        f"logged; the job exited {k['returncode']} after {k['wall_s']:.0f} s (uninterrupted: "
+        f"{r['uninterrupted']['wall_s']:.0f} s).",
+        "",
+    ]
+    probe = r.get("torchrun_restart_probe")
+    if probe is not None:
+        out += [
+            "Probe (`torchrun_restarts_work`: a 15-line gloo job without lowcomm whose rank 1 "
+            "SIGKILLs itself once, under `--max-restarts 1`): "
+            + (
+                "recovered."
+                if probe["recovered"]
+                else f"**did not recover** ({probe['errors'] or 'no output'}): torchrun "
+                "cannot restart a gloo job on this machine, so neither can the recipe."
+            ),
+            "",
+        ]
+    if k["returncode"] != 0 or r["uninterrupted"]["returncode"] != 0:
+        return [
+            *out,
+            "Final states **not compared**: a job did not finish (exit "
+            f"{k['returncode']} with kills, {r['uninterrupted']['returncode']} without).",
+            "",
+        ]
+    out += [
+        f"Final state of every rank against the uninterrupted run's, bit for bit: "
+        f"**{'identical' if r['identical'] else 'DIFFERENT'}**"
+        + (f" (differences: {r['differences'][:8]})" if r["differences"] else "")
+        + f"; wire counters and timings that differ (allowed): "
+        f"{len(r['volatile_differences'])}.",
+        "",
+    ]
+    return out
+
+
+def _robust_section(r: dict[str, Any] | None) -> list[str]:
+    out = ["## Robust aggregation", ""]
+    if r is None:
+        return [*out, "No results yet: `python -m scripts.reliability.robust`.", ""]
+    out += [
+        f"Command: `{r['command']}`. 4 peers, `--sync-clock {r.get('sync_clock', 'steps')} "
+        f"--round-seconds 3 --sync-every {r['sync_every']}`, {r['steps']} inner steps; in the "
+        f"attack cases one peer sends "
+        f"{r['scale']:g}·|Δ| with random signs each round (inside `norm_ratio` 10). Final "
+        f"loss: the honest peers' last {r['final_evals']} evaluations.",
+        "",
+        "| case | aggregation | final eval loss | vs clean | honest rounds by group size "
+        "| attacker alone | refused parts |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case, c in r["cases"].items():
+        gap = c.get("gap_percent")
+        sizes = c.get("honest_group_sizes", {})
+        alone = c.get("attacker_alone_rounds") if c["attack"] else None
+        out.append(
+            f"| {case} | {c['aggregation']} | {_fmt(c['final_loss'], 4)} | "
+            f"{'n/a' if gap is None else f'{gap:+.2f}%'} | {sizes} | "
+            f"{'' if alone is None else alone} | {c['dropped_warnings']} |"
+        )
+    return [*out, ""]
+
+
+def _mutate_section(r: dict[str, Any] | None) -> list[str]:
+    out = ["## Mutations", ""]
+    if r is None:
+        return [*out, "No results yet: `python -m scripts.reliability.mutate`.", ""]
+    rate = r["kill_rate"]
+    out += [
+        f"Command: `{r['command']}`. Kill rate: **{r['killed']} of {r['judged']}"
+        f"{'' if rate is None else f' ({100 * rate:.0f}%)'}**.",
+        "",
+        "| mutation | file | issue #11 | outcome | killed by |",
+        "|---|---|---|---|---|",
+    ]
+    for m in r["mutations"]:
+        by = "; ".join(b.replace("FAILED ", "").split(" - ")[0] for b in m.get("by", []))[:90]
+        out.append(
+            f"| {m['name']} | `{m['path']}` | {'yes' if m.get('issue') else ''} | "
+            f"{m['outcome']} | {by} |"
+        )
+    return [*out, ""]
+
+
+def _findings_section(soak: dict[str, Any] | None) -> list[str]:
+    """What the soak's violations come from: the library bugs behind them, each with the
+    strict-xfail test in ``tests/test_reliability.py`` that fails until it is fixed."""
+    if soak is None:
+        return []
+    churn, clean = soak["churn"], soak.get("clean")
+    kinds = Counter(v["kind"] for v in churn["violations"])
+    per_round = (
+        f"{clean['downloads']} state downloads in {clean['num_rounds']} rounds of the run "
+        "without faults"
+        if clean
+        else f"{churn['downloads']} state downloads in {churn['num_rounds']} rounds"
+    )
+    return [
+        "## What the violations come from",
+        "",
+        "Each is a library bug with a test that fails until it is fixed (strict xfails in "
+        "`tests/test_reliability.py`):",
+        "",
+        "1. `test_peers_with_one_state_but_other_inner_step_counts_do_not_resync`: the swarm "
+        "digest covers `meta.inner_steps`, which differs between peers on deadline rounds, so "
+        f"every peer but one downloads the swarm's state after every round ({per_round}). "
+        "It also leaves joiners without a state that a quorum holds: the `diverged` joiners "
+        "above (version 1, 2, ... while the swarm was past 200) started from their own "
+        "initial θ and averaged with the swarm, at full weight, for several rounds (deadline "
+        "rounds group peers by the clock, whatever their state version).",
+        "2. `test_two_peers_never_plan_to_download_each_others_state`: a peer that trained "
+        "on while another was stopped, and the stopped one, which woke, sat its round out "
+        "and stepped its stale θ, each plan to download the other's state; the one ahead "
+        f"lost its rounds (`regressed`: {kinds.get('regressed', 0)}).",
+        "3. `test_joining_survives_one_slow_dht_read`: a joiner whose DHT read at join takes "
+        "over 5 s dies with a bare `TimeoutError` from `check_consistent` (2 of the "
+        f"{kinds.get('exited', 0)} `exited`; the third: a joiner whose main process was "
+        "stopped while it started hivemind's DHT died in torch's shared memory, "
+        "`RuntimeError: No such file or directory`).",
+        "4. `test_a_peer_with_its_own_config_gives_its_dht_client_time_to_start`: a peer "
+        "started with its own config gives the DHT client that looks for the run's config "
+        "2 s to start; on a loaded machine every peer of a robust-aggregation case died with "
+        "`the hivemind DHT did not start within 2s` (the harness retries such a case).",
+        "",
+    ]
+
+
+def document(results: Path) -> str:
+    """The text of ``RELIABILITY.md`` from the results files in ``results``."""
+    lines = [
+        "# Reliability",
+        "",
+        "Generated by `python -m scripts.reliability.report` from the results files in "
+        f"`{results.relative_to(REPO) if results.is_relative_to(REPO) else results}/`; each "
+        "section names the command that wrote its file. Faults are forced (signals at seeded "
+        "times or at observed progress), never left to chance; the invariants are checked "
+        "by `scripts/reliability/invariants.py`.",
+        "",
+    ]
+    soak = _load(results, "soak.json")
+    lines += _soak_section(soak)
+    lines += _findings_section(soak)
+    lines += _restarts_section(_load(results, "restarts.json"))
+    lines += _robust_section(_load(results, "robust.json"))
+    lines += _mutate_section(_load(results, "mutate.json"))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the document (and the soak's figure, when there are soak results)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.reliability.report", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=REPO / "RELIABILITY.md")
+    args = parser.parse_args(argv)
+    results = args.results.resolve()
+    soak = _load(results, "soak.json")
+    if soak is not None:
+        soak_figure(soak, results / FIGURE)
+    args.out.write_text(document(results))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
