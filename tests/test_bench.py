@@ -82,9 +82,27 @@ def test_method_grammar() -> None:
         load_config([f"--{k}={v}" for k, v in opts.items()] + ["--steps=100"])
 
 
+def test_eager_and_delayed_are_overlap_modes_the_recipe_takes() -> None:
+    from lowcomm.config import load_config
+
+    e = parse_method("diloco-int8-eager-h25")
+    assert e.name == "diloco-h25-eager-int8" and e.options["overlap_mode"] == "eager"
+    assert e.options["overlap_steps"] == 0 and "eager" in e.label
+    # Streaming's default one-step overlap is mix mode's: eager streaming overlaps a period.
+    s = parse_method("streaming-p4-h100-eager")
+    assert s.name == "streaming-p4-h100-eager" and s.options["overlap_steps"] == 0
+    assert parse_method("diloco-h25-delayed").options["overlap_mode"] == "delayed"
+    # Mix-mode methods keep their options (and so their cached results' keys).
+    assert "overlap_mode" not in parse_method("streaming-p4-h20").options
+    for m in (e, s):
+        cfg = load_config([f"--{k}={v}" for k, v in m.options.items()] + ["--steps=100"])
+        assert cfg.overlap_mode == "eager"
+
+
 @pytest.mark.parametrize(
     ("name", "rule"),
     [
+        ("diloco-h25-o1-eager", "takes no o<tau>"),
         ("sgd", "kind"),
         ("ddp-h20", "takes no options"),
         ("diloco-h20-zip", "unknown token"),
