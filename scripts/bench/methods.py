@@ -43,17 +43,33 @@ class Method:
         return self.options.get("backend") == "hivemind"
 
     @property
+    def peer(self) -> str | None:
+        """The peer library (``torchft``, ``hivemind``) that runs this method, or None for
+        lowcomm's recipe."""
+        value = self.options.get("peer")
+        return None if value is None else str(value)
+
+    @property
     def sync_every(self) -> int | None:
         """H, or None for DP and local training."""
         value = self.options.get("sync_every")
         return None if value is None else int(value)
 
 
+#: The peer libraries' optimizers (:mod:`scripts.bench.peers`), by method kind.
+PEER_LABELS = {
+    "torchft": "torchft DiLoCo",
+    "hivemind": "hivemind Optimizer (local updates)",
+}
+
+
 def parse_method(name: str) -> Method:
     """Build a :class:`Method` from its name.
 
     Grammar: a kind (``ddp``, ``local``, ``diloco``, ``streaming``, or ``swarm``: DiLoCo over
-    the hivemind backend, every worker a peer found through a bootstrap DHT), then for the
+    the hivemind backend, every worker a peer found through a bootstrap DHT; or a peer
+    library's optimizer on the same task, ``torchft-h<H>`` (torchft's DiLoCo) or
+    ``hivemind-h<H>`` (hivemind's Optimizer averaging about every H steps)), then for the
     DiLoCo kinds
     any of ``h<H>`` (sync_every, default 20), ``p<P>`` (fragments; streaming default 4),
     ``o<tau>`` (overlap_steps; streaming default 1), ``eager`` or ``delayed`` (the overlap
@@ -73,10 +89,19 @@ def parse_method(name: str) -> Method:
             raise ValueError(f"method {name!r}: {kind} takes no options (got {tokens[1:]})")
         label = "DP (DDP, all-reduce every step)" if kind == "ddp" else "local (no communication)"
         return Method(kind, (("mode", kind),), label)
+    if kind in PEER_LABELS:
+        h = 20
+        for tok in tokens[1:]:
+            if not (m := re.fullmatch(r"h(\d+)", tok)) or int(m.group(1)) < 1:
+                raise ValueError(f"method {name!r}: {kind} takes only h<H> (got {tok!r})")
+            h = int(m.group(1))
+        options = (("mode", "peer"), ("peer", kind), ("sync_every", h))
+        return Method(f"{kind}-h{h}", options, f"{PEER_LABELS[kind]} H={h} (peer)")
     if kind not in ("diloco", "streaming", "swarm"):
         raise ValueError(
             f"method {name!r}: kind {kind!r} must be one of ddp, local, diloco, streaming, "
-            "swarm (e.g. diloco-h20-int8, streaming-p4-h20, diloco-h20-topk0.01-ef, swarm-h20)"
+            "swarm, torchft, hivemind (e.g. diloco-h20-int8, streaming-p4-h20, "
+            "diloco-h20-topk0.01-ef, swarm-h20, torchft-h25)"
         )
     h, p = 20, (4 if kind == "streaming" else 1)
     tau: int | None = None

@@ -163,7 +163,10 @@ def _settings(res: dict[str, Any]) -> str:
         ["seeds", ", ".join(map(str, s["seeds"]))],
         ["device / threads per worker", f"{s['device']} / {s['threads_per_worker']}"],
         ["throughput runs", f"{s['throughput_steps']} steps each at {', '.join(s['rates'])}; "
-                            f"passes per link: {s.get('throughput_repeats', 1)}"],
+                            f"passes: {s.get('throughput_repeats', 1)}"
+                            + (f"; DP under shaped links: steps for "
+                               f"{s['throughput_seconds']:g} s of all-reduce"
+                               if s.get("throughput_seconds") else "")],
     ]  # fmt: skip
     return table(["setting", "value"], rows)
 
@@ -281,6 +284,16 @@ def _gap(res: dict[str, Any], max_rows: int = 12) -> str:
     return table(["step", "DP loss"] + [f"{q[n]['label']}" for n in names], rows)
 
 
+def _spread(stat: dict[str, Any] | None, fmt: str) -> str:
+    """``median [min–max] (n)`` of a :func:`~scripts.bench.aggregate.median_spread` dict."""
+    if not stat or stat.get("median") is None:
+        return "n/a"
+    text = format(stat["median"], fmt)
+    if stat["n"] > 1:
+        text += f" [{format(stat['min'], fmt)}–{format(stat['max'], fmt)}]"
+    return text
+
+
 def _throughput(res: dict[str, Any]) -> str:
     blocks = res["aggregate"]["throughput"]
     if not blocks:
@@ -290,20 +303,48 @@ def _throughput(res: dict[str, Any]) -> str:
         ceil_runs = ", ".join(fmt_num(c, ".4g") for c in b["ceiling_runs"])
         rows.append(
             [rate, "ceiling (`local`, no communication)", fmt_num(b["ceiling_tokens_per_s"], ".4g"),
-             "1.000", "", ceil_runs]
+             "1", "0", ceil_runs]
         )  # fmt: skip
         for t in b["methods"].values():
-            comm = t.get("comm_seconds")
             every = ", ".join(fmt_num(x, ".4g") for x in t.get("tokens_per_s_runs", []))
+            blocked = _spread(t["blocked"], ".3f")
+            if t["blocked"]["n"] and t["blocked_source"] != "workers":
+                blocked += " (rank 0)"
             rows.append(
-                [rate, t["label"], fmt_num(t["tokens_per_s"], ".4g"),
-                 fmt_num(t["ratio_to_ceiling"], ".3f"),
-                 f"{comm:.2f} s" if comm is not None else "", every]
+                [rate, t["label"], fmt_num(t["tokens_per_s"], ".4g"), _spread(t["ratio"], ".3f"),
+                 blocked, every]
             )  # fmt: skip
     header = [
-        "link", "method", "tokens/s (fastest pass)", "÷ ceiling",
-        "blocked on comm (rank 0, fastest pass)", "tokens/s of every pass",
+        "link", "method", "tokens/s (median)", "÷ ceiling: median [min–max]",
+        "blocked on communication: median [min–max]", "tokens/s of every pass",
     ]  # fmt: skip
+    return table(header, rows)
+
+
+#: The columns of the time-breakdown table: (lane, span kind).
+_TIME_COLUMNS = (
+    ("train", "compute"), ("train", "prepare"), ("train", "wait"), ("train", "apply"),
+    ("comm", "encode"), ("comm", "wire"), ("comm", "decode"),
+)  # fmt: skip
+
+
+def _time_breakdown(res: dict[str, Any]) -> str:
+    rows = []
+    for rate, b in res["aggregate"]["throughput"].items():
+        for t in b["methods"].values():
+            f = t.get("time_fractions")
+            if not f:
+                continue
+            rows.append(
+                [rate, t["label"]]
+                + [
+                    f"{100 * f[lane][kind]:.1f}%" if kind in f.get(lane, {}) else ""
+                    for lane, kind in _TIME_COLUMNS
+                ]
+            )
+    if not rows:
+        return "No timelines were recorded in these runs."
+    header = ["link", "method"] + [f"{lane}: {kind}" for lane, kind in _TIME_COLUMNS]
     return table(header, rows)
 
 
@@ -398,7 +439,10 @@ def _plots(res: dict[str, Any], res_dir: Path, doc_dir: Path) -> str:
         "loss_vs_tokens": "Eval loss vs training tokens (mean ± std over seeds)",
         "loss_vs_bytes": "Eval loss vs bytes sent per worker (log scale)",
         "loss_gap": "Eval loss / DP eval loss vs steps (paired by seed)",
-        "throughput_vs_rate": "tokens/s ÷ ceiling vs link rate",
+        "throughput_vs_rate": "tokens/s ÷ ceiling vs link rate (median over passes, bars: "
+        "smallest to largest)",
+        "timelines": "Timelines of the workers (median pass): what each thread did, second by "
+        "second, around a sync",
     }
     out = []
     for key, name in (res.get("plots") or {}).items():
@@ -445,10 +489,29 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "upload and download), via `scripts.bench.wansim`; `loopback` runs without namespaces. "
         "tokens/s runs from the end of the step-0 evaluation to the last step's log record "
         "(every step of the run, no evaluation inside), counting every worker's tokens. "
-        "Each link's runs (the ceiling first, then every method) are repeated in passes and "
-        "each cell shows its fastest pass: other processes only ever slow a run down, so the "
-        "fastest is the least disturbed; every pass is listed.",
+        "The runs are repeated in passes. In a pass, each method runs at every link between two "
+        "ceiling runs, and each of its runs is divided by the mean of those two; each cell "
+        "shows the median of these paired ratios over passes, with the smallest and largest "
+        "in brackets (runs recorded by the older plan, which ran the ceiling first at each "
+        "link, are divided by the ceiling runs of their pass and link). tokens/s of every pass "
+        "are listed. **Blocked on communication** is the fraction of each worker's training "
+        "window its training loop spent waiting for communication (lowcomm: "
+        "`DiLoCo.stats.comm_seconds`, every wait and hand-off; DP: backward's wait for the "
+        "all-reduce after its last gradient bucket was launched), the mean over workers; "
+        "other processes on the machine slow every step, which moves tokens/s, but waiting "
+        "grows only when communication is not hidden. Cells marked (rank 0) come from runs "
+        "recorded before every worker wrote its own: rank 0's seconds.",
         _throughput(res),
+        "#### Where the time goes",
+        "From the workers' timelines (`LOWCOMM_TIMELINE`, `lowcomm.comm.timeline`) of each "
+        "cell's median pass: the share of the training window each span kind took, the mean "
+        "over workers, each instant counted once (a wait inside a sync's start counts as "
+        "wait). `train` is the training loop: compute (forward, backward, inner step), "
+        "prepare (pseudo-gradient, error feedback, hand-off), wait, apply (outer step, merge); "
+        "`comm` is lowcomm's comm thread: encode, wire (inside a collective), decode (and sum). "
+        "The comm thread's shares overlap the training loop's; on a machine with fewer cores "
+        "than threads, they also compete for the same cores.",
+        _time_breakdown(res),
         "#### Bytes on the wire: interface counters beside the library's counters",
         "Host 0's veth counters against rank 0's library counter over the same window: from "
         "the first training log record (after the start-up: the rendezvous and the parameter "
