@@ -714,6 +714,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             if step == cfg.steps and diloco is not None:
                 # Land the syncs still in flight: the final model, its evaluation, the last
                 # log line and the byte counters all include them.
+                window["blocked_before_flush"] = blocked_seconds()
                 diloco.flush()
             if step == cfg.steps:
                 window.update(end=time.time(), blocked_at_end=blocked_seconds())
@@ -817,7 +818,8 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
 
 def write_worker_record(run_dir: Path, rank: int, window: dict[str, float]) -> None:
     """``run_dir/worker<rank>.json``: this worker's training window (wall-clock ``start`` and
-    ``end``, first step to last) and the seconds its loop was blocked on communication in it.
+    ``end``, first step to last) and the seconds its loop was blocked on communication in it,
+    ``flush_seconds`` of them after the last step (landing the syncs still in flight).
 
     Every rank writes its own, so a benchmark can report each worker's blocked fraction:
     other processes on the machine slow every step alike, which moves tokens/s, while the
@@ -825,6 +827,9 @@ def write_worker_record(run_dir: Path, rank: int, window: dict[str, float]) -> N
     """
     seconds = window["end"] - window["start"]
     blocked = window["blocked_at_end"] - window["blocked_at_start"]
+    flushed = window["blocked_at_end"] - window.get(
+        "blocked_before_flush", window["blocked_at_end"]
+    )
     record = {
         "rank": rank,
         "start": window["start"],
@@ -832,6 +837,9 @@ def write_worker_record(run_dir: Path, rank: int, window: dict[str, float]) -> N
         "train_seconds": seconds,
         "blocked_seconds": blocked,
         "blocked_fraction": blocked / seconds if seconds > 0 else None,
+        # Of those, the wait for what was still in flight after the last step (flush()):
+        # a cost per run, not per step, which a longer run spreads thinner.
+        "flush_seconds": flushed,
     }
     ckpt.atomic_write_bytes(run_dir / f"worker{rank}.json", json.dumps(record).encode())
 

@@ -405,7 +405,7 @@ def test_timeline_breakdown_counts_each_instant_once() -> None:
 
 def test_report_shows_medians_spreads_blocked_fractions_and_the_timeline(tmp_path: Path) -> None:
     c = suite.CEILING
-    w = [{"rank": 0, "blocked_fraction": 0.125, "train_seconds": 10.0,
+    w = [{"rank": 0, "blocked_fraction": 0.125, "train_seconds": 10.0, "flush_seconds": 0.5,
           "seconds_by_kind": {"train": {"compute": 9.0, "wait": 1.0}, "comm": {"wire": 4.0}}}]  # fmt: skip
     runs = [
         _tput("local", c, 100.0, 0, 0), _tput("diloco-h25-eager", "20mbit", 96.0, 0, 1, workers=w, blocked_fraction=0.125),
@@ -421,7 +421,8 @@ def test_report_shows_medians_spreads_blocked_fractions_and_the_timeline(tmp_pat
                "aggregate": {"throughput": agg, "timelines": [cut]}}  # fmt: skip
     text = report._throughput(results)
     assert (
-        "| 20mbit | DiLoCo H=25 eager | 93.5 | 0.935 [0.910–0.960] | 0.188 [0.125–0.250] |" in text
+        "| 20mbit | DiLoCo H=25 eager | 93.5 | 0.935 [0.910–0.960] | 0.188 [0.125–0.250] "
+        "| 0.050 [0.050–0.050] |" in text
     )
     assert (
         "| 20mbit | DiLoCo H=25 eager | 90.0% |  | 10.0% |  |  | 40.0% |  |"

@@ -428,6 +428,7 @@ def test_every_worker_records_its_window_and_timeline(
     assert worker["rank"] == 0 and worker["end"] > worker["start"]
     assert worker["train_seconds"] == pytest.approx(worker["end"] - worker["start"])
     assert worker["blocked_seconds"] == pytest.approx(summary["comm_seconds"])
+    assert 0 <= worker["flush_seconds"] <= worker["blocked_seconds"]
     assert worker["blocked_fraction"] == pytest.approx(
         worker["blocked_seconds"] / worker["train_seconds"]
     )

@@ -129,6 +129,17 @@ def run_blocked_fraction(run: dict[str, Any]) -> float | None:
     return None
 
 
+def run_flush_fraction(run: dict[str, Any]) -> float | None:
+    """Of the run's blocked fraction, the part spent landing what was still in flight after
+    the last step (the mean over workers); None for runs without it recorded."""
+    parts = [
+        w["flush_seconds"] / w["train_seconds"]
+        for w in run.get("workers") or []
+        if w.get("flush_seconds") is not None and w.get("train_seconds")
+    ]
+    return statistics.fmean(parts) if parts else None
+
+
 def time_fractions(run: dict[str, Any]) -> dict[str, dict[str, float]] | None:
     """Per lane (``train``, ``comm``) and span kind: the fraction of the training window it
     took, the mean over the run's workers (from their timelines); None without timelines."""
@@ -173,6 +184,7 @@ def aggregate_throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
             blocked = median_spread(
                 [b for b in (run_blocked_fraction(r) for r in rs) if b is not None]
             )
+            flush = median_spread([f for f in (run_flush_fraction(r) for r in rs) if f is not None])
             # Older records have rank 0's comm_seconds only (and none for DP).
             source = "workers" if all(r.get("workers") for r in rs) else "rank 0"
             # The run of the median pass: its details (bytes, timeline) stand for the cell.
@@ -193,6 +205,7 @@ def aggregate_throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "blocked_fraction": blocked["median"],
                 "blocked": blocked,
                 "blocked_source": source,
+                "blocked_in_flush": flush,
                 "blocked_per_worker": [w.get("blocked_fraction") for w in r.get("workers") or []]
                 or None,
                 "time_fractions": time_fractions(r),

@@ -303,7 +303,7 @@ def _throughput(res: dict[str, Any]) -> str:
         ceil_runs = ", ".join(fmt_num(c, ".4g") for c in b["ceiling_runs"])
         rows.append(
             [rate, "ceiling (`local`, no communication)", fmt_num(b["ceiling_tokens_per_s"], ".4g"),
-             "1", "0", ceil_runs]
+             "1", "0", "", ceil_runs]
         )  # fmt: skip
         for t in b["methods"].values():
             every = ", ".join(fmt_num(x, ".4g") for x in t.get("tokens_per_s_runs", []))
@@ -312,11 +312,12 @@ def _throughput(res: dict[str, Any]) -> str:
                 blocked += " (rank 0)"
             rows.append(
                 [rate, t["label"], fmt_num(t["tokens_per_s"], ".4g"), _spread(t["ratio"], ".3f"),
-                 blocked, every]
+                 blocked, _spread(t.get("blocked_in_flush"), ".3f"), every]
             )  # fmt: skip
     header = [
         "link", "method", "tokens/s (median)", "÷ ceiling: median [min–max]",
-        "blocked on communication: median [min–max]", "tokens/s of every pass",
+        "blocked on communication: median [min–max]", "of which after the last step",
+        "tokens/s of every pass",
     ]  # fmt: skip
     return table(header, rows)
 
@@ -500,7 +501,11 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "all-reduce after its last gradient bucket was launched), the mean over workers; "
         "other processes on the machine slow every step, which moves tokens/s, but waiting "
         "grows only when communication is not hidden. Cells marked (rank 0) come from runs "
-        "recorded before every worker wrote its own: rank 0's seconds.",
+        "recorded before every worker wrote its own: rank 0's seconds. **After the last "
+        "step** is the part of it spent landing what was still in flight when training ended "
+        "(`DiLoCo.flush()`, a peer's `finish()`): paid once per run, so a run of this length "
+        "shows it and a longer run spreads it thinner; it also holds the wait of a worker "
+        "that finished first for the others.",
         _throughput(res),
         "#### Where the time goes",
         "From the workers' timelines (`LOWCOMM_TIMELINE`, `lowcomm.comm.timeline`) of each "

@@ -446,6 +446,7 @@ def worker_records(run_dir: Path, workers: int, swarm: bool) -> list[dict[str, A
                 "train_seconds": w["train_seconds"],
                 "blocked_seconds": w["blocked_seconds"],
                 "blocked_fraction": w["blocked_fraction"],
+                "flush_seconds": w.get("flush_seconds"),
                 "seconds_by_kind": breakdown(spans, w["start"], w["end"]) if spans else None,
             }
         )

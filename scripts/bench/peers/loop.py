@@ -242,7 +242,11 @@ def train(worker: Worker, cfg: TrainConfig, threads: int, factory: PeerFactory) 
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"rank {rank}: loss {loss.item()} at step {step}")
             maybe_eval(step + 1, t0)
-        opt.finish()
+        t_finish = time.perf_counter()
+        opt.finish()  # lands what is still in flight: blocked, as lowcomm's flush() is
+        flushed = time.perf_counter() - t_finish
+        blocked += flushed
+        TIMELINE.add("wait", t_finish, t_finish + flushed)
         wall = time.perf_counter() - t0
         window_end = time.time()
         seconds = window_end - window_start - (eval_s - evals_before)
@@ -262,6 +266,7 @@ def train(worker: Worker, cfg: TrainConfig, threads: int, factory: PeerFactory) 
             "train_seconds": seconds,
             "blocked_seconds": blocked,
             "blocked_fraction": blocked / seconds if seconds > 0 else None,
+            "flush_seconds": flushed,
         },
         **result,
         "params": params,
