@@ -403,6 +403,36 @@ def test_timeline_breakdown_counts_each_instant_once() -> None:
     assert all(0.0 <= s["start"] <= s["end"] <= 1.0 for s in cut["workers"][0])
 
 
+def test_waiting_for_a_later_worker_is_told_apart_from_waiting_for_the_wire() -> None:
+    def worker(launches: list[float], waits: list[tuple[float, float]]) -> list[dict[str, Any]]:
+        # As with overlap_steps=0: the wait for the average lies inside the sync's start.
+        spans = [
+            {"kind": "prepare", "thread": "MainThread", "start": t, "end": t + 2.6}
+            for t in launches
+        ]
+        spans += [{"kind": "wait", "thread": "MainThread", "start": a, "end": b} for a, b in waits]
+        spans += [
+            {"kind": "wire", "thread": "lowcomm-comm_0", "start": t, "end": t + 3.0}
+            for t in launches
+        ]
+        return spans
+
+    # Worker 0 starts each sync 2 s before worker 1 and waits 2.5 s for it; worker 1 waits
+    # 0.5 s, all of it after both had started: the network's share.
+    w0 = worker([10.0, 20.0], [(10.0, 12.5), (20.0, 22.5)])
+    w1 = worker([12.0, 22.0], [(12.0, 12.5), (22.0, 22.5)])
+    got = timelines.waiting_for_peers([w0, w1], [(0.0, 30.0), (0.0, 30.0)])
+    assert got == [pytest.approx({"wait": 4.0, "wire": 4.0}), {"wait": 0.0, "wire": 0.0}]
+    # The window bounds it; unequal sync counts (a swarm's skipped rounds) give nothing.
+    assert timelines.waiting_for_peers([w0, w1], [(0.0, 15.0), (0.0, 15.0)])[0]["wait"] == 2.0
+    assert timelines.waiting_for_peers([w0, w1[1:]], [(0.0, 30.0)] * 2) is None
+    run = {"workers": [{"train_seconds": 30.0, "waiting_for_peers": got[0],
+                        "seconds_by_kind": timelines.breakdown(w0, 0.0, 30.0)}]}  # fmt: skip
+    f = aggregate.time_fractions(run)
+    assert f is not None and f["train"]["wait for peers"] == pytest.approx(4.0 / 30)
+    assert f["train"]["wait"] == pytest.approx(5.0 / 30)
+
+
 def test_report_shows_medians_spreads_blocked_fractions_and_the_timeline(tmp_path: Path) -> None:
     c = suite.CEILING
     w = [{"rank": 0, "blocked_fraction": 0.125, "train_seconds": 10.0, "flush_seconds": 0.5,
@@ -425,7 +455,7 @@ def test_report_shows_medians_spreads_blocked_fractions_and_the_timeline(tmp_pat
         "| 0.050 [0.050–0.050] |" in text
     )
     assert (
-        "| 20mbit | DiLoCo H=25 eager | 90.0% |  | 10.0% |  |  | 40.0% |  |"
+        "| 20mbit | DiLoCo H=25 eager | 90.0% |  | 10.0% |  |  |  | 40.0% |  |  |"
         in report._time_breakdown(results)
     )
     plots.plot_timelines(results, tmp_path / "t.png")

@@ -142,13 +142,19 @@ def run_flush_fraction(run: dict[str, Any]) -> float | None:
 
 def time_fractions(run: dict[str, Any]) -> dict[str, dict[str, float]] | None:
     """Per lane (``train``, ``comm``) and span kind: the fraction of the training window it
-    took, the mean over the run's workers (from their timelines); None without timelines."""
+    took, the mean over the run's workers (from their timelines), with ``wait for peers`` and
+    ``wire for peers``, the parts of ``wait`` and ``wire`` spent before the last worker had
+    started the same sync; None without timelines."""
     workers = [w for w in run.get("workers") or [] if w.get("seconds_by_kind")]
     if not workers:
         return None
     out: dict[str, dict[str, float]] = {}
     for w in workers:
-        for lane, kinds in w["seconds_by_kind"].items():
+        late = {f"{k} for peers": v for k, v in (w.get("waiting_for_peers") or {}).items()}
+        parts = [(lane, kinds) for lane, kinds in w["seconds_by_kind"].items()]
+        parts += [("train", {k: v for k, v in late.items() if k.startswith("wait")})]
+        parts += [("comm", {k: v for k, v in late.items() if k.startswith("wire")})]
+        for lane, kinds in parts:
             for kind, sec in kinds.items():
                 slot = out.setdefault(lane, {})
                 slot[kind] = slot.get(kind, 0.0) + sec / w["train_seconds"] / len(workers)

@@ -324,8 +324,9 @@ def _throughput(res: dict[str, Any]) -> str:
 
 #: The columns of the time-breakdown table: (lane, span kind).
 _TIME_COLUMNS = (
-    ("train", "compute"), ("train", "prepare"), ("train", "wait"), ("train", "apply"),
-    ("comm", "encode"), ("comm", "wire"), ("comm", "decode"),
+    ("train", "compute"), ("train", "prepare"), ("train", "wait"), ("train", "wait for peers"),
+    ("train", "apply"), ("comm", "encode"), ("comm", "wire"), ("comm", "wire for peers"),
+    ("comm", "decode"),
 )  # fmt: skip
 
 
@@ -514,8 +515,11 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "wait). `train` is the training loop: compute (forward, backward, inner step), "
         "prepare (pseudo-gradient, error feedback, hand-off), wait, apply (outer step, merge); "
         "`comm` is lowcomm's comm thread: encode, wire (inside a collective), decode (and sum). "
-        "The comm thread's shares overlap the training loop's; on a machine with fewer cores "
-        "than threads, they also compete for the same cores.",
+        "**for peers** is the part of wait (or wire) that lay before the last worker started "
+        "the same sync: a collective cannot finish before every worker has joined it, so that "
+        "time is spent waiting for a slower worker, not for the network. The comm thread's "
+        "shares overlap the training loop's; on a machine with fewer cores than threads, they "
+        "also compete for the same cores.",
         _time_breakdown(res),
         "#### Bytes on the wire: interface counters beside the library's counters",
         "Host 0's veth counters against rank 0's library counter over the same window: from "

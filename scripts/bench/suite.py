@@ -92,7 +92,13 @@ from scripts.bench.launch import (
 from scripts.bench.machine import machine_info, python_command
 from scripts.bench.methods import Method, parse_method
 from scripts.bench.profiles import PROFILES, Profile
-from scripts.bench.timelines import breakdown, excerpt, read_timeline, timeline_paths
+from scripts.bench.timelines import (
+    breakdown,
+    excerpt,
+    read_timeline,
+    timeline_paths,
+    waiting_for_peers,
+)
 
 logger = logging.getLogger("lowcomm.bench")
 
@@ -433,13 +439,15 @@ def worker_records(run_dir: Path, workers: int, swarm: bool) -> list[dict[str, A
     of each span kind per lane inside that window."""
     out = []
     dirs = worker_dirs(run_dir, workers, swarm)
-    for rank, (w, path) in enumerate(
-        zip(read_workers(run_dir, workers, swarm), timeline_paths(dirs, swarm))
-    ):
+    records = read_workers(run_dir, workers, swarm)
+    spans = [read_timeline(p) for p in timeline_paths(dirs, swarm)]
+    late = None
+    if all(w is not None for w in records):
+        late = waiting_for_peers(spans, [(w["start"], w["end"]) for w in records])  # type: ignore[index]
+    for rank, (w, ss) in enumerate(zip(records, spans)):
         if w is None:
             out.append({"rank": rank, "blocked_fraction": None})
             continue
-        spans = read_timeline(path)
         out.append(
             {
                 "rank": rank,
@@ -447,7 +455,8 @@ def worker_records(run_dir: Path, workers: int, swarm: bool) -> list[dict[str, A
                 "blocked_seconds": w["blocked_seconds"],
                 "blocked_fraction": w["blocked_fraction"],
                 "flush_seconds": w.get("flush_seconds"),
-                "seconds_by_kind": breakdown(spans, w["start"], w["end"]) if spans else None,
+                "seconds_by_kind": breakdown(ss, w["start"], w["end"]) if ss else None,
+                "waiting_for_peers": late[rank] if late else None,
             }
         )
     return out
@@ -620,9 +629,10 @@ def throughput_timelines(st: Settings, runs: list[dict[str, Any]]) -> list[dict[
         method = parse_method(name)
         dirs = worker_dirs(Path(run["run_dir"]), st.workers, method.swarm)
         spans = [read_timeline(p) for p in timeline_paths(dirs, method.swarm)]
-        period = method.sync_every or 10
-        # Two periods of the steps of this run, as measured: what one sync does to them.
-        seconds = 2 * period * run["train_seconds"] / max(1, run["steps"])
+        # Two gaps between syncs (H, or H/P with fragments; DP: 5 steps), at this run's
+        # measured seconds per step: what one sync does to the steps around it.
+        gap = (method.sync_every or 5) // int(method.options.get("fragments") or 1)
+        seconds = 2 * max(1, gap) * run["train_seconds"] / max(1, run["steps"])
         cut = excerpt(spans, seconds)
         if cut is None:
             logger.warning("no timeline spans in %s", run["run_dir"])

@@ -7,6 +7,10 @@ on the comm thread. This module turns them into what the suite keeps:
 * :func:`breakdown`: per worker and lane (``train``: the training loop; ``comm``: lowcomm's
   comm thread), the seconds of each kind inside the training window, each instant counted
   once (a ``wait`` inside a ``prepare`` is wait, not both);
+* :func:`waiting_for_peers`: of that, the part of each worker's ``wait`` (training loop)
+  and ``wire`` (comm thread) that lay before the *last* worker started the same sync: a
+  collective cannot finish before every worker has joined it, so that part is waiting for
+  a slower worker, not for the network;
 * :func:`excerpt`: the spans of a few seconds around a sync in the middle of the run, which
   :func:`scripts.bench.plots.plot_timelines` draws.
 
@@ -20,7 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["breakdown", "excerpt", "lane", "read_timeline", "timeline_paths"]
+__all__ = [
+    "breakdown",
+    "excerpt",
+    "lane",
+    "read_timeline",
+    "timeline_paths",
+    "waiting_for_peers",
+]
 
 Span = dict[str, Any]
 
@@ -91,6 +102,45 @@ def breakdown(spans: Sequence[Span], start: float, end: float) -> dict[str, dict
     for s in spans:
         lanes.setdefault(lane(s["thread"]), []).append(s)
     return {name: _exclusive(ss, start, end) for name, ss in sorted(lanes.items())}
+
+
+def _overlap(spans: Sequence[Span], intervals: Sequence[tuple[float, float]]) -> float:
+    total = 0.0
+    for s in spans:
+        for a, b in intervals:
+            total += max(0.0, min(s["end"], b) - max(s["start"], a))
+    return total
+
+
+def waiting_for_peers(
+    timelines: Sequence[Sequence[Span]], windows: Sequence[tuple[float, float]]
+) -> list[dict[str, float]] | None:
+    """Per worker, the seconds of its ``wait`` (train lane) and ``wire`` (comm lane) spans
+    that lay before the last worker started the same sync, inside its window.
+
+    Sync ``k`` starts at a worker's ``k``-th ``prepare`` span (syncs are issued in the same
+    order everywhere). None when the workers' sync counts differ (a swarm's peers may skip
+    rounds) or there are no syncs (DP, the ceiling).
+    """
+    starts = [
+        sorted(s["start"] for s in spans if s["kind"] == "prepare" and lane(s["thread"]) == "train")
+        for spans in timelines
+    ]
+    if not starts or not starts[0] or any(len(x) != len(starts[0]) for x in starts):
+        return None
+    last = [max(col) for col in zip(*starts)]
+    out = []
+    for spans, own, (lo, hi) in zip(timelines, starts, windows):
+        early = [(max(a, lo), min(b, hi)) for a, b in zip(own, last) if b > a]
+        out.append(
+            {
+                kind: _overlap(
+                    [s for s in spans if s["kind"] == kind and lane(s["thread"]) == ln], early
+                )
+                for kind, ln in (("wait", "train"), ("wire", "comm"))
+            }
+        )
+    return out
 
 
 def excerpt(
