@@ -169,6 +169,7 @@ PROFILES: dict[str, Profile] = {
     # at 100 Mbit/s). 500 steps: at least 60 s of training per run; DP under a shaped link
     # runs as many steps as fill 60 s with its all-reduces. The ceiling runs between every
     # method's runs, in 3 passes; cells report medians. Throughput only: --phases throughput.
+    # About 3-3.5 hours on an idle 2-core machine (123 runs).
     "throughput": Profile(
         name="throughput",
         base_config="recipes/configs/demo.toml",
@@ -184,6 +185,10 @@ PROFILES: dict[str, Profile] = {
             "streaming-p4-h100-o5-int8",
             "diloco-h25-eager",
             "diloco-h25-eager-int8",
+            # The peer libraries, one process per host behind the same links (torchft from
+            # its own venv: make bench-peers).
+            "torchft-h25",
+            "hivemind-h25",
         ),
         throughput_steps=500,
         rates=("8mbit", "20mbit", "100mbit"),
@@ -199,6 +204,7 @@ PROFILES: dict[str, Profile] = {
             "diloco-h25-eager@20mbit",
             "diloco-h25-eager-int8@20mbit",
             "ddp@20mbit",
+            "torchft-h25@20mbit",
         ),
         run_timeout=1800.0,
     ),

@@ -5,6 +5,8 @@ Run (from the repository root of a source checkout; shaped links need root, the 
     sudo .venv/bin/python -m scripts.bench.suite                      # default profile, minutes
     .venv/bin/python -m scripts.bench.suite --rates loopback          # no root: no shaped links
     sudo nohup .venv/bin/python -m scripts.bench.suite --profile headline > bench.log 2>&1 &
+    sudo nohup .venv/bin/python -m scripts.bench.suite --profile throughput --phases throughput \
+        > throughput.log 2>&1 &                                       # issue 14: hours, idle box
     .venv/bin/python -m scripts.bench.suite --profile smoke --out /tmp/b --doc /tmp/b/B.md
     .venv/bin/python -m scripts.bench.suite --dry-run                 # the plan, what is cached
     .venv/bin/python -m scripts.bench.suite --help
@@ -26,12 +28,17 @@ resumes where it stopped; ``--force`` reruns):
    evaluation. DP's bytes are the ring all-reduce estimate (torch DDP counts nothing); the shaped
    runs check that estimate against the interface counters.
 2. **Throughput** (one network namespace per worker behind ``tbf``-shaped links, via
-   :mod:`scripts.bench.wansim`; ``loopback`` runs without namespaces): short runs per method and
-   link rate. tokens/s is measured from the end of the step-0 evaluation to the last step's
-   log line (no evaluation inside). The ceiling is ``--mode local`` (no communication at all),
-   measured before and after each rate's block; every method is reported as a fraction of it.
-   The per-host interface byte counters are read when the step-0 evaluation is logged and
-   after the run, and put beside the library's own counter for the same window.
+   :mod:`scripts.bench.wansim`; ``loopback`` runs without namespaces): runs per method and
+   link rate, in passes (:func:`throughput_plan`). tokens/s is measured from the end of the
+   step-0 evaluation to the last step's log line (no evaluation inside). The ceiling is
+   ``--mode local`` (no communication at all), run before and after each method's runs in
+   every pass; each run is reported as a fraction of the two ceiling runs around it, and
+   each cell as the median over passes with its spread. Every worker records how long its
+   training loop was blocked on communication (``worker<R>.json``) and its timeline
+   (``LOWCOMM_TIMELINE``). The per-host interface byte counters are read when the step-0
+   evaluation is logged and after the run, and put beside the library's own counter for the
+   same window. Peer libraries (``torchft-h<H>``, ``hivemind-h<H>``) run here too, one
+   process per host like lowcomm's recipe, behind the same links.
 3. **Peers** (loopback): torchft 0.2.0 DiLoCo and hivemind 1.1.12 ``Optimizer
    (use_local_updates=True)`` through :mod:`scripts.bench.peers` on the same task and seeds
    (torchft from its own interpreter, ``--torchft-python``: ``make bench-peers`` builds it).
