@@ -31,23 +31,22 @@ class DDPWaitClock:
     (:mod:`lowcomm.comm.timeline`).
 
     Args:
-        model: the ``DistributedDataParallel`` module.
-        group: the process group DDP averages over (None: DDP's own).
+        model: the ``DistributedDataParallel`` module; its all-reduce stays on the group
+            it was built with (a replica's own group under ``--replicas``).
 
     Attributes:
         seconds: blocked seconds so far.
     """
 
-    def __init__(
-        self, model: nn.parallel.DistributedDataParallel, group: dist.ProcessGroup | None = None
-    ) -> None:
+    def __init__(self, model: nn.parallel.DistributedDataParallel) -> None:
         if not isinstance(model, nn.parallel.DistributedDataParallel):
             raise TypeError(
                 f"DDPWaitClock times a DistributedDataParallel model, got {type(model).__name__}"
             )
         self.seconds = 0.0
         self._launched: float | None = None
-        model.register_comm_hook(group, self._hook)
+        # The hook's state is the group it reduces over: DDP's own, never the default group.
+        model.register_comm_hook(model.process_group, self._hook)
 
     def _hook(
         self, group: dist.ProcessGroup | None, bucket: dist.GradBucket

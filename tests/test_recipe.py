@@ -155,7 +155,9 @@ def test_resume_is_bit_identical(
     assert summary["steps_run"] == 8
     a, b = final_state(whole), final_state(resumed)
     assert a["step"] == b["step"] == 16
-    assert_identical(a, b)  # model, inner + outer optimizer state, schedule, RNG, eval history
+    # Model, inner + outer optimizer state, schedule, RNG, eval history; not the process's
+    # own timing counters (comm_seconds also times the hand-off to the backend).
+    assert_identical(without_wire_counters(a), without_wire_counters(b))
 
 
 def test_resume_rejects_another_config_before_training(
@@ -285,7 +287,10 @@ def test_accelerate_matches_plain(recipe: ModuleType, data_dir: Path, tmp_path: 
     finally:
         AcceleratorState._reset_state(True)  # a process-wide singleton; do not leak it
     assert acc["final_eval_loss"] == plain["final_eval_loss"]
-    assert_identical(final_state(tmp_path / "plain"), final_state(tmp_path / "acc"))
+    assert_identical(
+        without_wire_counters(final_state(tmp_path / "plain")),
+        without_wire_counters(final_state(tmp_path / "acc")),
+    )
 
 
 def test_wandb_offline(
