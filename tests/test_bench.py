@@ -676,6 +676,35 @@ def test_tiny_shaped_run_wire_bytes_agree_with_the_library(tmp_path: Path) -> No
     assert t["ratio_to_ceiling"] > 0 and math.isfinite(t["ratio_to_ceiling"])
 
 
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.dist
+def test_torchft_peers_train_one_process_per_host_behind_shaped_links(tmp_path: Path) -> None:
+    # Each worker in its own namespace, reached only at its host's address: the replica
+    # group's store and the lighthouse must be advertised at that address, not loopback.
+    why = _can_shape()
+    if why is not None:
+        pytest.skip(why)
+    python = os.environ.get("LOWCOMM_TORCHFT_PYTHON") or suite.DEFAULT_TORCHFT_PYTHON
+    if not Path(python).exists():
+        pytest.skip(f"no torchft interpreter at {python} (make bench-peers)")
+    out = tmp_path / "out"
+    argv = [
+        "--profile", "smoke", "--phases", "throughput", "--rates", "100mbit",
+        "--throughput-methods", "torchft-h4", "--torchft-python", python,
+        "--work-dir", str(tmp_path / "work"), "--out", str(out), "--doc", str(tmp_path / "B.md"),
+    ]  # fmt: skip
+    assert suite.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert not [x for x in res["not_compared"] if "torchft" in x["what"]]
+    (run,) = [r for r in res["runs"]["throughput"] if r["method"] == "torchft-h4"]
+    assert run["outer_steps"] == 16 // 4 and run["library"] == "torchft"
+    assert [w["rank"] for w in run["workers"]] == [0, 1]
+    assert all(0 <= w["blocked_fraction"] < 1 for w in run["workers"])
+    # Its bytes crossed the shaped veths: at least the ring estimate of its all-reduces.
+    assert run["wire"][0]["tx_bytes"] >= run["lib_bytes_sent_rank0"] > 0
+
+
 def _swarm_argv(tmp_path: Path, rate: str) -> list[str]:
     return [
         "--profile", "smoke", "--phases", "throughput", "--rates", rate,

@@ -179,7 +179,9 @@ def torchft_diloco(
         connect_timeout=timeout,
         rank=0,
         world_size=1,
-        store_addr="127.0.0.1",
+        # Other replicas rendezvous through this store when the quorum picks it: they
+        # must reach it at this host's address (the store listens on every interface).
+        store_addr=host,
         store_port=store.port,
         lighthouse_addr=lighthouse_addr,
         replica_id=f"lowcomm_peer_{worker.rank}",
