@@ -70,13 +70,7 @@ class Worker(Protocol):
 
 @dataclasses.dataclass
 class ForkedWorker:
-    """A forked worker (:func:`run_workers`): its channels are the parent's queues.
-
-    Attributes:
-        rank: this worker's index, ``0..num_workers-1``.
-        num_workers: the number of workers (M).
-        timeout: seconds any one wait for another worker may take.
-    """
+    """A forked :class:`Worker` (:func:`run_workers`): its channels are the parent's queues."""
 
     rank: int
     num_workers: int
