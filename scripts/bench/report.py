@@ -145,7 +145,10 @@ def _settings(res: dict[str, Any]) -> str:
     s = res["settings"]
     t = s["task"]
     q = res["aggregate"]["quality"]
-    params = next(iter(q.values()))["num_params"] if q else None
+    tput = [r for r in res["runs"]["throughput"] if r.get("num_params")]
+    params = (
+        next(iter(q.values()))["num_params"] if q else (tput[0]["num_params"] if tput else None)
+    )
     rows = [
         ["model", f"byte-level GPT, {t['n_layer']} layers, width {t['n_embd']}, "
                   f"{t['n_head']} heads, context {t['seq_len']}, {fmt_num(params, ',')} parameters"],
@@ -453,6 +456,38 @@ def _plots(res: dict[str, Any], res_dir: Path, doc_dir: Path) -> str:
     return "\n\n".join(out) if out else "No plots."
 
 
+def _quality_sections(res: dict[str, Any]) -> list[str]:
+    if not res["aggregate"]["quality"]:
+        return ["### Quality", "No quality runs in this profile (a throughput-only profile)."]
+    return [
+        "### Headline",
+        headline_table(res),
+        "### Quality: final eval loss and bytes",
+        "Loss ratios are paired by seed (same seed: same initialisation and data) and then "
+        "averaged. Bytes are what each worker sent over the whole run, from lowcomm's own "
+        "counter (payload it serialised); DP's are the ring all-reduce estimate "
+        "2(M-1)/M x 4 x params per step, checked against interface counters below.",
+        _quality(res),
+        "### Loss gap to DP as a function of steps",
+        "Each cell: eval loss / DP eval loss at the same step and seed, mean ± std over seeds "
+        "(DiLoCo evaluates its global parameters, which change only at outer steps).",
+        _gap(res),
+    ]
+
+
+def _peer_sections(res: dict[str, Any]) -> list[str]:
+    if not res["aggregate"]["peers"] and not res["settings"].get("peers"):
+        return []  # a profile without the loopback peer phase
+    return [
+        "### Peers (loopback)",
+        "Same task, seeds, data streams and token budget through `scripts.bench.peers` (one training loop; the "
+        "libraries differ only in how they wrap the optimizer and communicate); torchft "
+        "evaluates its global parameters, hivemind its rank-0 local parameters (it keeps no "
+        "global copy). tokens/s include evaluations for all rows in this table.",
+        _peers(res),
+    ]
+
+
 def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
     """The section of one profile's results."""
     rel = os.path.relpath(res_path, doc_dir)
@@ -474,18 +509,7 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "Same model initialisation, the same per-worker data streams (batch of inner step s "
         "on worker r is a pure function of (seed, r, s)) and the same token budget for every "
         f"method; DP all-reduces gradients of the {s['workers']} workers' batches every step.",
-        "### Headline",
-        headline_table(res),
-        "### Quality: final eval loss and bytes",
-        "Loss ratios are paired by seed (same seed: same initialisation and data) and then "
-        "averaged. Bytes are what each worker sent over the whole run, from lowcomm's own "
-        "counter (payload it serialised); DP's are the ring all-reduce estimate "
-        "2(M-1)/M x 4 x params per step, checked against interface counters below.",
-        _quality(res),
-        "### Loss gap to DP as a function of steps",
-        "Each cell: eval loss / DP eval loss at the same step and seed, mean ± std over seeds "
-        "(DiLoCo evaluates its global parameters, which change only at outer steps).",
-        _gap(res),
+        *_quality_sections(res),
         "### Throughput under shaped links",
         "One network namespace per worker, each behind a `tbf`-shaped veth (the rate applies to "
         "upload and download), via `scripts.bench.wansim`; `loopback` runs without namespaces. "
@@ -532,12 +556,7 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "(`DiLoCo.flush()`) before its last log record, so the library's count covers every "
         "sync the run started. For DP the library column is the ring all-reduce estimate.",
         _wire(res),
-        "### Peers (loopback)",
-        "Same task, seeds, data streams and token budget through `scripts.bench.peers` (one training loop; the "
-        "libraries differ only in how they wrap the optimizer and communicate); torchft "
-        "evaluates its global parameters, hivemind its rank-0 local parameters (it keeps no "
-        "global copy). tokens/s include evaluations for all rows in this table.",
-        _peers(res),
+        *_peer_sections(res),
         "### Not compared, and why",
         _not_compared(res),
         "### Plots",
