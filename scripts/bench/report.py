@@ -145,7 +145,7 @@ def _settings(res: dict[str, Any]) -> str:
     s = res["settings"]
     t = s["task"]
     q = res["aggregate"]["quality"]
-    tput = [r for r in res["runs"]["throughput"] if r.get("num_params")]
+    tput = [r for r in res.get("runs", {}).get("throughput", []) if r.get("num_params")]
     params = (
         next(iter(q.values()))["num_params"] if q else (tput[0]["num_params"] if tput else None)
     )
