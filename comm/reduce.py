@@ -26,6 +26,7 @@ import torch
 
 from lowcomm.comm.base import AverageResult
 from lowcomm.comm.compression.base import Compressor, Payload, check_payload
+from lowcomm.comm.timeline import span
 
 __all__ = [
     "Identity",
@@ -136,37 +137,41 @@ def dense_average(
     scaled, total = _scales(weights)
     bounds = chunk_bounds(flat.numel(), world, compressor.granularity)
     sizes = [compressor.nbytes(hi - lo) if hi > lo else 0 for lo, hi in bounds]
-    send = _encode_chunks(compressor, flat, bounds, sizes)
+    with span("encode"):
+        send = _encode_chunks(compressor, flat, bounds, sizes)
     lo, hi = bounds[rank]
     mine = sizes[rank]
     received = all_to_all(send, sizes, [mine] * world)
-    acc = torch.zeros(hi - lo, dtype=torch.float32, device=flat.device)
-    own_chunk = None
-    for src in range(world):  # rank order: the same float sums on every worker
-        if scaled[src] != 0.0:
-            part = _decode(compressor, received[src * mine : (src + 1) * mine], hi - lo)
-            acc.add_(part, alpha=scaled[src])
-            if src == rank:
-                own_chunk = part
-    del received  # summed: not alive beside what comes next
-    if total > 0:
-        acc.div_(total)
+    with span("decode"):
+        acc = torch.zeros(hi - lo, dtype=torch.float32, device=flat.device)
+        own_chunk = None
+        for src in range(world):  # rank order: the same float sums on every worker
+            if scaled[src] != 0.0:
+                part = _decode(compressor, received[src * mine : (src + 1) * mine], hi - lo)
+                acc.add_(part, alpha=scaled[src])
+                if src == rank:
+                    own_chunk = part
+        del received  # summed: not alive beside what comes next
+        if total > 0:
+            acc.div_(total)
     pad = sizes[0]
-    reduced = _encode(compressor, acc)
-    del acc  # encoded: not alive beside the decoded mean below
-    if reduced.numel() < pad:
-        reduced = torch.cat([reduced, reduced.new_zeros(pad - reduced.numel())])
+    with span("encode"):
+        reduced = _encode(compressor, acc)
+        del acc  # encoded: not alive beside the decoded mean below
+        if reduced.numel() < pad:
+            reduced = torch.cat([reduced, reduced.new_zeros(pad - reduced.numel())])
     gathered = all_gather(reduced)
-    if isinstance(compressor, Identity) and all(size == pad for size in sizes):
-        # fp32 chunks of one size, in order: the gathered bytes are the mean itself.
-        out = gathered.view(torch.float32)
-    else:
-        # Decoded chunk by chunk into one buffer: one chunk's decode at a time beside it.
-        out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
-        for r, (b_lo, b_hi) in enumerate(bounds):
-            data = gathered[r * pad : r * pad + sizes[r]]
-            out[b_lo:b_hi] = _decode(compressor, data, b_hi - b_lo)
-    own = _own(compressor, flat, weights[rank], send, sizes, bounds, rank, own_chunk)
+    with span("decode"):
+        if isinstance(compressor, Identity) and all(size == pad for size in sizes):
+            # fp32 chunks of one size, in order: the gathered bytes are the mean itself.
+            out = gathered.view(torch.float32)
+        else:
+            # Decoded chunk by chunk into one buffer: one chunk's decode at a time beside it.
+            out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+            for r, (b_lo, b_hi) in enumerate(bounds):
+                data = gathered[r * pad : r * pad + sizes[r]]
+                out[b_lo:b_hi] = _decode(compressor, data, b_hi - b_lo)
+        own = _own(compressor, flat, weights[rank], send, sizes, bounds, rank, own_chunk)
     sent = sum(s for r, s in enumerate(sizes) if r != rank) + (world - 1) * pad
     recv = (world - 1) * mine + (world - 1) * pad
     return out, own, sent, recv
@@ -232,17 +237,20 @@ def sparse_average(
     world = len(weights)
     scaled, total = _scales(weights)
     size = compressor.nbytes(flat.numel())
-    gathered = all_gather(_encode(compressor, flat))
-    acc = torch.zeros_like(flat, dtype=torch.float32)
-    own = torch.zeros_like(acc)
-    for src in range(world):
-        if scaled[src] != 0.0:
-            part = _decode(compressor, gathered[src * size : (src + 1) * size], flat.numel())
-            acc.add_(part, alpha=scaled[src])
-            if src == rank:
-                own = part
-    if total > 0:
-        acc.div_(total)
+    with span("encode"):
+        payload = _encode(compressor, flat)
+    gathered = all_gather(payload)
+    with span("decode"):
+        acc = torch.zeros_like(flat, dtype=torch.float32)
+        own = torch.zeros_like(acc)
+        for src in range(world):
+            if scaled[src] != 0.0:
+                part = _decode(compressor, gathered[src * size : (src + 1) * size], flat.numel())
+                acc.add_(part, alpha=scaled[src])
+                if src == rank:
+                    own = part
+        if total > 0:
+            acc.div_(total)
     return acc, own, (world - 1) * size, (world - 1) * size
 
 

@@ -22,6 +22,7 @@ from lowcomm.comm.reduce import (
     finite_weight,
     sparse_average,
 )
+from lowcomm.comm.timeline import span
 
 __all__ = ["TorchDistBackend", "init_process_group_from_env"]
 
@@ -287,7 +288,8 @@ class TorchDistBackend:
             wire = flat.to(self._transport_device(flat.device), non_blocking=False)
             mine = finite_weight(wire, weight)
             weights_t = torch.zeros(self.world_size, dtype=torch.float64, device=wire.device)
-            _all_gather_into(weights_t, mine, self.group)
+            with span("wire"):
+                _all_gather_into(weights_t, mine, self.group)
             # A host read on this thread only: the training loop is not held up by it.
             weights = weights_t.tolist()
             if comp.dense:
@@ -315,18 +317,20 @@ class TorchDistBackend:
         self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int]
     ) -> torch.Tensor:
         out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=send.device)
-        dist.all_to_all_single(
-            out,
-            send,
-            output_split_sizes=recv_sizes,
-            input_split_sizes=send_sizes,
-            group=self.group,
-        )
+        with span("wire"):
+            dist.all_to_all_single(
+                out,
+                send,
+                output_split_sizes=recv_sizes,
+                input_split_sizes=send_sizes,
+                group=self.group,
+            )
         return out
 
     def _all_gather(self, buf: torch.Tensor) -> torch.Tensor:
         out = torch.empty(buf.numel() * self.world_size, dtype=buf.dtype, device=buf.device)
-        _all_gather_into(out, buf, self.group)
+        with span("wire"):
+            _all_gather_into(out, buf, self.group)
         return out
 
     def close(self) -> None:

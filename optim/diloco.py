@@ -38,6 +38,7 @@ from lowcomm.comm.base import (
 from lowcomm.comm.compression.base import Compressor
 from lowcomm.comm.compression.feedback import ErrorFeedback
 from lowcomm.comm.local import LocalBackend
+from lowcomm.comm.timeline import TIMELINE, span
 from lowcomm.optim.agreement import config_fingerprint, shard_fingerprint
 from lowcomm.optim.amp import scaled_inner_step
 from lowcomm.optim.fragments import check_partition, partition
@@ -306,6 +307,8 @@ class DiLoCo(WrappingOptimizer):
         self._sent_bytes_compressed = 0
         self._overlap_total = 0
         self._round_started: float | None = None
+        # Seconds blocked in backend calls other than wait(), which the backend times itself.
+        self._blocked_seconds = 0.0
 
         self._check_shards()
         self.backend.check_consistent(self._fingerprint())
@@ -396,7 +399,7 @@ class DiLoCo(WrappingOptimizer):
         s.outer_steps = s.fragment_syncs // len(self._fragments)
         s.bytes_sent = self.backend.stats.bytes_sent
         s.bytes_received = self.backend.stats.bytes_received
-        s.comm_seconds = self.backend.stats.comm_seconds
+        s.comm_seconds = self.backend.stats.comm_seconds + self._blocked_seconds
         if self._sent_bytes_compressed:
             s.compression_ratio = 4 * self._sent_numel / self._sent_bytes_compressed
         if s.fragment_syncs:
@@ -454,7 +457,8 @@ class DiLoCo(WrappingOptimizer):
         """
         if self._closed:
             raise RuntimeError("DiLoCo.step() after close(): build a new DiLoCo to train on")
-        loss = self._inner_step(closure)
+        with span("compute"):
+            loss = self._inner_step(closure)
         self._inner_steps += 1
         step = self._inner_steps
         with torch.no_grad():
@@ -504,6 +508,10 @@ class DiLoCo(WrappingOptimizer):
         return out
 
     def _sync(self, frag: int, step: int) -> None:
+        with span("prepare"):
+            self._start_sync(frag, step)
+
+    def _start_sync(self, frag: int, step: int) -> None:
         self._check_world()
         # A stale fragment (this worker missed a round of it) sits this one out: its
         # pseudo-gradient is against global parameters the others moved on from.
@@ -521,7 +529,8 @@ class DiLoCo(WrappingOptimizer):
         if self._round_started is None or frag == 0:
             self._round_timing()
         key = self._schedule.key(frag, step)
-        work = self.backend.average(send, weight=weight, compressor=self._compressor, step=key)
+        with self._blocking():
+            work = self.backend.average(send, weight=weight, compressor=self._compressor, step=key)
         comp = self._compressor
         nbytes = comp.nbytes(send.numel()) if comp is not None else 4 * send.numel()
         self._sent_numel += send.numel()
@@ -545,15 +554,17 @@ class DiLoCo(WrappingOptimizer):
     def _result(self, pending: _Pending) -> AverageResult:
         """Wait for a sync once; record its error-feedback residual or repair this worker."""
         if pending.result is None:
-            result = pending.result = pending.work.wait()
+            with span("wait"):
+                result = pending.result = pending.work.wait()
             if result.own_weight == 0 and pending.weight > 0:
                 self._on_nonfinite(pending.fragment)
             elif self._feedback is not None and result.own_weight > 0:
                 # residual = x − (what the others decoded of x), kept where θ lives.
                 home = self._global_device
-                self._feedback.record(
-                    f"fragment.{pending.fragment}", pending.send.to(home), result.own.to(home)
-                )
+                with span("apply"):
+                    self._feedback.record(
+                        f"fragment.{pending.fragment}", pending.send.to(home), result.own.to(home)
+                    )
         return pending.result
 
     def _land(self, pending: _Pending) -> None:
@@ -610,8 +621,9 @@ class DiLoCo(WrappingOptimizer):
             self._skip(frag)
             return
         self._skipped_in_a_row[frag] = 0
-        self._outer_step(frag, grad)
-        self._update_local(frag, alpha)
+        with span("apply"):
+            self._outer_step(frag, grad)
+            self._update_local(frag, alpha)
 
     def _outer_step(self, frag: int, grad: torch.Tensor) -> None:
         grad = grad.to(self._global_device)
@@ -694,8 +706,10 @@ class DiLoCo(WrappingOptimizer):
         backend = self._swarm
         if backend is None:
             return
-        backend.publish_state(self._shared_state())
-        if backend.needs_resync():
+        with self._blocking():
+            backend.publish_state(self._shared_state())
+            resync = backend.needs_resync()
+        if resync:
             logger.warning(
                 "DiLoCo step %d: this worker's state differs from the swarm's; downloading it",
                 self._inner_steps,
@@ -705,7 +719,20 @@ class DiLoCo(WrappingOptimizer):
                 if pending.result is None:
                     pending.work.wait()
             self._pending, self._previous = [], {}
-            self._sync_shared_state()
+            with self._blocking():
+                self._sync_shared_state()
+
+    @contextlib.contextmanager
+    def _blocking(self) -> Iterator[None]:
+        """Count a backend call that talks to other workers (beside ``wait``, which the
+        backend times itself) in ``stats.comm_seconds``, and as a ``wait`` span."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            self._blocked_seconds += end - start
+            TIMELINE.add("wait", start, end)
 
     def _round_timing(self) -> None:
         now = time.monotonic()

@@ -21,7 +21,9 @@ class DiLoCoStats:
         fragment_syncs: fragment syncs applied (``outer_steps * P`` plus the current round's).
         bytes_sent: payload bytes this worker sent, from the backend's counters.
         bytes_received: payload bytes this worker received.
-        comm_seconds: seconds the training loop was blocked waiting for averages.
+        comm_seconds: seconds the training loop was blocked on communication: waiting for
+            averages, handing them to the backend and, on a swarm, publishing and downloading
+            the shared state (the start-up broadcast at construction is not counted).
         peak_sync_bytes: the most bytes this worker sent for one fragment sync.
         max_in_flight_bytes: the most bytes of parameter payload in flight at once (launched
             but not yet applied), the figure streaming keeps near ``total / P``.

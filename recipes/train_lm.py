@@ -66,6 +66,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lowcomm import checkpoint as ckpt
+from lowcomm.comm.ddp_wait import DDPWaitClock
+from lowcomm.comm.timeline import TIMELINE, span
 from lowcomm.config import (
     RESUMABLE_KEYS,
     SWARM_LOCAL_KEYS,
@@ -585,6 +587,10 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         )
     else:
         model = replicas.wrap(cfg, raw_model)
+    # DDP's all-reduce blocks backward; the clock counts for how long (blocked_seconds).
+    ddp_clock = (
+        DDPWaitClock(model) if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    )
     # After wrapping: FSDP2 replaces the parameters with sharded ones.
     inner = make_inner_optimizer(cfg, raw_model)
     if cfg.backend == "hivemind" and world_size > 1:
@@ -654,16 +660,26 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
     last_ckpt: Path | None = None
     logged_version = diloco.stats.fragment_syncs if diloco is not None else 0
 
+    def blocked_seconds() -> float:
+        # The training loop's seconds blocked on communication: DiLoCo's syncs, DDP's
+        # all-reduce (across workers, or inside a replica).
+        seconds = diloco.stats.comm_seconds if diloco is not None else 0.0
+        return seconds + (ddp_clock.seconds if ddp_clock is not None else 0.0)
+
     def stats() -> dict[str, Any]:
         if diloco is None:
             sent = allreduce_bytes(num_params, world_size, step - start_step)
-            return {"bytes_sent": sent if cfg.mode == "ddp" else 0, "outer_steps": 0}
+            return {
+                "bytes_sent": sent if cfg.mode == "ddp" else 0,
+                "outer_steps": 0,
+                "comm_seconds": blocked_seconds(),
+            }
         s = diloco.stats
         return {
             "bytes_sent": s.bytes_sent,
             "bytes_received": s.bytes_received,
             "outer_steps": s.outer_steps,
-            "comm_seconds": s.comm_seconds,
+            "comm_seconds": blocked_seconds(),
             "compression_ratio": s.compression_ratio,
             "peak_sync_bytes": s.peak_sync_bytes,
             "averaged_steps": s.averaged_steps,
@@ -689,11 +705,15 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             logger.info("step %d: eval loss %.4f", step, loss)
 
     step = start_step
+    # This worker's training window (from the first step's start to the last one's end, the
+    # final evaluation left out) and its blocked seconds in it, for worker<R>.json.
+    window: dict[str, float] = {}
     try:
         if not evals:
             run_eval()
         model.train()
         t_start = t_log = time.perf_counter()
+        window = {"start": time.time(), "blocked_at_start": blocked_seconds()}
         loss_sum, loss_count = torch.zeros((), device=device), 0
         # With rounds cut by the clock, a peer that stopped mid-round would lose the work of
         # its last partial round: past --steps it trains on to the end of the round (less
@@ -703,28 +723,31 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
         last = step >= cfg.steps and not on_deadlines
         while not last:
             rounds_before = diloco.stats.outer_steps if diloco is not None else 0
-            x, y = sample_batch(
-                corpus.train,
-                batch_size=cfg.batch_size,
-                seq_len=cfg.seq_len,
-                seed=data_seed,
-                rank=replicas.index,
-                world_size=workers,
-                step=step,
-            )
-            rows = replicas.rows(cfg.batch_size)
-            x, y = x[rows].to(device), y[rows].to(device)
-            with autocast():
-                _, loss = model(x, y)
-            if acc is not None:
-                acc.backward(loss)
-            else:
-                loss.backward()
-            if cfg.grad_clip > 0:
+            with span("compute"):
+                x, y = sample_batch(
+                    corpus.train,
+                    batch_size=cfg.batch_size,
+                    seq_len=cfg.seq_len,
+                    seed=data_seed,
+                    rank=replicas.index,
+                    world_size=workers,
+                    step=step,
+                )
+                rows = replicas.rows(cfg.batch_size)
+                x, y = x[rows].to(device), y[rows].to(device)
+                with autocast():
+                    _, loss = model(x, y)
                 if acc is not None:
-                    acc.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                    acc.backward(loss)
                 else:
-                    nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                    loss.backward()
+                if ddp_clock is not None:
+                    ddp_clock.backward_done()
+                if cfg.grad_clip > 0:
+                    if acc is not None:
+                        acc.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                    else:
+                        nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -741,7 +764,10 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             if last and diloco is not None:
                 # Land the syncs still in flight: the final model, its evaluation, the last
                 # log line and the byte counters all include them.
+                window["blocked_before_flush"] = blocked_seconds()
                 diloco.flush()
+            if last:
+                window.update(end=time.time(), blocked_at_end=blocked_seconds())
 
             applied = diloco.stats.fragment_syncs if diloco is not None else 0
             if backend is not None and diloco is not None and applied != logged_version:
@@ -827,17 +853,50 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "outer_steps": s["outer_steps"],
             "elapsed_s": elapsed,
             "tokens_per_s": steps_run * tokens_per_step * workers / max(elapsed, 1e-9),
+            "comm_seconds": s["comm_seconds"],
             "run_dir": str(run_dir),
             "checkpoint": str(last_ckpt) if last_ckpt is not None else None,
         }
         metrics.log(step, {f"summary/{k}": v for k, v in summary.items() if k != "evals"})
+        if "end" in window:
+            write_worker_record(run_dir, rank, window)
     finally:
+        if TIMELINE.enabled:
+            TIMELINE.write(run_dir / f"timeline.rank{rank}.jsonl", rank=rank, mode=cfg.mode)
         # Also on errors: flush the metrics file, stop wandb and the bar, wait for syncs.
         progress.close()
         metrics.close()
         if diloco is not None:
             diloco.close()
     return summary
+
+
+def write_worker_record(run_dir: Path, rank: int, window: dict[str, float]) -> None:
+    """``run_dir/worker<rank>.json``: this worker's training window (wall-clock ``start`` and
+    ``end``, first step to last) and the seconds its loop was blocked on communication in it,
+    ``flush_seconds`` of them after the last step (landing the syncs still in flight).
+
+    Every rank writes its own, so a benchmark can report each worker's blocked fraction:
+    other processes on the machine slow every step alike, which moves tokens/s, while the
+    blocked seconds grow only when communication is not hidden behind compute.
+    """
+    seconds = window["end"] - window["start"]
+    blocked = window["blocked_at_end"] - window["blocked_at_start"]
+    flushed = window["blocked_at_end"] - window.get(
+        "blocked_before_flush", window["blocked_at_end"]
+    )
+    record = {
+        "rank": rank,
+        "start": window["start"],
+        "end": window["end"],
+        "train_seconds": seconds,
+        "blocked_seconds": blocked,
+        "blocked_fraction": blocked / seconds if seconds > 0 else None,
+        # Of those, the wait for what was still in flight after the last step (flush()):
+        # a cost per run, not per step, which a longer run spreads thinner.
+        "flush_seconds": flushed,
+    }
+    ckpt.atomic_write_bytes(run_dir / f"worker{rank}.json", json.dumps(record).encode())
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -74,6 +74,7 @@ def reduce_transient(codec: Any, world: int, numel: int = 1_000_000) -> float:
         reduce.dense_average(flat, [1.0] * world, 0, codec, all_to_all, all_gather)
     return mode.peak / (4 * numel)
 
+
 CONFIGS = {
     "DiLoCo (Nesterov outer)": {},
     "+ error feedback (int8), outer SGD without momentum": {

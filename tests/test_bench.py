@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from typing import Any
 import psutil
 import pytest
 
-from scripts.bench import REPO, aggregate, codecs, launch, report, suite, wansim
+from scripts.bench import REPO, aggregate, codecs, launch, plots, report, suite, timelines, wansim
 from scripts.bench.methods import parse_method
 from scripts.bench.profiles import PROFILES
 
@@ -82,9 +83,27 @@ def test_method_grammar() -> None:
         load_config([f"--{k}={v}" for k, v in opts.items()] + ["--steps=100"])
 
 
+def test_eager_and_delayed_are_overlap_modes_the_recipe_takes() -> None:
+    from lowcomm.config import load_config
+
+    e = parse_method("diloco-int8-eager-h25")
+    assert e.name == "diloco-h25-eager-int8" and e.options["overlap_mode"] == "eager"
+    assert e.options["overlap_steps"] == 0 and "eager" in e.label
+    # Streaming's default one-step overlap is mix mode's: eager streaming overlaps a period.
+    s = parse_method("streaming-p4-h100-eager")
+    assert s.name == "streaming-p4-h100-eager" and s.options["overlap_steps"] == 0
+    assert parse_method("diloco-h25-delayed").options["overlap_mode"] == "delayed"
+    # Mix-mode methods keep their options (and so their cached results' keys).
+    assert "overlap_mode" not in parse_method("streaming-p4-h20").options
+    for m in (e, s):
+        cfg = load_config([f"--{k}={v}" for k, v in m.options.items()] + ["--steps=100"])
+        assert cfg.overlap_mode == "eager"
+
+
 @pytest.mark.parametrize(
     ("name", "rule"),
     [
+        ("diloco-h25-o1-eager", "takes no o<tau>"),
         ("sgd", "kind"),
         ("ddp-h20", "takes no options"),
         ("diloco-h20-zip", "unknown token"),
@@ -269,6 +288,220 @@ def test_report_prints_the_numbers_it_is_given(tmp_path: Path) -> None:
     assert ".venv/bin/python -m scripts.bench.suite --profile unit" in text
 
 
+# --------------------------------------------------------------------------- throughput
+
+
+def test_throughput_plan_brackets_every_method_by_ceiling_runs() -> None:
+    methods = [parse_method(m) for m in ("ddp", "diloco-h25", "local")]
+    plan = suite.throughput_plan(methods, ["20mbit", "100mbit"], repeats=2)
+    names = [(r.method.name, r.rate) for r in plan]
+    ceiling = ("local", suite.CEILING)
+    assert names[:7] == [
+        ceiling, ("ddp", "20mbit"), ("ddp", "100mbit"),
+        ceiling, ("diloco-h25", "20mbit"), ("diloco-h25", "100mbit"), ceiling,
+    ]  # fmt: skip
+    # The next pass takes the methods in reverse order; slots count within a pass.
+    assert [n for n, _ in names[7:]] == [
+        "local",
+        "diloco-h25",
+        "diloco-h25",
+        "local",
+        "ddp",
+        "ddp",
+        "local",
+    ]
+    assert [r.slot for r in plan if r.repeat == 1] == list(range(7))
+    assert len({(r.rate, r.name) for r in plan}) == len(plan)  # every run has a file of its own
+
+
+def test_dp_throughput_runs_fill_the_seconds_with_their_all_reduces() -> None:
+    st = dataclasses.replace(_settings(), throughput_steps=500, throughput_seconds=60.0)
+    params = suite.task_num_params(st.task)
+    assert params == 875264  # the demo GPT
+    sync_bits = 8 * 4 * params  # 2(M-1)/M = 1 for M = 2
+    assert suite.run_steps(st, parse_method("ddp"), "20mbit") == math.ceil(60 * 20e6 / sync_bits)
+    assert suite.run_steps(st, parse_method("ddp"), "unshaped") == 500
+    assert suite.run_steps(st, parse_method("diloco-h25"), "8mbit") == 500
+    assert (
+        suite.run_steps(
+            dataclasses.replace(st, throughput_seconds=None), parse_method("ddp"), "20mbit"
+        )
+        == 500
+    )
+
+
+def _settings() -> suite.Settings:
+    args = suite.parser().parse_args(["--profile", "throughput"])
+    return suite.build_settings(args, ["x"])
+
+
+def _tput(
+    method: str, rate: str, tps: float, repeat: int, slot: int | None, **kw: Any
+) -> dict[str, Any]:
+    return {
+        "key": f"{method}-{rate}-{repeat}-{slot}", "kind": "throughput", "method": method,
+        "rate": rate, "rate_bps": None, "repeat": repeat, "slot": slot, "tokens_per_s": tps,
+        "lib_bytes_sent_rank0": 0, "lib_bytes_estimated": False, "steps": 100,
+        "train_seconds": 10.0, **kw,
+    }  # fmt: skip
+
+
+def test_throughput_ratios_are_paired_with_the_bracketing_ceilings_and_medianed() -> None:
+    c = suite.CEILING
+    w = [{"rank": 0, "blocked_fraction": 0.1}, {"rank": 1, "blocked_fraction": 0.3}]
+    runs = [
+        _tput("local", c, 100.0, 0, 0), _tput("diloco-h25", "20mbit", 90.0, 0, 1, workers=w, blocked_fraction=0.2),
+        _tput("local", c, 80.0, 0, 2),
+        # A pass on a busier machine: both the ceiling and the method are slower.
+        _tput("local", c, 50.0, 1, 0), _tput("diloco-h25", "20mbit", 40.0, 1, 1, workers=w, blocked_fraction=0.4),
+        _tput("local", c, 50.0, 1, 2),
+        _tput("local", c, 60.0, 2, 0), _tput("diloco-h25", "20mbit", 57.0, 2, 1, workers=w, blocked_fraction=0.0),
+        _tput("local", c, 60.0, 2, 2),
+    ]  # fmt: skip
+    agg = aggregate.aggregate_throughput(runs)
+    t = agg["20mbit"]["methods"]["diloco-h25"]
+    assert t["ratio"]["values"] == pytest.approx([90 / 90, 40 / 50, 57 / 60])
+    assert t["ratio_to_ceiling"] == pytest.approx(0.95) and t["ratio"]["min"] == pytest.approx(0.8)
+    assert t["median_run"] == "diloco-h25-20mbit-2-1"
+    assert t["blocked_fraction"] == pytest.approx(0.2) and t["blocked"]["max"] == pytest.approx(0.4)
+    assert t["blocked_source"] == "workers" and t["blocked_per_worker"] == [0.1, 0.3]
+    assert t["tokens_per_s"] == 57.0  # the median pass, not the fastest
+    assert agg["20mbit"]["ceiling_tokens_per_s"] == 60.0
+
+
+def test_throughput_records_of_the_older_plan_pair_with_their_pass_and_link() -> None:
+    runs = [
+        _tput("local", "20mbit", 100.0, 0, None), _tput("ddp", "20mbit", 10.0, 0, None),
+        _tput("local", "20mbit", 50.0, 1, None), _tput("ddp", "20mbit", 10.0, 1, None, comm_seconds=5.0),
+        _tput("local", "100mbit", 1.0, 1, None),
+    ]  # fmt: skip
+    t = aggregate.aggregate_throughput(runs)["20mbit"]["methods"]["ddp"]
+    assert t["ratio"]["values"] == pytest.approx([0.1, 0.2])
+    # Rank 0's comm_seconds where the workers' records are missing.
+    assert t["blocked"]["values"] == [0.5] and t["blocked_source"] == "rank 0"
+
+
+def test_timeline_breakdown_counts_each_instant_once() -> None:
+    spans = [
+        {"kind": "compute", "thread": "MainThread", "start": 0.0, "end": 1.0},
+        {"kind": "prepare", "thread": "MainThread", "start": 1.0, "end": 2.0},
+        {"kind": "wait", "thread": "MainThread", "start": 1.2, "end": 1.7},
+        {"kind": "apply", "thread": "MainThread", "start": 1.7, "end": 1.8},
+        {"kind": "compute", "thread": "MainThread", "start": 2.0, "end": 3.0},
+        {"kind": "wire", "thread": "lowcomm-comm_0", "start": 1.1, "end": 2.6},
+        {"kind": "encode", "thread": "lowcomm-comm_0", "start": 1.0, "end": 1.1},
+    ]
+    got = timelines.breakdown(spans, 0.5, 2.5)
+    assert got["train"] == pytest.approx(
+        {"compute": 1.0, "prepare": 0.4, "wait": 0.5, "apply": 0.1}
+    )
+    assert got["comm"] == pytest.approx({"encode": 0.1, "wire": 1.4})
+    cut = timelines.excerpt([spans, spans], seconds=1.0, lead=0.25)
+    assert cut is not None and cut["start"] == 0.75  # just before the sync at 1.0
+    kinds = {(s["kind"], s["lane"]) for s in cut["workers"][1]}
+    assert ("wait", "train") in kinds and ("wire", "comm") in kinds
+    assert all(0.0 <= s["start"] <= s["end"] <= 1.0 for s in cut["workers"][0])
+
+
+def test_waiting_for_a_later_worker_is_told_apart_from_waiting_for_the_wire() -> None:
+    def worker(launches: list[float], waits: list[tuple[float, float]]) -> list[dict[str, Any]]:
+        # As with overlap_steps=0: the wait for the average lies inside the sync's start.
+        spans = [
+            {"kind": "prepare", "thread": "MainThread", "start": t, "end": t + 2.6}
+            for t in launches
+        ]
+        spans += [{"kind": "wait", "thread": "MainThread", "start": a, "end": b} for a, b in waits]
+        spans += [
+            {"kind": "wire", "thread": "lowcomm-comm_0", "start": t, "end": t + 3.0}
+            for t in launches
+        ]
+        return spans
+
+    # Worker 0 starts each sync 2 s before worker 1 and waits 2.5 s for it; worker 1 waits
+    # 0.5 s, all of it after both had started: the network's share.
+    w0 = worker([10.0, 20.0], [(10.0, 12.5), (20.0, 22.5)])
+    w1 = worker([12.0, 22.0], [(12.0, 12.5), (22.0, 22.5)])
+    got = timelines.waiting_for_peers([w0, w1], [(0.0, 30.0), (0.0, 30.0)])
+    assert got == [pytest.approx({"wait": 4.0, "wire": 4.0}), {"wait": 0.0, "wire": 0.0}]
+    # The window bounds it; unequal sync counts (a swarm's skipped rounds) give nothing.
+    assert timelines.waiting_for_peers([w0, w1], [(0.0, 15.0), (0.0, 15.0)])[0]["wait"] == 2.0
+    assert timelines.waiting_for_peers([w0, w1[1:]], [(0.0, 30.0)] * 2) is None
+    run = {"workers": [{"train_seconds": 30.0, "waiting_for_peers": got[0],
+                        "seconds_by_kind": timelines.breakdown(w0, 0.0, 30.0)}]}  # fmt: skip
+    f = aggregate.time_fractions(run)
+    assert f is not None and f["train"]["wait for peers"] == pytest.approx(4.0 / 30)
+    assert f["train"]["wait"] == pytest.approx(5.0 / 30)
+
+
+def test_report_shows_medians_spreads_blocked_fractions_and_the_timeline(tmp_path: Path) -> None:
+    c = suite.CEILING
+    w = [{"rank": 0, "blocked_fraction": 0.125, "train_seconds": 10.0, "flush_seconds": 0.5,
+          "seconds_by_kind": {"train": {"compute": 9.0, "wait": 1.0}, "comm": {"wire": 4.0}}}]  # fmt: skip
+    runs = [
+        _tput("local", c, 100.0, 0, 0), _tput("diloco-h25-eager", "20mbit", 96.0, 0, 1, workers=w, blocked_fraction=0.125),
+        _tput("local", c, 100.0, 0, 2), _tput("diloco-h25-eager", "20mbit", 91.0, 1, 1, workers=w, blocked_fraction=0.25),
+        _tput("local", c, 100.0, 1, 0), _tput("local", c, 100.0, 1, 2),
+    ]  # fmt: skip
+    agg = aggregate.aggregate_throughput(runs)
+    cut = {"method": "diloco-h25-eager", "label": "DiLoCo H=25 eager", "rate": "20mbit",
+           "repeat": 0, "ratio_to_ceiling": 0.935, "blocked_fraction": 0.125, "start": 0.0,
+           "seconds": 2.0, "workers": [[{"kind": "compute", "lane": "train", "start": 0.0, "end": 1.5},
+                                         {"kind": "wire", "lane": "comm", "start": 0.5, "end": 2.0}]]}  # fmt: skip
+    results = {"profile": "unit", "settings": {"task": {"n_layer": 1, "n_embd": 8, "steps": 4}, "workers": 2, "seeds": [0]},
+               "aggregate": {"throughput": agg, "timelines": [cut]}}  # fmt: skip
+    text = report._throughput(results)
+    assert (
+        "| 20mbit | DiLoCo H=25 eager | 93.5 | 0.935 [0.910–0.960] | 0.188 [0.125–0.250] "
+        "| 0.050 [0.050–0.050] |" in text
+    )
+    assert (
+        "| 20mbit | DiLoCo H=25 eager | 90.0% |  | 10.0% |  |  |  | 40.0% |  |  |"
+        in report._time_breakdown(results)
+    )
+    plots.plot_timelines(results, tmp_path / "t.png")
+    assert _png(tmp_path / "t.png")
+
+
+def test_peer_workers_in_processes_of_their_own_meet_through_files(tmp_path: Path) -> None:
+    from scripts.bench.peers.workers import ProcessWorker
+
+    out = tmp_path / "evals.jsonl"
+    w0 = ProcessWorker(0, 2, 5.0, tmp_path / "rv", out, inbox=["mine"])
+    w1 = ProcessWorker(1, 2, 5.0, tmp_path / "rv")
+    w0.broadcast({"address": "10.0.0.1"})
+    assert w0.receive("own") == "mine"  # rank 0 gives itself what it broadcast
+    assert w1.receive("address") == {"address": "10.0.0.1"}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        late = pool.submit(lambda: (time.sleep(0.3), w1.wait_for_all()))
+        t0 = time.monotonic()
+        w0.wait_for_all()  # returns only once rank 1 has arrived
+        assert time.monotonic() - t0 >= 0.25
+        late.result()
+    w0.report({"step": 0, "eval_loss": 5.5})
+    w1.report({"step": 0, "eval_loss": 9.9})  # only rank 0 writes the output
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [{"step": 0, "eval_loss": 5.5}]
+    for w in (w1, w0):
+        w.save_result({"rank": w.rank, "window": {"rank": w.rank}, "params": [float(w.rank)] * 3})
+    got = w0.collect_results()
+    assert [r["rank"] for r in got] == [0, 1] and list(got[1]["params"]) == [1.0, 1.0, 1.0]
+    assert json.loads((tmp_path / "rv" / "worker1.json").read_text()) == {"rank": 1}
+    with pytest.raises(RuntimeError, match="no worker 0's address within"):
+        ProcessWorker(1, 2, 0.1, tmp_path / "other").receive("worker 0's address")
+
+
+def test_peer_methods_run_one_process_per_host() -> None:
+    st = _settings()
+    ft = parse_method("torchft-h25")
+    assert ft.peer == "torchft" and ft.sync_every == 25 and ft.label.endswith("(peer)")
+    with pytest.raises(ValueError, match="takes only h<H>"):
+        parse_method("hivemind-h25-int8")
+    argv = suite.peer_throughput_argv(st, ft, "/py", Path("task.toml"), Path("/r"), 500)
+    a0, a1 = argv(0, "10.77.0.1"), argv(1, "10.77.0.2")
+    assert a0[:3] == ["/py", "-m", "scripts.bench.peers.torchft_diloco"]
+    assert a0[-4:] == ["--rank", "0", "--host", "10.77.0.1"] and a1[-3] == "1"
+    assert a0[a0.index("--rendezvous") + 1] == "/r" and a0[a0.index("--steps") + 1] == "500"
+
+
 def test_report_spells_commands_recorded_by_path_as_the_module() -> None:
     # Results from before the suite was a package name the script by path; the document
     # gives the command that runs now.
@@ -441,6 +674,35 @@ def test_tiny_shaped_run_wire_bytes_agree_with_the_library(tmp_path: Path) -> No
     assert w["wire_over_lib_pct"] < 10.0
     assert abs(w["residual_after_headers_pct"]) < 3.0
     assert t["ratio_to_ceiling"] > 0 and math.isfinite(t["ratio_to_ceiling"])
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.dist
+def test_torchft_peers_train_one_process_per_host_behind_shaped_links(tmp_path: Path) -> None:
+    # Each worker in its own namespace, reached only at its host's address: the replica
+    # group's store and the lighthouse must be advertised at that address, not loopback.
+    why = _can_shape()
+    if why is not None:
+        pytest.skip(why)
+    python = os.environ.get("LOWCOMM_TORCHFT_PYTHON") or suite.DEFAULT_TORCHFT_PYTHON
+    if not Path(python).exists():
+        pytest.skip(f"no torchft interpreter at {python} (make bench-peers)")
+    out = tmp_path / "out"
+    argv = [
+        "--profile", "smoke", "--phases", "throughput", "--rates", "100mbit",
+        "--throughput-methods", "torchft-h4", "--torchft-python", python,
+        "--work-dir", str(tmp_path / "work"), "--out", str(out), "--doc", str(tmp_path / "B.md"),
+    ]  # fmt: skip
+    assert suite.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert not [x for x in res["not_compared"] if "torchft" in x["what"]]
+    (run,) = [r for r in res["runs"]["throughput"] if r["method"] == "torchft-h4"]
+    assert run["outer_steps"] == 16 // 4 and run["library"] == "torchft"
+    assert [w["rank"] for w in run["workers"]] == [0, 1]
+    assert all(0 <= w["blocked_fraction"] < 1 for w in run["workers"])
+    # Its bytes crossed the shaped veths: at least the ring estimate of its all-reduces.
+    assert run["wire"][0]["tx_bytes"] >= run["lib_bytes_sent_rank0"] > 0
 
 
 def _swarm_argv(tmp_path: Path, rate: str) -> list[str]:

@@ -155,6 +155,37 @@ def test_torchft_diloco_matches_replay(tmp_path: Path) -> None:
     assert summary["final_eval_loss"] < summary["first_eval_loss"]
 
 
+@pytest.mark.dist
+def test_torchft_one_process_per_worker_matches_replay(tmp_path: Path) -> None:
+    # Launched as the suite launches it behind shaped links (one process per host, --rank),
+    # here on loopback: the same training as the forked launch, so the same oracle.
+    python = _torchft_python()
+    if python is None:
+        pytest.skip("torchft not importable (see test_torchft_diloco_matches_replay)")
+    steps, sync_every = 8, 4
+    out, rendezvous = tmp_path / "ft.jsonl", tmp_path / "rv"
+    cmd = [python, "-m", f"{PEERS}.torchft_diloco", "--config", str(TINY), "--out", str(out)]
+    cmd += [*f"--workers 2 --steps {steps} --sync-every {sync_every} --timeout 120".split()]
+    cmd += ["--rendezvous", str(rendezvous)]
+    procs = [
+        subprocess.Popen([*cmd, "--rank", str(r)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=150)
+        assert p.returncode == 0, err[-4000:]
+    *evals, summary = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 8]
+    assert summary["averaging_rounds_per_worker"] == [steps // sync_every] * 2
+    assert summary["max_abs_param_diff_between_workers"] == 0.0
+    expected = replay(_config(steps, sync_every), workers=2, average=True)
+    assert summary["final_eval_loss"] == pytest.approx(expected, abs=1e-4)
+    # Each worker left its training window and blocked seconds, as the recipe does.
+    for r in range(2):
+        window = json.loads((rendezvous / f"worker{r}.json").read_text())
+        assert window["rank"] == r and 0 <= window["blocked_seconds"] < window["train_seconds"]
+
+
 def test_torchft_script_exits_2_without_torchft(tmp_path: Path) -> None:
     probe = subprocess.run([sys.executable, "-c", "import torchft"], capture_output=True)
     if probe.returncode == 0:

@@ -14,16 +14,20 @@ Modules, one concept each:
 ========================  ===================================================================
 ``suite``                 the suite's settings, phases (quality, throughput, peers) and CLI
 ``methods``               method names (``diloco-h20-int8``) and the recipe options they set
-``profiles``              the benchmark matrices (``smoke``, ``default``, ``headline``)
+``profiles``              the benchmark matrices (``smoke``, ``default``, ``headline``,
+                          ``throughput``)
 ``launch``                one run: a process per worker, on loopback or in the simulator
 ``aggregate``             per-run records into tables (means, paired ratios, headline rows)
+``timelines``             the workers' timelines as numbers: time per span kind, waiting for
+                          a slower worker, the excerpts the plots draw
 ``plots``                 the PNGs
 ``report``                ``BENCHMARKS.md``, generated from results files only
 ``readme_table``          the README's tables, printed from the same results
 ``machine``               what the numbers were measured on
 ``codecs``                codec encode/decode bandwidth against memcpy
 ``wansim``, ``topology``  network namespaces behind ``tc tbf`` links; its names and commands
-``peers``                 torchft's and hivemind's optimizers on the same task (one loop)
+``peers``                 torchft's and hivemind's optimizers on the same task (one loop),
+                          forked on loopback or one process per host behind the links
 ========================  ===================================================================
 """
 

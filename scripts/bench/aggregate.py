@@ -86,32 +86,136 @@ def aggregate_quality(runs: list[dict[str, Any]], baseline: str = "ddp") -> dict
     return out
 
 
-def aggregate_throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per rate: the ceiling and each method's fraction of it, each the fastest of its passes.
+#: The rate recorded for ceiling runs (``--mode local`` sends nothing): they serve every link.
+CEILING = "ceiling"
 
-    Other processes on a shared machine only ever slow a run down, so the fastest of the
-    repeated runs is the least disturbed estimate of each cell (all of them are kept).
+
+def median_spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, smallest and largest of ``values`` (None for no values), and the values."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    return {
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+        "values": vals,
+    }
+
+
+def bracketing_ceilings(run: dict[str, Any], ceilings: list[dict[str, Any]]) -> list[float]:
+    """tokens/s of the ceiling runs a run is compared with: of its pass, the last one before
+    it and the first one after it (by ``slot``); for records without slots (an older plan:
+    every pass ran the ceiling first at each link), every ceiling of its pass and link."""
+    same = [c for c in ceilings if c.get("repeat", 0) == run.get("repeat", 0)]
+    if run.get("slot") is None or any(c.get("slot") is None for c in same):
+        return [c["tokens_per_s"] for c in same if c["rate"] == run["rate"]]
+    before = [c for c in same if c["slot"] < run["slot"]]
+    after = [c for c in same if c["slot"] > run["slot"]]
+    picked = ([max(before, key=lambda c: c["slot"])] if before else []) + (
+        [min(after, key=lambda c: c["slot"])] if after else []
+    )
+    return [c["tokens_per_s"] for c in picked]
+
+
+def run_blocked_fraction(run: dict[str, Any]) -> float | None:
+    """The run's blocked fraction: the mean over its workers (``worker<R>.json``); for runs
+    recorded before the workers wrote theirs, rank 0's ``comm_seconds`` ÷ training seconds."""
+    if run.get("blocked_fraction") is not None:
+        return float(run["blocked_fraction"])
+    if run.get("comm_seconds") is not None and run.get("train_seconds"):
+        return float(run["comm_seconds"]) / float(run["train_seconds"])
+    return None
+
+
+def run_flush_fraction(run: dict[str, Any]) -> float | None:
+    """Of the run's blocked fraction, the part spent landing what was still in flight after
+    the last step (the mean over workers); None for runs without it recorded."""
+    parts = [
+        w["flush_seconds"] / w["train_seconds"]
+        for w in run.get("workers") or []
+        if w.get("flush_seconds") is not None and w.get("train_seconds")
+    ]
+    return statistics.fmean(parts) if parts else None
+
+
+def time_fractions(run: dict[str, Any]) -> dict[str, dict[str, float]] | None:
+    """Per lane (``train``, ``comm``) and span kind: the fraction of the training window it
+    took, the mean over the run's workers (from their timelines), with ``wait for peers`` and
+    ``wire for peers``, the parts of ``wait`` and ``wire`` spent before the last worker had
+    started the same sync; None without timelines."""
+    workers = [w for w in run.get("workers") or [] if w.get("seconds_by_kind")]
+    if not workers:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for w in workers:
+        late = {f"{k} for peers": v for k, v in (w.get("waiting_for_peers") or {}).items()}
+        parts = [(lane, kinds) for lane, kinds in w["seconds_by_kind"].items()]
+        parts += [("train", {k: v for k, v in late.items() if k.startswith("wait")})]
+        parts += [("comm", {k: v for k, v in late.items() if k.startswith("wire")})]
+        for lane, kinds in parts:
+            for kind, sec in kinds.items():
+                slot = out.setdefault(lane, {})
+                slot[kind] = slot.get(kind, 0.0) + sec / w["train_seconds"] / len(workers)
+    return out
+
+
+def aggregate_throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per rate: the ceiling, and each method's tokens/s ÷ ceiling: the median over passes
+    with its smallest and largest, each pass's run divided by the ceiling runs bracketing it
+    (:func:`bracketing_ceilings`); and the blocked fraction, median over passes.
+
+    The median, not the fastest pass: a pass slowed down by other processes slows its ceiling
+    runs too, so paired ratios move less than tokens/s, and the median does not pick the one
+    pass that happened to be least disturbed.
     """
+    ceilings = [r for r in runs if r["method"] == "local" and r["tokens_per_s"]]
     out: dict[str, Any] = {}
-    for rate in dict.fromkeys(r["rate"] for r in runs):
-        block = [r for r in runs if r["rate"] == rate]
+    rates = [r["rate"] for r in runs if r["rate"] != CEILING]
+    for rate in dict.fromkeys(rates):
+        block = [r for r in runs if r["rate"] == rate and r["method"] != "local"]
+        ceil = [c for c in ceilings if c["rate"] in (rate, CEILING)]
         by_method: dict[str, list[dict[str, Any]]] = {}
         for r in block:
             if r["tokens_per_s"]:
                 by_method.setdefault(r["method"], []).append(r)
-        ceilings = [r["tokens_per_s"] for r in by_method.get("local", [])]
-        ceiling = max(ceilings) if ceilings else None
         methods = {}
         for name, rs in by_method.items():
-            if name == "local":
-                continue
-            r = max(rs, key=lambda x: x["tokens_per_s"])
+            paired = []
+            for r in rs:
+                c = bracketing_ceilings(r, ceil)
+                paired.append((r, r["tokens_per_s"] / statistics.fmean(c) if c else None))
+            ratios = median_spread([x for _, x in paired if x is not None])
+            blocked = median_spread(
+                [b for b in (run_blocked_fraction(r) for r in rs) if b is not None]
+            )
+            flush = median_spread([f for f in (run_flush_fraction(r) for r in rs) if f is not None])
+            # Older records have rank 0's comm_seconds only (and none for DP).
+            source = "workers" if all(r.get("workers") for r in rs) else "rank 0"
+            # The run of the median pass: its details (bytes, timeline) stand for the cell.
+            mid = ratios["median"]
+            median_run = (
+                min((p for p in paired if p[1] is not None), key=lambda p: abs(p[1] - mid))[0]
+                if mid is not None
+                else rs[0]
+            )
+            r = median_run
             methods[name] = {
                 "method": name,
                 "label": parse_method(name).label,
-                "tokens_per_s": r["tokens_per_s"],
+                "tokens_per_s": statistics.median(x["tokens_per_s"] for x in rs),
                 "tokens_per_s_runs": [x["tokens_per_s"] for x in rs],
-                "ratio_to_ceiling": r["tokens_per_s"] / ceiling if ceiling else None,
+                "ratio_to_ceiling": ratios["median"],
+                "ratio": ratios,
+                "blocked_fraction": blocked["median"],
+                "blocked": blocked,
+                "blocked_source": source,
+                "blocked_in_flush": flush,
+                "blocked_per_worker": [w.get("blocked_fraction") for w in r.get("workers") or []]
+                or None,
+                "time_fractions": time_fractions(r),
+                "median_run": r.get("key"),
                 "lib_bytes_sent_rank0": r["lib_bytes_sent_rank0"],
                 "lib_bytes_estimated": r["lib_bytes_estimated"],
                 "wire": r.get("wire_compare"),
@@ -125,11 +229,12 @@ def aggregate_throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "train_seconds": r["train_seconds"],
                 "comm_seconds": r.get("comm_seconds"),
             }
+        ceiling_runs = [c["tokens_per_s"] for c in ceil]
         out[rate] = {
             "rate": rate,
-            "rate_bps": block[0]["rate_bps"],
-            "ceiling_tokens_per_s": ceiling,
-            "ceiling_runs": ceilings,
+            "rate_bps": block[0]["rate_bps"] if block else None,
+            "ceiling_tokens_per_s": statistics.median(ceiling_runs) if ceiling_runs else None,
+            "ceiling_runs": ceiling_runs,
             "methods": methods,
         }
     return out

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,14 +192,19 @@ def _kill(procs: Sequence[subprocess.Popen[Any]]) -> None:
             return
 
 
+#: A worker's command from its rank and its host's address (peers launched one per host).
+ArgvFor = Callable[[int, str], list[str]]
+
+
 def run_workers(
-    argv: list[str],
+    argv: list[str] | ArgvFor,
     run_dir: Path,
     workers: int,
     threads: int,
     timeout: float,
     sim: wansim.WanSim | None = None,
     swarm: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``argv`` once per worker and wait; read interface counters when ``sim`` is given.
 
@@ -207,6 +212,10 @@ def run_workers(
     runs in host ``i``'s namespace (``GLOO_SOCKET_IFNAME`` its veth) and host 0's address.
     With ``swarm`` the workers are hivemind peers instead: a bootstrap DHT starts first (on
     host 0), and every worker joins through it as a world of one (:func:`peer_argv`).
+    ``argv`` may also be a function of the rank and the host's address (a peer library's
+    workers, which find each other on their own): then, as for ``swarm``, the workers get
+    no torch rendezvous variables.
+    ``env`` is added to every worker's environment (e.g. ``LOWCOMM_TIMELINE``).
 
     Returns:
         ``wall_s``; with ``sim`` also per-host counter deltas (tx/rx bytes and packets):
@@ -238,19 +247,24 @@ def run_workers(
         if swarm:
             dht, initial_peer = start_bootstrap(run_dir, addr, sim)
             helpers.append(dht)
+        isolated = swarm or callable(argv)
         for r in range(workers):
-            env = worker_env(r, workers, addr, port, threads)
-            cmd = argv
-            if swarm:
+            wenv = {**worker_env(r, workers, addr, port, threads), **(env or {})}
+            if callable(argv):
+                cmd = argv(r, sim.host_address(r) if sim is not None else "127.0.0.1")
+            elif swarm:
                 cmd = peer_argv(argv, run_dir, r, initial_peer, workers)
-                env = {k: v for k, v in env.items() if k not in _RENDEZVOUS_VARS}
+            else:
+                cmd = argv
+            if isolated:
+                wenv = {k: v for k, v in wenv.items() if k not in _RENDEZVOUS_VARS}
             kw: dict[str, Any] = {"stdout": files[r], "stderr": subprocess.STDOUT, "cwd": REPO}
             if sim is not None:
-                procs.append(sim.popen(r, cmd, env=env, **kw))
+                procs.append(sim.popen(r, cmd, env=wenv, **kw))
             else:
-                env["GLOO_SOCKET_IFNAME"] = "lo"
-                full = {**os.environ, **env}
-                for var in _RENDEZVOUS_VARS if swarm else ():
+                wenv["GLOO_SOCKET_IFNAME"] = "lo"
+                full = {**os.environ, **wenv}
+                for var in _RENDEZVOUS_VARS if isolated else ():
                     full.pop(var, None)
                 procs.append(subprocess.Popen(cmd, env=full, start_new_session=True, **kw))
         while True:
@@ -269,9 +283,7 @@ def run_workers(
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed and not _has_summary(metrics):
                 r = failed[0]
-                raise RunFailed(
-                    f"worker {r} exited {codes[r]} ({' '.join(argv)}):\n{_tail(logs[r])}"
-                )
+                raise RunFailed(f"worker {r} exited {codes[r]} ({_show(argv)}):\n{_tail(logs[r])}")
             if failed:
                 # Rank 0 wrote its summary, so every collective of the run completed: the
                 # failure is in teardown. The measurement stands; the anomaly is reported.
@@ -290,7 +302,7 @@ def run_workers(
                 break
             if time.monotonic() - t0 > timeout:
                 raise RunFailed(
-                    f"timed out after {timeout:.0f}s ({' '.join(argv)}):\n{_tail(logs[0])}"
+                    f"timed out after {timeout:.0f}s ({_show(argv)}):\n{_tail(logs[0])}"
                 )
             # Fast polling only while waiting for the first log record, so that the snapshot
             # lands close to it (before the next step's traffic).
@@ -309,6 +321,10 @@ def run_workers(
         for f in files:
             f.close()
     return out
+
+
+def _show(argv: list[str] | ArgvFor) -> str:
+    return " ".join(argv(0, "HOST") if callable(argv) else argv)
 
 
 def _counter_delta(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, int]]:
@@ -345,6 +361,24 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     if not summary or not evals:
         raise RunFailed(f"{run_dir}/metrics.jsonl has no summary or no evaluation")
     return {"evals": evals, "logs": logs, "summary": summary}
+
+
+def worker_dirs(run_dir: Path, workers: int, swarm: bool = False) -> list[Path]:
+    """Each worker's run directory: the run's (torch.distributed: every rank writes there,
+    ``worker<R>.json``), or a swarm peer's own (``peer<R>/``, where it is rank 0)."""
+    if swarm:
+        return [run_dir if r == 0 else run_dir / f"peer{r}" for r in range(workers)]
+    return [run_dir] * workers
+
+
+def read_workers(run_dir: Path, workers: int, swarm: bool = False) -> list[dict[str, Any] | None]:
+    """Each worker's ``worker<R>.json`` (its training window and blocked seconds, written by
+    the recipe), in rank order; None for a worker that wrote none."""
+    out: list[dict[str, Any] | None] = []
+    for r, d in enumerate(worker_dirs(run_dir, workers, swarm)):
+        path = d / f"worker{0 if swarm else r}.json"
+        out.append(json.loads(path.read_text(encoding="utf-8")) if path.exists() else None)
+    return out
 
 
 def bytes_at(logs: list[dict[str, Any]], step: int) -> int:

@@ -225,17 +225,20 @@ def plot_throughput(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=_SIZE)
     order = sorted(blocks, key=lambda r: xs_of[r])
     for name in names:
-        pts = [
-            (xs_of[r], blocks[r]["methods"][name]["ratio_to_ceiling"])
+        cells = [
+            (xs_of[r], blocks[r]["methods"][name])
             for r in order
             if name in blocks[r]["methods"]
             and blocks[r]["methods"][name]["ratio_to_ceiling"] is not None
         ]
-        if pts:
-            label = blocks[next(r for r in order if name in blocks[r]["methods"])]["methods"][name][
-                "label"
-            ]
-            ax.plot(*zip(*pts), marker="o", label=label, color=colors[name], lw=1.5)
+        if cells:
+            xs = [x for x, _ in cells]
+            ys = [c["ratio_to_ceiling"] for _, c in cells]
+            # The spread over passes: from the smallest paired ratio to the largest.
+            lo = [y - (c.get("ratio") or {}).get("min", y) for y, (_, c) in zip(ys, cells)]
+            hi = [(c.get("ratio") or {}).get("max", y) - y for y, (_, c) in zip(ys, cells)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", label=cells[0][1]["label"],
+                        color=colors[name], lw=1.5, capsize=3)  # fmt: skip
     ax.axhline(1.0, color="black", lw=0.8, ls=":", label="ceiling (no communication)")
     ax.set_xscale("log")
     ax.set_xticks([xs_of[r] for r in order])
@@ -247,9 +250,61 @@ def plot_throughput(results: dict[str, Any], path: Path) -> None:
         ax,
         path,
         "link rate per direction (tbf-shaped veth per worker)",
-        "tokens/s ÷ ceiling measured in the same run",
+        "tokens/s ÷ ceiling (median over passes; bars: smallest to largest)",
         _title(results, "Throughput vs link rate"),
     )
+
+
+#: Colours of the timeline's span kinds (lowcomm.comm.timeline.KINDS).
+_KIND_COLORS = {
+    "compute": "#4c72b0",
+    "prepare": "#dd8452",
+    "apply": "#937860",
+    "wait": "#c44e52",
+    "encode": "#8172b3",
+    "wire": "#55a868",
+    "decode": "#da8bc3",
+}
+
+
+def plot_timelines(results: dict[str, Any], path: Path) -> None:
+    """One panel per drawn throughput cell: per worker, the training loop's lane and the comm
+    thread's, each span a bar coloured by kind (inner spans drawn over outer ones)."""
+    cuts = results["aggregate"]["timelines"]
+    fig, axes = plt.subplots(len(cuts), 1, figsize=(12.0, 1.2 + 1.6 * len(cuts)), squeeze=False)
+    kinds = list(_KIND_COLORS)
+    for ax, cut in zip(axes[:, 0], cuts):
+        lanes: list[tuple[int, str]] = []
+        for w, spans in enumerate(cut["workers"]):
+            for lane in dict.fromkeys(s["lane"] for s in spans):
+                lanes.append((w, lane))
+        lanes.sort(key=lambda x: (x[0], x[1] != "train", x[1]))
+        index = {key: i for i, key in enumerate(lanes)}
+        for w, spans in enumerate(cut["workers"]):
+            # Longer spans first, so a wait inside a sync's start is drawn over it.
+            for s in sorted(spans, key=lambda s: s["start"] - s["end"]):
+                y = index[(w, s["lane"])]
+                ax.broken_barh([(s["start"], s["end"] - s["start"])], (y - 0.4, 0.8),
+                               color=_KIND_COLORS.get(s["kind"], "grey"), linewidth=0)  # fmt: skip
+        ax.set_yticks(range(len(lanes)))
+        ax.set_yticklabels([f"worker {w} {lane}" for w, lane in lanes], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, cut["seconds"])
+        blocked = cut.get("blocked_fraction")
+        ratio = cut.get("ratio_to_ceiling")
+        ax.set_title(
+            f"{cut['label']} at {cut['rate']} (pass {cut['repeat']}): "
+            f"{'n/a' if ratio is None else f'{ratio:.3f}'} of the ceiling, blocked "
+            f"{'n/a' if blocked is None else f'{blocked:.3f}'}",
+            fontsize=9,
+        )
+        ax.grid(alpha=0.3, axis="x")
+    axes[-1, 0].set_xlabel("seconds from the window's start (just before a sync)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_KIND_COLORS[k]) for k in kinds]
+    fig.legend(handles, kinds, loc="upper center", ncol=len(kinds), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
 
 
 def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -267,6 +322,8 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
             jobs.append(("loss_gap", plot_loss_gap))
     if agg["throughput"]:
         jobs.append(("throughput_vs_rate", plot_throughput))
+    if agg.get("timelines"):
+        jobs.append(("timelines", plot_timelines))
     for name, fn in jobs:
         path = out_dir / f"{name}.png"
         fn(results, path)

@@ -26,9 +26,15 @@ class Profile:
         peer_sync_every: H of the peer runs (compared with lowcomm's ``diloco-h<H>``).
         headline: role -> method for the headline table (``main``, ``fp32``, ``streaming``,
             ``topk``, ``topk_ef``).
-        throughput_repeats: passes over a rate's runs (ceiling, then every method); each
-            cell reports its fastest pass, since other processes on the machine only ever
-            slow a run down.
+        throughput_repeats: passes over the throughput runs (each method at every rate,
+            between two ceiling runs: :func:`scripts.bench.suite.throughput_plan`); each cell
+            reports the median of its passes and their spread.
+        throughput_seconds: the least training time a throughput run is meant to have; DP
+            under a shaped link then runs only as many steps as fill it (each of its steps
+            takes a whole fp32 sync on the wire). None: every run takes
+            ``throughput_steps``.
+        timelines: throughput cells (``method@rate``) whose workers' timelines the report
+            draws (from the run of the cell's median pass).
         run_timeout: seconds one quality run may take.
     """
 
@@ -44,6 +50,8 @@ class Profile:
     peer_sync_every: int
     headline: dict[str, str]
     throughput_repeats: int = 3
+    throughput_seconds: float | None = None
+    timelines: tuple[str, ...] = ()
     run_timeout: float = 1800.0
 
 
@@ -153,5 +161,51 @@ PROFILES: dict[str, Profile] = {
             "topk_ef": "diloco-h25-topk0.01-ef",
         },
         run_timeout=7200.0,
+    ),
+    # Issue 14: throughput where communication is a real cost. The demo's 0.87M-parameter
+    # GPT takes ~0.14 s per inner step on one core of the 2-core machine (measured alone: 40
+    # steps, median), so H=25 steps are ~3.5 s, and one full fp32 sync, 2(M-1)/M x 4 bytes x
+    # 875k = 3.5 MB per worker, takes about as long at 8 Mbit/s (~10 steps at 20 Mbit/s, ~2
+    # at 100 Mbit/s). 500 steps: at least 60 s of training per run; DP under a shaped link
+    # runs as many steps as fill 60 s with its all-reduces. The ceiling runs between every
+    # method's runs, in 3 passes; cells report medians. Throughput only: --phases throughput.
+    # About 3-3.5 hours on an idle 2-core machine (123 runs).
+    "throughput": Profile(
+        name="throughput",
+        base_config="recipes/configs/demo.toml",
+        task={"steps": 500, "eval_every": 100, "log_every": 25, "ckpt_every": 0},
+        seeds=(0,),
+        methods=(),
+        throughput_methods=(
+            "ddp",
+            "diloco-h25",
+            "diloco-h25-int8",
+            "streaming-p4-h100-o1",
+            "streaming-p4-h100-o5",
+            "streaming-p4-h100-o5-int8",
+            "diloco-h25-eager",
+            "diloco-h25-eager-int8",
+            # The peer libraries, one process per host behind the same links (torchft from
+            # its own venv: make bench-peers).
+            "torchft-h25",
+            "hivemind-h25",
+        ),
+        throughput_steps=500,
+        rates=("8mbit", "20mbit", "100mbit"),
+        peers=(),
+        peer_sync_every=25,
+        headline={},
+        throughput_repeats=3,
+        throughput_seconds=60.0,
+        timelines=(
+            "diloco-h25@20mbit",
+            "streaming-p4-h100-o1@20mbit",
+            "streaming-p4-h100-o5@20mbit",
+            "diloco-h25-eager@20mbit",
+            "diloco-h25-eager-int8@20mbit",
+            "ddp@20mbit",
+            "torchft-h25@20mbit",
+        ),
+        run_timeout=1800.0,
     ),
 }

@@ -145,7 +145,10 @@ def _settings(res: dict[str, Any]) -> str:
     s = res["settings"]
     t = s["task"]
     q = res["aggregate"]["quality"]
-    params = next(iter(q.values()))["num_params"] if q else None
+    tput = [r for r in res.get("runs", {}).get("throughput", []) if r.get("num_params")]
+    params = (
+        next(iter(q.values()))["num_params"] if q else (tput[0]["num_params"] if tput else None)
+    )
     rows = [
         ["model", f"byte-level GPT, {t['n_layer']} layers, width {t['n_embd']}, "
                   f"{t['n_head']} heads, context {t['seq_len']}, {fmt_num(params, ',')} parameters"],
@@ -163,7 +166,10 @@ def _settings(res: dict[str, Any]) -> str:
         ["seeds", ", ".join(map(str, s["seeds"]))],
         ["device / threads per worker", f"{s['device']} / {s['threads_per_worker']}"],
         ["throughput runs", f"{s['throughput_steps']} steps each at {', '.join(s['rates'])}; "
-                            f"passes per link: {s.get('throughput_repeats', 1)}"],
+                            f"passes: {s.get('throughput_repeats', 1)}"
+                            + (f"; DP under shaped links: steps for "
+                               f"{s['throughput_seconds']:g} s of all-reduce"
+                               if s.get("throughput_seconds") else "")],
     ]  # fmt: skip
     return table(["setting", "value"], rows)
 
@@ -281,6 +287,16 @@ def _gap(res: dict[str, Any], max_rows: int = 12) -> str:
     return table(["step", "DP loss"] + [f"{q[n]['label']}" for n in names], rows)
 
 
+def _spread(stat: dict[str, Any] | None, fmt: str) -> str:
+    """``median [min–max] (n)`` of a :func:`~scripts.bench.aggregate.median_spread` dict."""
+    if not stat or stat.get("median") is None:
+        return "n/a"
+    text = format(stat["median"], fmt)
+    if stat["n"] > 1:
+        text += f" [{format(stat['min'], fmt)}–{format(stat['max'], fmt)}]"
+    return text
+
+
 def _throughput(res: dict[str, Any]) -> str:
     blocks = res["aggregate"]["throughput"]
     if not blocks:
@@ -290,20 +306,50 @@ def _throughput(res: dict[str, Any]) -> str:
         ceil_runs = ", ".join(fmt_num(c, ".4g") for c in b["ceiling_runs"])
         rows.append(
             [rate, "ceiling (`local`, no communication)", fmt_num(b["ceiling_tokens_per_s"], ".4g"),
-             "1.000", "", ceil_runs]
+             "1", "0", "", ceil_runs]
         )  # fmt: skip
         for t in b["methods"].values():
-            comm = t.get("comm_seconds")
             every = ", ".join(fmt_num(x, ".4g") for x in t.get("tokens_per_s_runs", []))
+            blocked = _spread(t["blocked"], ".3f")
+            if t["blocked"]["n"] and t["blocked_source"] != "workers":
+                blocked += " (rank 0)"
             rows.append(
-                [rate, t["label"], fmt_num(t["tokens_per_s"], ".4g"),
-                 fmt_num(t["ratio_to_ceiling"], ".3f"),
-                 f"{comm:.2f} s" if comm is not None else "", every]
+                [rate, t["label"], fmt_num(t["tokens_per_s"], ".4g"), _spread(t["ratio"], ".3f"),
+                 blocked, _spread(t.get("blocked_in_flush"), ".3f"), every]
             )  # fmt: skip
     header = [
-        "link", "method", "tokens/s (fastest pass)", "÷ ceiling",
-        "blocked on comm (rank 0, fastest pass)", "tokens/s of every pass",
+        "link", "method", "tokens/s (median)", "÷ ceiling: median [min–max]",
+        "blocked on communication: median [min–max]", "of which after the last step",
+        "tokens/s of every pass",
     ]  # fmt: skip
+    return table(header, rows)
+
+
+#: The columns of the time-breakdown table: (lane, span kind).
+_TIME_COLUMNS = (
+    ("train", "compute"), ("train", "prepare"), ("train", "wait"), ("train", "wait for peers"),
+    ("train", "apply"), ("comm", "encode"), ("comm", "wire"), ("comm", "wire for peers"),
+    ("comm", "decode"),
+)  # fmt: skip
+
+
+def _time_breakdown(res: dict[str, Any]) -> str:
+    rows = []
+    for rate, b in res["aggregate"]["throughput"].items():
+        for t in b["methods"].values():
+            f = t.get("time_fractions")
+            if not f:
+                continue
+            rows.append(
+                [rate, t["label"]]
+                + [
+                    f"{100 * f[lane][kind]:.1f}%" if kind in f.get(lane, {}) else ""
+                    for lane, kind in _TIME_COLUMNS
+                ]
+            )
+    if not rows:
+        return "No timelines were recorded in these runs."
+    header = ["link", "method"] + [f"{lane}: {kind}" for lane, kind in _TIME_COLUMNS]
     return table(header, rows)
 
 
@@ -398,13 +444,48 @@ def _plots(res: dict[str, Any], res_dir: Path, doc_dir: Path) -> str:
         "loss_vs_tokens": "Eval loss vs training tokens (mean ± std over seeds)",
         "loss_vs_bytes": "Eval loss vs bytes sent per worker (log scale)",
         "loss_gap": "Eval loss / DP eval loss vs steps (paired by seed)",
-        "throughput_vs_rate": "tokens/s ÷ ceiling vs link rate",
+        "throughput_vs_rate": "tokens/s ÷ ceiling vs link rate (median over passes, bars: "
+        "smallest to largest)",
+        "timelines": "Timelines of the workers (median pass): what each thread did, second by "
+        "second, around a sync",
     }
     out = []
     for key, name in (res.get("plots") or {}).items():
         rel = os.path.relpath(res_dir / name, doc_dir)
         out.append(f"**{captions.get(key, key)}**\n\n![{captions.get(key, key)}]({rel})")
     return "\n\n".join(out) if out else "No plots."
+
+
+def _quality_sections(res: dict[str, Any]) -> list[str]:
+    if not res["aggregate"]["quality"]:
+        return ["### Quality", "No quality runs in this profile (a throughput-only profile)."]
+    return [
+        "### Headline",
+        headline_table(res),
+        "### Quality: final eval loss and bytes",
+        "Loss ratios are paired by seed (same seed: same initialisation and data) and then "
+        "averaged. Bytes are what each worker sent over the whole run, from lowcomm's own "
+        "counter (payload it serialised); DP's are the ring all-reduce estimate "
+        "2(M-1)/M x 4 x params per step, checked against interface counters below.",
+        _quality(res),
+        "### Loss gap to DP as a function of steps",
+        "Each cell: eval loss / DP eval loss at the same step and seed, mean ± std over seeds "
+        "(DiLoCo evaluates its global parameters, which change only at outer steps).",
+        _gap(res),
+    ]
+
+
+def _peer_sections(res: dict[str, Any]) -> list[str]:
+    if not res["aggregate"]["peers"] and not res["settings"].get("peers"):
+        return []  # a profile without the loopback peer phase
+    return [
+        "### Peers (loopback)",
+        "Same task, seeds, data streams and token budget through `scripts.bench.peers` (one training loop; the "
+        "libraries differ only in how they wrap the optimizer and communicate); torchft "
+        "evaluates its global parameters, hivemind its rank-0 local parameters (it keeps no "
+        "global copy). tokens/s include evaluations for all rows in this table.",
+        _peers(res),
+    ]
 
 
 def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
@@ -428,27 +509,42 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "Same model initialisation, the same per-worker data streams (batch of inner step s "
         "on worker r is a pure function of (seed, r, s)) and the same token budget for every "
         f"method; DP all-reduces gradients of the {s['workers']} workers' batches every step.",
-        "### Headline",
-        headline_table(res),
-        "### Quality: final eval loss and bytes",
-        "Loss ratios are paired by seed (same seed: same initialisation and data) and then "
-        "averaged. Bytes are what each worker sent over the whole run, from lowcomm's own "
-        "counter (payload it serialised); DP's are the ring all-reduce estimate "
-        "2(M-1)/M x 4 x params per step, checked against interface counters below.",
-        _quality(res),
-        "### Loss gap to DP as a function of steps",
-        "Each cell: eval loss / DP eval loss at the same step and seed, mean ± std over seeds "
-        "(DiLoCo evaluates its global parameters, which change only at outer steps).",
-        _gap(res),
+        *_quality_sections(res),
         "### Throughput under shaped links",
         "One network namespace per worker, each behind a `tbf`-shaped veth (the rate applies to "
         "upload and download), via `scripts.bench.wansim`; `loopback` runs without namespaces. "
         "tokens/s runs from the end of the step-0 evaluation to the last step's log record "
         "(every step of the run, no evaluation inside), counting every worker's tokens. "
-        "Each link's runs (the ceiling first, then every method) are repeated in passes and "
-        "each cell shows its fastest pass: other processes only ever slow a run down, so the "
-        "fastest is the least disturbed; every pass is listed.",
+        "The runs are repeated in passes. In a pass, each method runs at every link between two "
+        "ceiling runs, and each of its runs is divided by the mean of those two; each cell "
+        "shows the median of these paired ratios over passes, with the smallest and largest "
+        "in brackets (runs recorded by the older plan, which ran the ceiling first at each "
+        "link, are divided by the ceiling runs of their pass and link). tokens/s of every pass "
+        "are listed. **Blocked on communication** is the fraction of each worker's training "
+        "window its training loop spent waiting for communication (lowcomm: "
+        "`DiLoCo.stats.comm_seconds`, every wait and hand-off; DP: backward's wait for the "
+        "all-reduce after its last gradient bucket was launched), the mean over workers; "
+        "other processes on the machine slow every step, which moves tokens/s, but waiting "
+        "grows only when communication is not hidden. Cells marked (rank 0) come from runs "
+        "recorded before every worker wrote its own: rank 0's seconds. **After the last "
+        "step** is the part of it spent landing what was still in flight when training ended "
+        "(`DiLoCo.flush()`, a peer's `finish()`): paid once per run, so a run of this length "
+        "shows it and a longer run spreads it thinner; it also holds the wait of a worker "
+        "that finished first for the others.",
         _throughput(res),
+        "#### Where the time goes",
+        "From the workers' timelines (`LOWCOMM_TIMELINE`, `lowcomm.comm.timeline`) of each "
+        "cell's median pass: the share of the training window each span kind took, the mean "
+        "over workers, each instant counted once (a wait inside a sync's start counts as "
+        "wait). `train` is the training loop: compute (forward, backward, inner step), "
+        "prepare (pseudo-gradient, error feedback, hand-off), wait, apply (outer step, merge); "
+        "`comm` is lowcomm's comm thread: encode, wire (inside a collective), decode (and sum). "
+        "**for peers** is the part of wait (or wire) that lay before the last worker started "
+        "the same sync: a collective cannot finish before every worker has joined it, so that "
+        "time is spent waiting for a slower worker, not for the network. The comm thread's "
+        "shares overlap the training loop's; on a machine with fewer cores than threads, they "
+        "also compete for the same cores.",
+        _time_breakdown(res),
         "#### Bytes on the wire: interface counters beside the library's counters",
         "Host 0's veth counters against rank 0's library counter over the same window: from "
         "the first training log record (after the start-up: the rendezvous and the parameter "
@@ -460,12 +556,7 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "(`DiLoCo.flush()`) before its last log record, so the library's count covers every "
         "sync the run started. For DP the library column is the ring all-reduce estimate.",
         _wire(res),
-        "### Peers (loopback)",
-        "Same task, seeds, data streams and token budget through `scripts.bench.peers` (one training loop; the "
-        "libraries differ only in how they wrap the optimizer and communicate); torchft "
-        "evaluates its global parameters, hivemind its rank-0 local parameters (it keeps no "
-        "global copy). tokens/s include evaluations for all rows in this table.",
-        _peers(res),
+        *_peer_sections(res),
         "### Not compared, and why",
         _not_compared(res),
         "### Plots",

@@ -5,6 +5,8 @@ Run (from the repository root of a source checkout; shaped links need root, the 
     sudo .venv/bin/python -m scripts.bench.suite                      # default profile, minutes
     .venv/bin/python -m scripts.bench.suite --rates loopback          # no root: no shaped links
     sudo nohup .venv/bin/python -m scripts.bench.suite --profile headline > bench.log 2>&1 &
+    sudo nohup .venv/bin/python -m scripts.bench.suite --profile throughput --phases throughput \
+        > throughput.log 2>&1 &                                       # issue 14: hours, idle box
     .venv/bin/python -m scripts.bench.suite --profile smoke --out /tmp/b --doc /tmp/b/B.md
     .venv/bin/python -m scripts.bench.suite --dry-run                 # the plan, what is cached
     .venv/bin/python -m scripts.bench.suite --help
@@ -26,12 +28,17 @@ resumes where it stopped; ``--force`` reruns):
    evaluation. DP's bytes are the ring all-reduce estimate (torch DDP counts nothing); the shaped
    runs check that estimate against the interface counters.
 2. **Throughput** (one network namespace per worker behind ``tbf``-shaped links, via
-   :mod:`scripts.bench.wansim`; ``loopback`` runs without namespaces): short runs per method and
-   link rate. tokens/s is measured from the end of the step-0 evaluation to the last step's
-   log line (no evaluation inside). The ceiling is ``--mode local`` (no communication at all),
-   measured before and after each rate's block; every method is reported as a fraction of it.
-   The per-host interface byte counters are read when the step-0 evaluation is logged and
-   after the run, and put beside the library's own counter for the same window.
+   :mod:`scripts.bench.wansim`; ``loopback`` runs without namespaces): runs per method and
+   link rate, in passes (:func:`throughput_plan`). tokens/s is measured from the end of the
+   step-0 evaluation to the last step's log line (no evaluation inside). The ceiling is
+   ``--mode local`` (no communication at all), run before and after each method's runs in
+   every pass; each run is reported as a fraction of the two ceiling runs around it, and
+   each cell as the median over passes with its spread. Every worker records how long its
+   training loop was blocked on communication (``worker<R>.json``) and its timeline
+   (``LOWCOMM_TIMELINE``). The per-host interface byte counters are read when the step-0
+   evaluation is logged and after the run, and put beside the library's own counter for the
+   same window. Peer libraries (``torchft-h<H>``, ``hivemind-h<H>``) run here too, one
+   process per host like lowcomm's recipe, behind the same links.
 3. **Peers** (loopback): torchft 0.2.0 DiLoCo and hivemind 1.1.12 ``Optimizer
    (use_local_updates=True)`` through :mod:`scripts.bench.peers` on the same task and seeds
    (torchft from its own interpreter, ``--torchft-python``: ``make bench-peers`` builds it).
@@ -55,8 +62,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -66,6 +75,7 @@ from typing import Any
 
 from scripts.bench import REPO, plots, report, wansim
 from scripts.bench.aggregate import (
+    CEILING,
     aggregate_peers,
     aggregate_quality,
     aggregate_throughput,
@@ -73,19 +83,29 @@ from scripts.bench.aggregate import (
     write_csv,
 )
 from scripts.bench.launch import (
+    ArgvFor,
     RunFailed,
     _kill,
     _tail,
     bytes_at,
     quality_record,
     read_metrics,
+    read_workers,
     recipe_argv,
     run_with_retry,
     throughput_record,
+    worker_dirs,
 )
 from scripts.bench.machine import machine_info, python_command
 from scripts.bench.methods import Method, parse_method
 from scripts.bench.profiles import PROFILES, Profile
+from scripts.bench.timelines import (
+    breakdown,
+    excerpt,
+    read_timeline,
+    timeline_paths,
+    waiting_for_peers,
+)
 
 logger = logging.getLogger("lowcomm.bench")
 
@@ -121,6 +141,8 @@ class Settings:
     throughput_methods: list[Method]
     throughput_steps: int
     throughput_repeats: int
+    throughput_seconds: float | None
+    timelines: list[str]
     rates: list[str]
     peers: list[str]
     peer_sync_every: int
@@ -321,7 +343,7 @@ def _short(e: Exception) -> str:
 
 
 def _rate_bps(rate: str) -> int | None:
-    return None if rate in ("loopback", "unshaped") else wansim.parse_rate(rate)
+    return None if rate in ("loopback", "unshaped", CEILING) else wansim.parse_rate(rate)
 
 
 def _shaping_problem(rate: str) -> str | None:
@@ -343,77 +365,297 @@ def _network(rate: str, workers: int) -> Iterator[wansim.WanSim | None]:
         yield sim
 
 
+#: Every throughput worker records its timeline (cheap: see lowcomm.comm.timeline).
+TIMELINE_ENV = {"LOWCOMM_TIMELINE": "1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TputRun:
+    """One run of the throughput plan: a method at a rate, in pass ``repeat``, at ``slot``."""
+
+    method: Method
+    rate: str
+    repeat: int
+    slot: int
+
+    @property
+    def name(self) -> str:
+        """The run's file name (the ceiling's carries its slot: a pass has several)."""
+        if self.rate == CEILING:
+            return f"local-r{self.repeat}-s{self.slot}"
+        return self.method.name + (f"-r{self.repeat}" if self.repeat else "")
+
+
+def throughput_plan(methods: Sequence[Method], rates: Sequence[str], repeats: int) -> list[TputRun]:
+    """The throughput runs in the order they run: per pass, a ceiling run, then one method at
+    every rate, then the ceiling again, then the next method, ..., and a last ceiling.
+
+    Every method's runs are thus bracketed by ceiling runs minutes apart, and a drifting load
+    on the machine moves both alike; odd passes take the methods in reverse order, so no
+    method always runs first or last.
+    """
+    local = parse_method("local")
+    others = [m for m in methods if m.mode != "local"]
+    plan: list[TputRun] = []
+    for repeat in range(repeats):
+        slot = 0
+        order = others if repeat % 2 == 0 else others[::-1]
+        for method in [*order, None]:
+            plan.append(TputRun(local, CEILING, repeat, slot))
+            slot += 1
+            if method is None:
+                break
+            for rate in rates:
+                plan.append(TputRun(method, rate, repeat, slot))
+                slot += 1
+    return plan
+
+
+def run_steps(st: Settings, method: Method, rate: str) -> int:
+    """Inner steps of a throughput run: the profile's, except for DP under a shaped link,
+    which runs as many as its per-step all-reduces need to fill ``throughput_seconds`` at
+    the link's rate (its steps take the wire time of a whole fp32 sync each)."""
+    bps = _rate_bps(rate)
+    if method.mode != "ddp" or bps is None or not st.throughput_seconds:
+        return st.throughput_steps
+    workers = st.workers
+    sync_bits = 8 * 2 * (workers - 1) / workers * 4 * task_num_params(st.task)
+    steps = math.ceil(st.throughput_seconds * bps / sync_bits)
+    return max(10, min(st.throughput_steps, steps))
+
+
+def task_num_params(task: dict[str, Any]) -> int:
+    """Parameters of the task's model (built on the meta device: no memory, no time)."""
+    import torch
+
+    from lowcomm.gpt import GPT, GPTConfig
+
+    config = GPTConfig(
+        block_size=int(task["seq_len"]),
+        n_layer=int(task["n_layer"]),
+        n_head=int(task["n_head"]),
+        n_embd=int(task["n_embd"]),
+        tie_weights=bool(task["tie_weights"]),
+    )
+    with torch.device("meta"):
+        return int(GPT(config).num_params())
+
+
+def worker_records(run_dir: Path, workers: int, swarm: bool) -> list[dict[str, Any]]:
+    """Each worker's training window, blocked seconds, and (from its timeline) the seconds
+    of each span kind per lane inside that window."""
+    out = []
+    dirs = worker_dirs(run_dir, workers, swarm)
+    records = read_workers(run_dir, workers, swarm)
+    spans = [read_timeline(p) for p in timeline_paths(dirs, swarm)]
+    late = None
+    if all(w is not None for w in records):
+        late = waiting_for_peers(spans, [(w["start"], w["end"]) for w in records])  # type: ignore[index]
+    for rank, (w, ss) in enumerate(zip(records, spans)):
+        if w is None:
+            out.append({"rank": rank, "blocked_fraction": None})
+            continue
+        out.append(
+            {
+                "rank": rank,
+                "train_seconds": w["train_seconds"],
+                "blocked_seconds": w["blocked_seconds"],
+                "blocked_fraction": w["blocked_fraction"],
+                "flush_seconds": w.get("flush_seconds"),
+                "seconds_by_kind": breakdown(ss, w["start"], w["end"]) if ss else None,
+                "waiting_for_peers": late[rank] if late else None,
+            }
+        )
+    return out
+
+
 def throughput_phase(
     st: Settings, toml: Path, dry_run: bool = False
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Short runs per rate and method (ceiling before and after); returns records, skips."""
+    """The throughput plan (:func:`throughput_plan`); returns records, and what was skipped."""
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    local = parse_method("local")
-    steps = st.throughput_steps
-    base_extra = {"steps": steps, "eval_every": steps, "eval_batches": 1}
+    rates = []
     for rate in st.rates:
         problem = _shaping_problem(rate)
-        if problem is not None:
+        if problem is None:
+            rates.append(rate)
+        else:
             skipped.append({"what": f"throughput at {rate}", "why": problem})
             logger.warning("skipping throughput at %s: %s", rate, problem)
+    if not rates:
+        return records, skipped
+    plan = throughput_plan(st.throughput_methods, rates, st.throughput_repeats)
+    for n, run in enumerate(plan, 1):
+        method, rate = run.method, run.rate
+        steps = run_steps(st, method, rate)
+        extra = {
+            "steps": steps,
+            "eval_every": steps,
+            "eval_batches": 1,
+            "log_every": window_log_step(method, steps),
+        }
+        key = run_key(
+            {"kind": "throughput", "task": st.task, "method": method_key(method), "rate": rate,
+             "extra": extra, "workers": st.workers, "repeat": run.repeat, "slot": run.slot,
+             "timeline": True}
+        )  # fmt: skip
+        path = st.work_dir / "throughput" / rate / f"{run.name}.json"
+        cached = _cached(path, key, st.force)
+        if dry_run:
+            print(f"throughput {n}/{len(plan)} {rate} {run.name} ({steps} steps): "
+                  f"{'cached' if cached else 'to run'}")  # fmt: skip
             continue
-        plan = [
-            (m, i)
-            for i in range(st.throughput_repeats)
-            for m in [local, *(m for m in st.throughput_methods if m.mode != "local")]
-        ]
-        for method, repeat in plan:
-            extra = {**base_extra, "log_every": window_log_step(method, steps)}
-            key = run_key(
-                {"kind": "throughput", "task": st.task, "method": method_key(method), "rate": rate,
-                 "extra": extra, "workers": st.workers, "repeat": repeat}
-            )  # fmt: skip
-            name = method.name + (f"-r{repeat}" if repeat else "")
-            path = st.work_dir / "throughput" / rate / f"{name}.json"
-            cached = _cached(path, key, st.force)
-            if dry_run:
-                print(f"throughput {rate} {name}: {'cached' if cached else 'to run'}")
+        if cached is not None:
+            records.append(cached)
+            continue
+        run_dir = st.work_dir / "runs" / "throughput" / rate / run.name
+        argv: list[str] | ArgvFor = recipe_argv(toml, method, st.seeds[0], run_dir, extra)
+        if method.peer is not None:
+            python = _peer_python(st, method.peer)
+            if not Path(python).exists():
+                skipped.append({"what": f"throughput {run.name} at {rate}",
+                                "why": f"no interpreter at {python} (--torchft-python)"})  # fmt: skip
                 continue
-            if cached is not None:
-                records.append(cached)
-                continue
-            run_dir = st.work_dir / "runs" / "throughput" / rate / name
-            argv = recipe_argv(toml, method, st.seeds[0], run_dir, extra)
-            logger.info("throughput %s: %s", rate, name)
-            try:
-                with _network(rate, st.workers) as sim:
-                    launch = run_with_retry(
-                        argv,
-                        run_dir,
-                        st.workers,
-                        st.threads,
-                        st.run_timeout,
-                        sim=sim,
-                        swarm=method.swarm,
-                    )
+            argv = peer_throughput_argv(st, method, python, toml, run_dir, steps)
+        logger.info("throughput %d/%d: %s at %s", n, len(plan), run.name, rate)
+        net = "loopback" if rate == CEILING else rate
+        try:
+            with _network(net, st.workers) as sim:
+                launch = run_with_retry(
+                    argv,
+                    run_dir,
+                    st.workers,
+                    st.threads,
+                    st.run_timeout,
+                    sim=sim,
+                    swarm=method.swarm,
+                    env=TIMELINE_ENV,
+                )
+            if method.peer is None:
                 metrics = read_metrics(run_dir)
-            except RunFailed as e:
-                logger.error("throughput run %s at %s failed: %s", name, rate, e)
-                skipped.append({"what": f"throughput {name} at {rate}", "why": _short(e)})
-                continue
-            rec = {
-                "key": key,
-                "kind": "throughput",
-                "method": method.name,
-                "repeat": repeat,
-                "rate": rate,
-                "rate_bps": _rate_bps(rate),
-                "seed": st.seeds[0],
-                "command": argv,
-                **launch,
-                **throughput_record(metrics, st.workers if method.swarm else 1),
-            }
-            rec["wire_compare"] = wire_comparison(launch, metrics)
-            _save(path, rec)
-            logger.info("  %.3g tokens/s", rec["tokens_per_s"] or float("nan"))
-            records.append(rec)
+                measured = throughput_record(metrics, st.workers if method.swarm else 1)
+                wire = wire_comparison(launch, metrics)
+            else:
+                measured, wire = peer_throughput_record(run_dir, st.workers), None
+        except RunFailed as e:
+            logger.error("throughput run %s at %s failed: %s", run.name, rate, e)
+            skipped.append({"what": f"throughput {run.name} at {rate}", "why": _short(e)})
+            continue
+        workers = worker_records(run_dir, st.workers, method.swarm)
+        blocked = [w["blocked_fraction"] for w in workers if w["blocked_fraction"] is not None]
+        rec = {
+            "key": key,
+            "kind": "throughput",
+            "method": method.name,
+            "repeat": run.repeat,
+            "slot": run.slot,
+            "rate": rate,
+            "rate_bps": _rate_bps(rate),
+            "seed": st.seeds[0],
+            # A peer's workers differ only in --rank and --host: rank 0's stands for them.
+            "command": argv(0, "HOST") if callable(argv) else argv,
+            "run_dir": str(run_dir),
+            **launch,
+            **measured,
+            "workers": workers,
+            "blocked_fraction": statistics.fmean(blocked) if blocked else None,
+            "wire_compare": wire,
+        }
+        _save(path, rec)
+        short = st.throughput_seconds and rec["train_seconds"] < st.throughput_seconds
+        logger.info(
+            "  %.3g tokens/s, blocked %s, %.0f s of training%s",
+            rec["tokens_per_s"] or float("nan"),
+            "n/a" if rec["blocked_fraction"] is None else f"{rec['blocked_fraction']:.3f}",
+            rec["train_seconds"],
+            f" (short of the profile's {st.throughput_seconds:g} s)" if short else "",
+        )
+        records.append(rec)
     return records, skipped
+
+
+def peer_throughput_argv(
+    st: Settings, method: Method, python: str, toml: Path, run_dir: Path, steps: int
+) -> ArgvFor:
+    """A peer library's worker command, one process per host (``--rank``): the run directory
+    is the workers' rendezvous, where each also leaves ``worker<R>.json`` and its timeline."""
+    assert method.peer is not None and method.sync_every is not None
+    base = [
+        python, "-m", PEER_MODULES[method.peer], "--config", str(toml),
+        "--workers", str(st.workers), "--steps", str(steps),
+        "--sync-every", str(method.sync_every), "--seed", str(st.seeds[0]),
+        "--eval-every", str(steps), "--threads", str(st.threads),
+        "--out", str(run_dir / "peer.jsonl"), "--timeout", str(int(st.run_timeout)),
+        "--rendezvous", str(run_dir),
+    ]  # fmt: skip
+    return lambda rank, host: [*base, "--rank", str(rank), "--host", host]
+
+
+def peer_throughput_record(run_dir: Path, workers: int) -> dict[str, Any]:
+    """tokens/s of a peer run, every worker's tokens over the longest worker's training
+    window (from the end of its step-0 evaluation to the end of its last step, evaluations
+    left out: hivemind's workers need not finish together), and its counters."""
+    lines = [json.loads(x) for x in (run_dir / "peer.jsonl").read_text().splitlines() if x]
+    summary = next((x for x in lines if x.get("summary")), None)
+    if summary is None:
+        raise RunFailed(f"{run_dir}/peer.jsonl has no summary")
+    window = summary["windows"][0]
+    seconds = max(w["train_seconds"] for w in summary["windows"])
+    estimate = summary.get("bytes_sent_ring_estimate") or summary.get("bytes_sent_estimate")
+    return {
+        "steps": summary["steps"],
+        "tokens": summary["tokens"],
+        "train_seconds": seconds,
+        "tokens_per_s": summary["tokens"] / seconds if seconds > 0 else None,
+        "lib_bytes_sent_rank0": int(estimate or 0),
+        "lib_bytes_received_rank0": None,
+        "lib_bytes_estimated": True,
+        "num_params": summary["num_params"],
+        "outer_steps": summary["averaging_rounds"],
+        "peak_sync_bytes": None,
+        "comm_seconds": window["blocked_seconds"],
+        "library": summary["library"],
+        "version": summary["version"],
+    }
+
+
+def throughput_timelines(st: Settings, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Excerpts of the timelines the profile asks to draw (``method@rate``), each from the
+    run of its median pass (by tokens/s ÷ ceiling), read back from its run directory."""
+    out = []
+    paired = aggregate_throughput(runs)
+    for cell in st.timelines:
+        name, _, rate = cell.partition("@")
+        name = parse_method(name).name
+        item = paired.get(rate, {}).get("methods", {}).get(name)
+        if item is None or item.get("median_run") is None:
+            logger.warning("no throughput run of %s at %s to draw the timeline of", name, rate)
+            continue
+        run = next(r for r in runs if r["key"] == item["median_run"])
+        method = parse_method(name)
+        dirs = worker_dirs(Path(run["run_dir"]), st.workers, method.swarm)
+        spans = [read_timeline(p) for p in timeline_paths(dirs, method.swarm)]
+        # Two gaps between syncs (H, or H/P with fragments; DP: 5 steps), at this run's
+        # measured seconds per step: what one sync does to the steps around it.
+        gap = (method.sync_every or 5) // int(method.options.get("fragments") or 1)
+        seconds = 2 * max(1, gap) * run["train_seconds"] / max(1, run["steps"])
+        cut = excerpt(spans, seconds)
+        if cut is None:
+            logger.warning("no timeline spans in %s", run["run_dir"])
+            continue
+        out.append(
+            {
+                "method": name,
+                "label": method.label,
+                "rate": rate,
+                "repeat": run["repeat"],
+                "ratio_to_ceiling": item["ratio_to_ceiling"],
+                "blocked_fraction": run.get("blocked_fraction"),
+                **cut,
+            }
+        )
+    return out
 
 
 def _peer_python(st: Settings, library: str) -> str:
@@ -566,6 +808,10 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
         throughput_methods=tmethods,
         throughput_steps=args.throughput_steps or profile.throughput_steps,
         throughput_repeats=args.throughput_repeats or profile.throughput_repeats,
+        throughput_seconds=profile.throughput_seconds,
+        timelines=_csv_list(args.timelines)
+        if args.timelines is not None
+        else list(profile.timelines),
         rates=rates,
         peers=peers,
         peer_sync_every=args.peer_sync_every or profile.peer_sync_every,
@@ -604,7 +850,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="inner steps of the quality runs")
     p.add_argument("--throughput-steps", type=int, help="inner steps of each throughput run")
     p.add_argument(
-        "--throughput-repeats", type=int, help="passes over each rate's runs (best one counts)"
+        "--throughput-repeats", type=int, help="passes over the throughput runs (median counts)"
+    )
+    p.add_argument(
+        "--timelines",
+        help="throughput cells whose timeline to draw, as METHOD@RATE, comma-separated "
+        "(e.g. diloco-h25-eager@20mbit; empty: none)",
     )
     p.add_argument(
         "--rates", help="link rates: loopback (no namespaces), unshaped, or e.g. 100mbit"
@@ -650,10 +901,13 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
         quality_runs, failed = quality_phase(st, toml, dry_run)
         not_compared += failed
         walls["quality"] = time.monotonic() - t0
+    timelines: list[dict[str, Any]] = []
     if "throughput" in st.phases:
         t0 = time.monotonic()
         tput_runs, skipped = throughput_phase(st, toml, dry_run)
         not_compared += skipped
+        if not dry_run:
+            timelines = throughput_timelines(st, tput_runs)
         walls["throughput"] = time.monotonic() - t0
     if "peers" in st.phases:
         t0 = time.monotonic()
@@ -672,18 +926,15 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
             }
         )
     if st.peers and "peers" in st.phases:
-        # The peer scripts fork every worker from one parent on loopback: they have no
-        # per-host launch, so they cannot be put behind the simulator's links.
-        not_compared.append(
-            {
-                "what": "peers under shaped links (throughput vs link rate)",
-                "why": "the peer baselines (scripts.bench.peers) fork all workers from one parent process on "
-                "loopback (torchft's lighthouse and hivemind's DHT address are handed to the "
-                "workers in memory); a one-process-per-host launch for them is not built, so "
-                "torchft and hivemind's Optimizer are compared on loopback only. lowcomm's own "
-                "hivemind backend does run behind the shaped links: the swarm-* methods.",
-            }
-        )
+        if not any(m.peer for m in st.throughput_methods):
+            not_compared.append(
+                {
+                    "what": "peers under shaped links (throughput vs link rate)",
+                    "why": "this profile's throughput methods name no peer library; "
+                    "torchft-h<H> and hivemind-h<H> run them one process per host behind "
+                    "the same links as lowcomm's methods (--throughput-methods)",
+                }
+            )
         not_compared.append(
             {
                 "what": "peers' bytes on the wire",
@@ -728,12 +979,14 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
             "peers": st.peers,
             "peer_sync_every": st.peer_sync_every,
             "throughput_repeats": st.throughput_repeats,
+            "throughput_seconds": st.throughput_seconds,
             "headline_roles": st.profile.headline,
         },
         "runs": {"quality": quality_runs, "throughput": tput_runs, "peers": peer_runs},
         "aggregate": {
             "quality": quality,
             "throughput": aggregate_throughput(tput_runs),
+            "timelines": timelines,
             "peers": aggregate_peers(peer_runs, quality, st.peer_sync_every),
         },
         "headline": headline_rows(quality, st.profile.headline, st.workers, int(st.task["steps"])),
@@ -788,6 +1041,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         path = st.out_dir / "results.json"
         results = json.loads(path.read_text(encoding="utf-8"))
+        # Aggregated afresh from the runs kept in the file: tables follow the aggregation of
+        # this version (the timeline excerpts need the run directories, so they stay).
+        results["aggregate"]["throughput"] = aggregate_throughput(results["runs"]["throughput"])
         write_outputs(results, st.out_dir, st.doc)
         return 0
     try:

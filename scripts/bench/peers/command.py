@@ -12,11 +12,21 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from lowcomm.config import TrainConfig, load_config
+from scripts.bench.peers.workers import ProcessWorker
 
-__all__ = ["build_config", "cli", "library_missing", "parse_args", "threads", "write_summary"]
+__all__ = [
+    "build_config",
+    "cli",
+    "library_missing",
+    "parse_args",
+    "process_worker",
+    "threads",
+    "write_summary",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +76,22 @@ def parse_args(
         help="seconds the workers may take, from fork to their last result (then all are killed)",
     )
     p.add_argument("--verbose", action="store_true", help="show the library's own INFO logs")
+    p.add_argument(
+        "--rank",
+        type=int,
+        help="run only this worker, in this process (one process per worker, e.g. one per "
+        "network namespace; every worker gets the same --rendezvous); default: fork them all",
+    )
+    p.add_argument(
+        "--rendezvous",
+        help="with --rank: a directory every worker sees (messages, barriers, results; also "
+        "each worker's worker<R>.json and timeline)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="with --rank: this worker's address, which the others reach it at",
+    )
     if add_arguments is not None:
         add_arguments(p)
     args = p.parse_args(argv)
@@ -75,7 +101,23 @@ def parse_args(
             p.error(f"--{name.replace('_', '-')} ({value}) must be >= 1")
     if not args.timeout > 0:
         p.error(f"--timeout ({args.timeout}) must be > 0")
+    if args.rank is not None:
+        if not 0 <= args.rank < args.workers:
+            p.error(f"--rank ({args.rank}) must be in [0, --workers ({args.workers}))")
+        if not args.rendezvous:
+            p.error("--rank needs --rendezvous (a directory every worker sees)")
     return args
+
+
+def process_worker(args: argparse.Namespace) -> ProcessWorker:
+    """This process's worker for ``--rank`` (rank 0 writes the evaluations to ``--out``)."""
+    return ProcessWorker(
+        args.rank,
+        args.workers,
+        op_timeout(args),
+        Path(args.rendezvous),
+        Path(args.out) if args.rank == 0 else None,
+    )
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:

@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -69,7 +70,7 @@ from torch import nn
 
 from lowcomm.config import TrainConfig
 from scripts.bench.peers import command, loop
-from scripts.bench.peers.workers import Worker, run_workers
+from scripts.bench.peers.workers import Worker, run_one_worker, run_workers
 
 # hivemind reads its log level once, at import; --verbose raises it afterwards.
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
@@ -82,7 +83,6 @@ except ImportError as e:
 
 LIBRARY = "hivemind"
 DESCRIPTION = "hivemind 1.1.12 Optimizer(use_local_updates=True) on lowcomm's task (peer baseline)"
-LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
 class CountingAverager(DecentralizedAverager):
@@ -193,13 +193,15 @@ def hivemind_optimizer(
     inner: torch.optim.Optimizer,
     options: dict[str, Any],
 ) -> Iterator[HivemindPeer]:
-    """One hivemind peer (this process plus hivemind's DHT/averager processes and p2pd)."""
+    """One hivemind peer (this process plus hivemind's DHT/averager processes and p2pd),
+    listening on ``options["host"]``."""
+    listen = [f"/ip4/{options['host']}/tcp/0"]
     if worker.rank == 0:
-        dht = hivemind.DHT(start=True, host_maddrs=LOOPBACK)
+        dht = hivemind.DHT(start=True, host_maddrs=listen)
         worker.broadcast([str(a) for a in dht.get_visible_maddrs()])
     else:
         peers = worker.receive("worker 0's DHT address")
-        dht = hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=peers)
+        dht = hivemind.DHT(start=True, host_maddrs=listen, initial_peers=peers)
     opt = None
     try:
         init_params = [p.detach().clone() for p in model.parameters()]
@@ -292,17 +294,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "min_refresh_period": args.refresh_period,
             "default_refresh_period": args.refresh_period,
         },
-        "run_id": f"lowcomm_peer_{os.getpid()}",
+        # One run id per launch: the parent's pid, or the shared rendezvous directory.
+        "run_id": f"lowcomm_peer_{os.getpid()}"
+        if args.rank is None
+        else "lowcomm_peer_" + hashlib.sha256(args.rendezvous.encode()).hexdigest()[:12],
+        "host": args.host,
     }
     factory = functools.partial(hivemind_optimizer, options=options)
-    results = run_workers(
-        functools.partial(loop.train, cfg=cfg, threads=threads, factory=factory),
-        args.workers,
-        (),
-        args.timeout,
-        command.op_timeout(args),
-        Path(args.out),
-    )
+    target = functools.partial(loop.train, cfg=cfg, threads=threads, factory=factory)
+    if args.rank is None:
+        results = run_workers(
+            target, args.workers, (), args.timeout, command.op_timeout(args), Path(args.out)
+        )
+    else:
+        results = run_one_worker(target, command.process_worker(args))
+        if results is None:
+            return {}  # not rank 0: rank 0 writes the summary
     num_params = len(results[0]["params"])
     rounds = results[0]["averaging_rounds"]
     m = args.workers

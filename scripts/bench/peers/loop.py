@@ -12,6 +12,14 @@ eval_loss, wall, tokens_per_s`` plus the library's ``progress()`` counters. ``wa
 from the moment all workers are set up (a barrier) to the end of their last step,
 evaluations included (``eval_s`` says how long they took), so it compares with the recipe's
 ``elapsed_s``; ``tokens`` counts all workers' training tokens.
+
+Each worker also measures, as the recipe does for lowcomm (``worker<R>.json``), its training
+``window`` (from the end of the step-0 evaluation to the end of its last step, later
+evaluations left out) and the seconds its loop was **blocked** in it: the time inside the
+library's ``step()`` beyond the inner optimizer's own step, timed by hooks on the inner
+optimizer (:class:`InnerStepClock`), which is the library's communication and bookkeeping.
+With ``LOWCOMM_TIMELINE`` set, these are also ``compute`` and ``wait`` spans of lowcomm's
+timeline (:mod:`lowcomm.comm.timeline`).
 """
 
 from __future__ import annotations
@@ -28,13 +36,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowcomm.comm.timeline import TIMELINE, span
 from lowcomm.config import TrainConfig
 from lowcomm.data import eval_batches, sample_batch
 from lowcomm.gpt import GPT, GPTConfig
 from recipes import train_lm as recipe
 from scripts.bench.peers.workers import Worker
 
-__all__ = ["PeerFactory", "PeerOptimizer", "eval_loss", "load_eval_set", "summarise", "train"]
+__all__ = [
+    "InnerStepClock",
+    "PeerFactory",
+    "PeerOptimizer",
+    "eval_loss",
+    "load_eval_set",
+    "summarise",
+    "train",
+]
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -80,6 +97,37 @@ PeerFactory = Callable[
     [Worker, TrainConfig, nn.Module, torch.optim.Optimizer],
     AbstractContextManager[PeerOptimizer],
 ]
+
+
+class InnerStepClock:
+    """Seconds the inner optimizer's own ``step`` takes, from step hooks on it.
+
+    A library's ``step()`` minus these is what its communication and bookkeeping cost the
+    training loop. torch runs an optimizer's hooks in the order they were registered, and
+    a library may hook the inner optimizer itself (torchft syncs in a post-hook): so the
+    post-hook is registered at construction, before the library wraps the optimizer, and the
+    pre-hook by :meth:`arm`, after it, which leaves the library's hooks outside the timing.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.seconds = 0.0
+        self._inner = inner
+        self._start: float | None = None
+        inner.register_step_post_hook(self._post)
+
+    def arm(self) -> None:
+        """Register the pre-hook; call once the library has wrapped the inner optimizer."""
+        self._inner.register_step_pre_hook(self._pre)
+
+    def _pre(self, *_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _post(self, *_: Any) -> None:
+        if self._start is not None:
+            end = time.perf_counter()
+            self.seconds += end - self._start
+            TIMELINE.add("compute", self._start, end)
+            self._start = None
 
 
 def make_model(cfg: TrainConfig) -> GPT:
@@ -134,7 +182,10 @@ def train(worker: Worker, cfg: TrainConfig, threads: int, factory: PeerFactory) 
     evals: list[tuple[int, float]] = []
     eval_s = 0.0
     tokens_per_step = cfg.batch_size * cfg.seq_len * worker.num_workers
+    clock = InnerStepClock(inner)
+    blocked = 0.0
     with factory(worker, cfg, model, inner) as opt:
+        clock.arm()
         # After the factory: hivemind creates the optimizer state by a step of its own, and
         # the schedule must drive the very AdamW the library steps.
         sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda s: recipe.lr_factor(cfg, s))
@@ -165,28 +216,40 @@ def train(worker: Worker, cfg: TrainConfig, threads: int, factory: PeerFactory) 
         worker.wait_for_all()
         t0 = time.perf_counter()
         maybe_eval(0, t0)
+        window_start, evals_before = time.time(), eval_s
         for step in range(cfg.steps):
-            x, y = sample_batch(
-                corpus.train,
-                batch_size=cfg.batch_size,
-                seq_len=cfg.seq_len,
-                seed=cfg.seed,
-                rank=rank,
-                world_size=worker.num_workers,
-                step=step,
-            )
-            _, loss = model(x, y)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            with span("compute"):
+                x, y = sample_batch(
+                    corpus.train,
+                    batch_size=cfg.batch_size,
+                    seq_len=cfg.seq_len,
+                    seed=cfg.seed,
+                    rank=rank,
+                    world_size=worker.num_workers,
+                    step=step,
+                )
+                _, loss = model(x, y)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            t_step, inner_before = time.perf_counter(), clock.seconds
             opt.step()
+            t_end = time.perf_counter()
+            blocked += max(0.0, t_end - t_step - (clock.seconds - inner_before))
+            TIMELINE.add("wait", t_step, t_end)  # the inner step's compute span lies inside
             opt.zero_grad()
             sched.step()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"rank {rank}: loss {loss.item()} at step {step}")
             maybe_eval(step + 1, t0)
-        opt.finish()
+        t_finish = time.perf_counter()
+        opt.finish()  # lands what is still in flight: blocked, as lowcomm's flush() is
+        flushed = time.perf_counter() - t_finish
+        blocked += flushed
+        TIMELINE.add("wait", t_finish, t_finish + flushed)
         wall = time.perf_counter() - t0
+        window_end = time.time()
+        seconds = window_end - window_start - (eval_s - evals_before)
         # Nobody leaves (and takes its share of an average with it) before all are done.
         worker.wait_for_all()
         result = opt.result()
@@ -196,6 +259,15 @@ def train(worker: Worker, cfg: TrainConfig, threads: int, factory: PeerFactory) 
         "wall": wall,
         "eval_s": eval_s,
         "evals": evals,
+        "window": {
+            "rank": rank,
+            "start": window_start,
+            "end": window_end,
+            "train_seconds": seconds,
+            "blocked_seconds": blocked,
+            "blocked_fraction": blocked / seconds if seconds > 0 else None,
+            "flush_seconds": flushed,
+        },
         **result,
         "params": params,
     }
@@ -252,6 +324,7 @@ def summarise(
         "tokens_per_s": tokens / max(wall, 1e-9),
         "averaging_rounds": results[0]["averaging_rounds"],
         "averaging_rounds_per_worker": [r["averaging_rounds"] for r in results],
+        "windows": [r["window"] for r in results],
         "expected_rounds_at_sync_every": cfg.steps // cfg.sync_every,
         "config": cfg.to_dict(),
         "command": " ".join([sys.executable, *sys.argv]),

@@ -55,7 +55,7 @@ from torch import nn
 
 from lowcomm.config import TrainConfig
 from scripts.bench.peers import command, loop
-from scripts.bench.peers.workers import Worker, run_workers
+from scripts.bench.peers.workers import Worker, run_one_worker, run_workers
 
 os.environ.setdefault("RUST_LOG", "warn")
 try:
@@ -139,9 +139,14 @@ class TorchftPeer:
 
 @contextlib.contextmanager
 def torchft_diloco(
-    worker: Worker, cfg: TrainConfig, model: nn.Module, inner: torch.optim.Optimizer
+    worker: Worker,
+    cfg: TrainConfig,
+    model: nn.Module,
+    inner: torch.optim.Optimizer,
+    host: str = "127.0.0.1",
 ) -> Iterator[TorchftPeer]:
-    """One torchft replica group (this process) running DiLoCo around ``inner``."""
+    """One torchft replica group (this process) running DiLoCo around ``inner``; ``host`` is
+    the address the other replicas reach it at."""
     outer = torch.optim.SGD(
         model.parameters(),
         lr=cfg.outer_lr,
@@ -174,11 +179,13 @@ def torchft_diloco(
         connect_timeout=timeout,
         rank=0,
         world_size=1,
-        store_addr="127.0.0.1",
+        # Other replicas rendezvous through this store when the quorum picks it: they
+        # must reach it at this host's address (the store listens on every interface).
+        store_addr=host,
         store_port=store.port,
         lighthouse_addr=lighthouse_addr,
         replica_id=f"lowcomm_peer_{worker.rank}",
-        hostname="127.0.0.1",
+        hostname=host,
         max_retries=3,
     )
     try:
@@ -186,6 +193,28 @@ def torchft_diloco(
             yield TorchftPeer(model, inner, manager, pg, diloco)
     finally:
         manager.shutdown(wait=False)
+
+
+def _one_worker(
+    args: Any, cfg: TrainConfig, threads: int, servers: list[LighthouseServer]
+) -> list[dict[str, Any]] | None:
+    """``--rank``: this process is one replica group; rank 0 also runs the lighthouse (on
+    its host, every address) and tells the others where it is."""
+    worker = command.process_worker(args)
+    if worker.rank == 0:
+        lighthouse = LighthouseServer(
+            bind="[::]:0",
+            min_replicas=args.workers,
+            join_timeout_ms=int(command.op_timeout(args) * 1000),
+        )
+        servers.append(lighthouse)
+        address = f"http://{args.host}:{lighthouse.address().rsplit(':', 1)[1]}"
+        worker.broadcast(address)
+        worker.inbox.append(address)
+    factory = functools.partial(torchft_diloco, host=args.host)
+    return run_one_worker(
+        functools.partial(loop.train, cfg=cfg, threads=threads, factory=factory), worker
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -216,18 +245,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return f"http://127.0.0.1:{lighthouse.address().rsplit(':', 1)[1]}"
 
     try:
-        results = run_workers(
-            functools.partial(loop.train, cfg=cfg, threads=threads, factory=torchft_diloco),
-            args.workers,
-            (),
-            args.timeout,
-            op_timeout,
-            Path(args.out),
-            on_started=start_lighthouse,
-        )
+        if args.rank is None:
+            results = run_workers(
+                functools.partial(loop.train, cfg=cfg, threads=threads, factory=torchft_diloco),
+                args.workers,
+                (),
+                args.timeout,
+                op_timeout,
+                Path(args.out),
+                on_started=start_lighthouse,
+            )
+        else:
+            results = _one_worker(args, cfg, threads, servers)
     finally:
         for server in servers:
             server.shutdown()
+    if results is None:
+        return {}  # not rank 0: rank 0 writes the summary
 
     payload = results[0]["allreduce_payload_bytes"]
     m = args.workers
