@@ -66,6 +66,18 @@ def test_method_grammar() -> None:
     assert parse_method("diloco-h4-o1").name == "diloco-h4-o1"
     sw = parse_method("swarm-h25-int8")
     assert sw.swarm and not m.swarm and sw.options["backend"] == "hivemind"
+    # The inner learning rate is a knob of every kind, DP included (equal tuning effort).
+    d = parse_method("ddp-ilr0.004")
+    assert d.name == "ddp-ilr0.004" and d.options == {"mode": "ddp", "inner_lr": 0.004}
+    g = parse_method("diloco-ilr.003-h25-int8-lr0.5-m0.8")
+    assert g.name == "diloco-h25-int8-ilr0.003-lr0.5-m0.8"
+    assert (g.options["inner_lr"], g.options["outer_lr"]) == (0.003, 0.5)
+    assert parse_method("ddp-ilr0.00001").name == "ddp-ilr0.00001"  # never 1e-05: '-' splits
+    # SparseLoCo's compressor as its reference runs it: tiled top-k per tensor.
+    tl = parse_method("diloco-h25-tiled64-ef0.95-lr1-m0")
+    assert tl.name == "diloco-h25-tiled64x64q2-ef0.95-lr1-m0"
+    assert tl.options["compression"] == "ef@0.95:tiled:64:64:2"
+    assert parse_method("diloco-h25-tiled32x32q32").options["compression"] == "tiled:32:32:32"
     assert sw.options["compression"] == "int8" and "hivemind" in sw.label
     # Every generated option is one the recipe accepts.
     from lowcomm.config import load_config
@@ -76,6 +88,8 @@ def test_method_grammar() -> None:
         "streaming-p4-h20",
         "diloco-h20-topk0.01-ef",
         "diloco-h20-topk0.01-ef0.95-m0",
+        "diloco-h25-tiled64-ef0.95-lr1-m0",
+        "ddp-ilr0.004",
         "ddp",
     ):
         opts = parse_method(name).options
@@ -86,7 +100,8 @@ def test_method_grammar() -> None:
     ("name", "rule"),
     [
         ("sgd", "kind"),
-        ("ddp-h20", "takes no options"),
+        ("ddp-h20", "takes only ilr"),
+        ("ddp-ilr0.1-ilr0.2", "2 times"),
         ("diloco-h20-zip", "unknown token"),
         ("streaming-p3-h20", "must divide"),
         ("streaming-p4-h4", "fragment spacing"),

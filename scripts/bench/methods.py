@@ -9,6 +9,9 @@ import dataclasses
 import re
 from typing import Any
 
+# A non-negative decimal number: 0.7, 1, .5, 0.004 (no exponent: "-" separates tokens).
+_NUMBER = r"(\d*\.?\d+)"
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
@@ -57,21 +60,33 @@ def parse_method(name: str) -> Method:
     DiLoCo kinds
     any of ``h<H>`` (sync_every, default 20), ``p<P>`` (fragments; streaming default 4),
     ``o<tau>`` (overlap_steps; streaming default 1), one compression token (``int8``, ``int4``,
-    ``fp16``, ``bf16``, ``topk<FRACTION>``), ``ef`` (error feedback) or ``ef<DECAY>`` (error
+    ``fp16``, ``bf16``, ``topk<FRACTION>``, or ``tiled<K>[x<TILE>][q<BITS>]``: SparseLoCo's
+    per-tensor tiled top-k, default tile 64 and 2-bit values, ``q32`` for fp32 values),
+    ``ef`` (error feedback) or ``ef<DECAY>`` (error
     feedback with a decayed residual, e.g. ``ef0.95``), ``lr<LR>`` and ``m<MOMENTUM>`` (outer
     SGD learning rate and momentum, e.g. ``lr1-m0`` is plain parameter averaging; default: the
-    task's).
+    task's). Every kind, ``ddp`` and ``local`` included, takes ``ilr<LR>``: the inner (peak)
+    learning rate, e.g. ``ddp-ilr0.004`` (default: the task's), so that a tuning grid gives
+    DP the same knob as DiLoCo.
 
     Raises:
         ValueError: for an unknown kind or token, or a token the kind does not take.
     """
     tokens = name.strip().lower().split("-")
     kind = tokens[0]
+    inner_lr, tokens = _inner_lr(name, tokens)
     if kind in ("ddp", "local"):
         if len(tokens) > 1:
-            raise ValueError(f"method {name!r}: {kind} takes no options (got {tokens[1:]})")
+            raise ValueError(f"method {name!r}: {kind} takes only ilr<INNER_LR> (got {tokens[1:]})")
         label = "DP (DDP, all-reduce every step)" if kind == "ddp" else "local (no communication)"
-        return Method(kind, (("mode", kind),), label)
+        opts: tuple[tuple[str, Any], ...] = (("mode", kind),)
+        if inner_lr is not None:
+            return Method(
+                f"{kind}-ilr{_decimal(inner_lr)}",
+                (*opts, ("inner_lr", inner_lr)),
+                f"{label}, inner lr {inner_lr:g}",
+            )
+        return Method(kind, opts, label)
     if kind not in ("diloco", "streaming", "swarm"):
         raise ValueError(
             f"method {name!r}: kind {kind!r} must be one of ddp, local, diloco, streaming, "
@@ -90,20 +105,25 @@ def parse_method(name: str) -> Method:
             tau = int(m.group(1))
         elif tok in ("int8", "int4", "int2", "fp16", "bf16"):
             compression = tok
-        elif m := re.fullmatch(r"topk(\d*\.?\d+(?:e-?\d+)?)", tok):
+        elif m := re.fullmatch("topk" + _NUMBER, tok):
             compression = f"topk:{m.group(1)}"
+        elif m := re.fullmatch(r"tiled(\d+)(?:x(\d+))?(?:q(\d+))?", tok):
+            k, tile, bits = m.group(1), m.group(2) or "64", m.group(3) or "2"
+            compression = f"tiled:{k}:{tile}:{bits}"
         elif tok == "ef":
             ef = True
         elif m := re.fullmatch(r"ef(\d*\.\d+|[01])", tok):
             ef, ef_decay = True, float(m.group(1))
         elif m := re.fullmatch(r"m(\d*\.?\d+)", tok):
             momentum = float(m.group(1))
-        elif m := re.fullmatch(r"lr(\d*\.?\d+)", tok):
+        elif m := re.fullmatch(r"lr" + _NUMBER, tok):
             outer_lr = float(m.group(1))
         else:
             raise ValueError(
                 f"method {name!r}: unknown token {tok!r}; valid: h<H>, p<P>, o<tau>, int8, int4, "
-                "int2, fp16, bf16, topk<FRACTION>, ef, ef<DECAY>, lr<OUTER_LR>, m<OUTER_MOMENTUM>"
+                "int2, fp16, bf16, topk<FRACTION>, tiled<K>[x<TILE>][q<BITS>], ef, ef<DECAY>, "
+                "ilr<INNER_LR>, lr<OUTER_LR>, "
+                "m<OUTER_MOMENTUM>"
             )
     if ef_decay == 1.0:
         ef_decay = None  # classic error feedback: the same as plain ``ef``
@@ -126,10 +146,15 @@ def parse_method(name: str) -> Method:
         parts = [f"p{p}", f"h{h}", f"o{tau}"]
     else:  # fragments and overlap only when set, so that no two methods share a name
         parts = [f"h{h}"] + [f"p{p}"] * (p > 1) + [f"o{tau}"] * (tau > 0)
-    if compression != "none":
+    if compression.startswith("tiled:"):
+        k, tile, bits = compression.split(":")[1:]
+        parts.append(f"tiled{k}x{tile}q{bits}")
+    elif compression != "none":
         parts.append(compression.replace("topk:", "topk"))
     if ef:
         parts.append("ef" if ef_decay is None else f"ef{ef_decay:g}")
+    if inner_lr is not None:
+        parts.append(f"ilr{_decimal(inner_lr)}")
     if outer_lr is not None:
         parts.append(f"lr{outer_lr:g}")
     if momentum is not None:
@@ -144,6 +169,8 @@ def parse_method(name: str) -> Method:
         "compression": compression if ef_decay is None else f"ef@{ef_decay:g}:{compression}",
         "error_feedback": ef and ef_decay is None,
     }
+    if inner_lr is not None:
+        options["inner_lr"] = inner_lr
     if outer_lr is not None:
         options["outer_lr"] = outer_lr
     if momentum is not None:
@@ -160,12 +187,38 @@ def parse_method(name: str) -> Method:
         label += f" P={p} τ={tau}"
     if compression.startswith("topk:"):
         label += f" top-k {float(compression[5:]) * 100:g}%"
+    elif compression.startswith("tiled:"):
+        k, tile, bits = compression.split(":")[1:]
+        values = "fp32" if bits == "32" else f"{bits}-bit"
+        label += f" tiled top-{k} per {tile}x{tile}, {values} values"
     elif compression != "none":
         label += f" {compression}"
     if ef:
         label += " +EF" if ef_decay is None else f" +EF(decay {ef_decay:g})"
+    if inner_lr is not None:
+        label += f", inner lr {inner_lr:g}"
     if outer_lr is not None:
         label += f", outer lr {outer_lr:g}"
     if momentum is not None:
         label += f", outer momentum {momentum:g}"
     return Method(canonical, tuple(options.items()), label)
+
+
+def _inner_lr(name: str, tokens: list[str]) -> tuple[float | None, list[str]]:
+    """Take the ``ilr<LR>`` token out of ``tokens``: (the inner lr or None, the rest)."""
+    values = [m.group(1) for tok in tokens[1:] if (m := re.fullmatch("ilr" + _NUMBER, tok))]
+    if len(values) > 1:
+        raise ValueError(f"method {name!r}: ilr<INNER_LR> given {len(values)} times")
+    if not values:
+        return None, tokens
+    inner_lr = float(values[0])
+    if not inner_lr > 0:
+        raise ValueError(f"method {name!r}: inner learning rate ({inner_lr}) must be > 0")
+    rest = [tok for tok in tokens if not re.fullmatch("ilr" + _NUMBER, tok)]
+    return inner_lr, rest
+
+
+def _decimal(value: float) -> str:
+    """``value`` in positional notation, as short as it reads back (0.0001, not 1e-04)."""
+    text = f"{value:.12f}".rstrip("0").rstrip(".")
+    return text or "0"

@@ -569,7 +569,7 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
         rates=rates,
         peers=peers,
         peer_sync_every=args.peer_sync_every or profile.peer_sync_every,
-        workers=args.workers,
+        workers=args.workers or profile.workers,
         threads=args.threads,
         device=args.device,
         work_dir=Path(args.work_dir) if args.work_dir else REPO / "runs" / "bench" / profile.name,
@@ -614,7 +614,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--torchft-python", help=f"interpreter with torchft (default {DEFAULT_TORCHFT_PYTHON})"
     )
-    p.add_argument("--workers", type=int, default=2, help="M, workers (one process each)")
+    p.add_argument(
+        "--workers", type=int, help="M, workers (one process each; default: the profile's)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any recipe option")
