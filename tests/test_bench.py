@@ -78,6 +78,10 @@ def test_method_grammar() -> None:
     assert tl.name == "diloco-h25-tiled64x64q2-ef0.95-lr1-m0"
     assert tl.options["compression"] == "ef@0.95:tiled:64:64:2"
     assert parse_method("diloco-h25-tiled32x32q32").options["compression"] == "tiled:32:32:32"
+    # Top-k values through a block codec, one scale per chunk (the old sparseloco preset).
+    tv = parse_method("diloco-h25-vint2-topk0.015625-ef0.95")
+    assert tv.name == "diloco-h25-topk0.015625-vint2-ef0.95"
+    assert tv.options["compression"] == "ef@0.95:topk:0.015625+int2:64"
     assert sw.options["compression"] == "int8" and "hivemind" in sw.label
     # Every generated option is one the recipe accepts.
     from lowcomm.config import load_config
@@ -107,6 +111,7 @@ def test_method_grammar() -> None:
         ("streaming-p4-h4", "fragment spacing"),
         ("diloco-h20-ef", "ef needs a compression"),
         ("diloco-h20-int8-m1.5", "outer momentum"),
+        ("diloco-h20-int8-vint2", "add topk"),
     ],
 )
 def test_method_grammar_rejects(name: str, rule: str) -> None:

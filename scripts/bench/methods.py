@@ -6,8 +6,11 @@ group them into benchmark matrices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
+
+from lowcomm.comm.compression import TopK
 
 # A non-negative decimal number: 0.7, 1, .5, 0.004 (no exponent: "-" separates tokens).
 _NUMBER = r"(\d*\.?\d+)"
@@ -62,6 +65,8 @@ def parse_method(name: str) -> Method:
     ``o<tau>`` (overlap_steps; streaming default 1), one compression token (``int8``, ``int4``,
     ``fp16``, ``bf16``, ``topk<FRACTION>``, or ``tiled<K>[x<TILE>][q<BITS>]``: SparseLoCo's
     per-tensor tiled top-k, default tile 64 and 2-bit values, ``q32`` for fp32 values),
+    ``v<CODEC>`` (``vint8``, ``vint4``, ``vint2``: top-k's values through that block codec, one
+    scale per chunk),
     ``ef`` (error feedback) or ``ef<DECAY>`` (error
     feedback with a decayed residual, e.g. ``ef0.95``), ``lr<LR>`` and ``m<MOMENTUM>`` (outer
     SGD learning rate and momentum, e.g. ``lr1-m0`` is plain parameter averaging; default: the
@@ -94,6 +99,7 @@ def parse_method(name: str) -> Method:
         )
     h, p, tau = 20, (4 if kind == "streaming" else 1), (1 if kind == "streaming" else 0)
     compression, ef, ef_decay = "none", False, None
+    values: str | None = None  # top-k's value codec
     momentum: float | None = None
     outer_lr: float | None = None
     for tok in tokens[1:]:
@@ -107,6 +113,8 @@ def parse_method(name: str) -> Method:
             compression = tok
         elif m := re.fullmatch("topk" + _NUMBER, tok):
             compression = f"topk:{m.group(1)}"
+        elif m := re.fullmatch(r"v(int8|int4|int2)", tok):
+            values = m.group(1)
         elif m := re.fullmatch(r"tiled(\d+)(?:x(\d+))?(?:q(\d+))?", tok):
             k, tile, bits = m.group(1), m.group(2) or "64", m.group(3) or "2"
             compression = f"tiled:{k}:{tile}:{bits}"
@@ -121,7 +129,8 @@ def parse_method(name: str) -> Method:
         else:
             raise ValueError(
                 f"method {name!r}: unknown token {tok!r}; valid: h<H>, p<P>, o<tau>, int8, int4, "
-                "int2, fp16, bf16, topk<FRACTION>, tiled<K>[x<TILE>][q<BITS>], ef, ef<DECAY>, "
+                "int2, fp16, bf16, topk<FRACTION>, v<INT8|INT4|INT2>, tiled<K>[x<TILE>][q<BITS>], "
+                "ef, ef<DECAY>, "
                 "ilr<INNER_LR>, lr<OUTER_LR>, "
                 "m<OUTER_MOMENTUM>"
             )
@@ -140,6 +149,12 @@ def parse_method(name: str) -> Method:
             f"method {name!r}: overlap ({tau}) must be less than the fragment spacing H/P "
             f"({h // p})"
         )
+    if values is not None:
+        if not compression.startswith("topk:"):
+            raise ValueError(f"method {name!r}: v{values} quantizes top-k values; add topk<F>")
+        # One scale per chunk's kept values (a block of k), as sparseloco() does.
+        k = TopK(float(compression[5:])).k
+        compression += f"+{values}:{k * 4 // math.gcd(k, 4)}"
     if ef and compression == "none":
         raise ValueError(f"method {name!r}: ef needs a compression token (e.g. topk0.01)")
     if kind == "streaming":
@@ -150,7 +165,9 @@ def parse_method(name: str) -> Method:
         k, tile, bits = compression.split(":")[1:]
         parts.append(f"tiled{k}x{tile}q{bits}")
     elif compression != "none":
-        parts.append(compression.replace("topk:", "topk"))
+        parts.append(compression.split("+")[0].replace("topk:", "topk"))
+        if values is not None:
+            parts.append(f"v{values}")
     if ef:
         parts.append("ef" if ef_decay is None else f"ef{ef_decay:g}")
     if inner_lr is not None:
@@ -186,7 +203,9 @@ def parse_method(name: str) -> Method:
     if kind == "streaming" or p > 1 or tau:
         label += f" P={p} τ={tau}"
     if compression.startswith("topk:"):
-        label += f" top-k {float(compression[5:]) * 100:g}%"
+        label += f" top-k {float(compression[5:].split('+')[0]) * 100:g}%"
+        if values is not None:
+            label += f" {values} values"
     elif compression.startswith("tiled:"):
         k, tile, bits = compression.split(":")[1:]
         values = "fp32" if bits == "32" else f"{bits}-bit"

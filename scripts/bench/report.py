@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.bench import REPO
+from scripts.bench import REPO, grid
+from scripts.bench.plots import is_tuning
 
 __all__ = ["document", "find_codecs", "find_results", "render", "write_report"]
 
@@ -398,6 +399,9 @@ def _plots(res: dict[str, Any], res_dir: Path, doc_dir: Path) -> str:
         "loss_vs_tokens": "Eval loss vs training tokens (mean ± std over seeds)",
         "loss_vs_bytes": "Eval loss vs bytes sent per worker (log scale)",
         "loss_gap": "Eval loss / DP eval loss vs steps (paired by seed)",
+        "frontier": "Quality per byte: loss / DP vs DP bytes / method bytes, every method and "
+        "seed; stars are published points at another scale (35M parameters, C4), not "
+        "comparable one to one",
         "throughput_vs_rate": "tokens/s ÷ ceiling vs link rate",
     }
     out = []
@@ -407,8 +411,31 @@ def _plots(res: dict[str, Any], res_dir: Path, doc_dir: Path) -> str:
     return "\n\n".join(out) if out else "No plots."
 
 
+def render_tuning(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
+    """The section of a tuning grid's results (every setting tried; see :mod:`.grid`)."""
+    rel = os.path.relpath(res_path, doc_dir)
+    parts = [
+        f"## Tuning grid `{res['profile']}`",
+        f"Generated from [`{rel}`]({rel}). Tuning runs use seeds that no comparison above "
+        "reports; the settings they pick are confirmed on the reported seeds.",
+        "### How to reproduce",
+        _reproduce(res),
+        "### Machine",
+        _machine(res),
+        "### Settings",
+        _settings(res),
+        "### Every setting tried",
+        grid.section(res, res_path, doc_dir),
+        "### Not compared, and why",
+        _not_compared(res),
+    ]
+    return "\n\n".join(parts)
+
+
 def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
     """The section of one profile's results."""
+    if is_tuning(res):
+        return render_tuning(res, res_path, doc_dir)
     rel = os.path.relpath(res_path, doc_dir)
     s = res["settings"]
     parts = [
