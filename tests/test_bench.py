@@ -29,7 +29,18 @@ from typing import Any
 import psutil
 import pytest
 
-from scripts.bench import REPO, aggregate, codecs, launch, report, suite, wansim
+from scripts.bench import (
+    REPO,
+    aggregate,
+    codecs,
+    grid,
+    launch,
+    plots,
+    report,
+    sparseloco,
+    suite,
+    wansim,
+)
 from scripts.bench.methods import parse_method
 from scripts.bench.profiles import PROFILES
 
@@ -287,6 +298,88 @@ def test_report_prints_the_numbers_it_is_given(tmp_path: Path) -> None:
     assert f"{80000 / 1234:.1f}x" in text  # the byte ratio
     assert "Test CPU 9000" in text and "because of a test" in text
     assert ".venv/bin/python -m scripts.bench.suite --profile unit" in text
+
+
+def _results(runs: list[dict[str, Any]], profile: str) -> dict[str, Any]:
+    agg = aggregate.aggregate_quality(runs)
+    task = suite.task_config(PROFILES["tune"], [], "cpu")
+    return {
+        "profile": profile,
+        "command": [".venv/bin/python", "-m", "scripts.bench.suite", "--profile", profile],
+        "machine": {"cpu_model": "Test CPU", "cpu_cores": 2, "torch": "x", "loadavg_1m": 1.0},
+        "settings": {"task": task, "workers": 2, "threads_per_worker": 1, "device": "cpu",
+                     "seeds": [0, 1], "throughput_steps": 100, "rates": []},
+        "runs": {"quality": runs, "throughput": [], "peers": []},
+        "aggregate": {"quality": agg, "throughput": {}, "peers": {}},
+        "headline": [],
+        "not_compared": [],
+    }  # fmt: skip
+
+
+def test_tuning_grid_spells_out_every_setting_and_draws_the_heat_map(tmp_path: Path) -> None:
+    outer = [(1, 0), (0.7, 0.9), (1, 0.5), (0.7, 0)]
+    runs = [_quality_run("ddp-ilr0.004", 0, [5.5, 2.0], 80000)]
+    runs += [_quality_run("ddp-ilr0.001", 0, [5.5, 2.5], 80000)]
+    runs += [
+        _quality_run(f"diloco-h25-int8-ilr0.004-lr{lr}-m{m}", 0, [5.5, 2.1 + i / 100], 4000)
+        for i, (lr, m) in enumerate(outer)
+    ]
+    runs.append(_quality_run("diloco-h25-int8", 0, [5.5, 3.0], 4000))  # the task's settings
+    res = _results(runs, "tune")
+    rows = {r["method"]: r for r in grid.grid_rows(res)}
+    task = res["settings"]["task"]
+    plain = rows["diloco-h25-int8"]
+    assert (plain["inner_lr"], plain["outer_lr"], plain["momentum"]) == (
+        task["inner_lr"], task["outer_lr"], task["outer_momentum"],
+    )  # fmt: skip
+    assert rows["diloco-h25-int8-ilr0.004-lr1-m0.5"]["momentum"] == 0.5
+    assert rows["ddp-ilr0.001"]["ratio"] == pytest.approx(2.5 / 2.0)  # against the best DP
+    best = grid.best_rows(list(rows.values()))
+    assert best["DP"]["method"] == "ddp-ilr0.004"
+    assert best["DiLoCo H=25 int8"]["method"] == "diloco-h25-int8-ilr0.004-lr1-m0"
+    assert grid.plot_grid(res, tmp_path / "g.png") and (tmp_path / "g.png").stat().st_size
+    res["plots"] = {"tuning_grid": "g.png"}
+    text = report.render([(tmp_path / "results.json", res)], tmp_path)
+    assert "## Tuning grid `tune`" in text and "![Tuning grid](g.png)" in text
+    assert "**2.1000**" in text and "| 1.2500 |" in text
+
+
+def test_frontier_pairs_losses_by_seed_and_keeps_the_anchors_apart(tmp_path: Path) -> None:
+    runs = [
+        _quality_run("ddp", 0, [5.5, 2.0], 80000),
+        _quality_run("ddp", 1, [5.5, 2.5], 80000),
+        _quality_run("diloco-h20-int8", 0, [5.5, 2.2], 1000),
+        _quality_run("diloco-h20-int8", 1, [5.5, 2.6], 1000),
+    ]
+    res = _results(runs, "unit")
+    res["runs"]["peers"] = [
+        {"library": "hivemind", "seed": 1,
+         "summary": {"final_eval_loss": 3.0, "bytes_sent_estimate": 2000}},
+    ]  # fmt: skip
+    pts = {(p["name"], p["seed"]): p for p in plots.frontier_points(res)}
+    assert pts[("diloco-h20-int8", 0)]["y"] == pytest.approx(1.1)
+    assert pts[("diloco-h20-int8", 1)]["y"] == pytest.approx(2.6 / 2.5)
+    assert pts[("diloco-h20-int8", 1)]["x"] == pytest.approx(80.0)
+    assert pts[("hivemind", 1)]["x"] == pytest.approx(40.0) and pts[("hivemind", 1)]["peer"]
+    assert all(name != "ddp" for name, _ in pts)
+    plots.plot_frontier(res, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_sparseloco_differences_show_the_measured_pairs() -> None:
+    pair = next(d[3] for d in sparseloco.DIFFERENCES if d[0] == "value quantizer")
+    assert pair is not None
+    a, b = (parse_method(m).name for m in pair)  # results hold canonical names
+    runs = [_quality_run(a, 0, [5.5, 2.0], 1000), _quality_run(b, 0, [5.5, 2.1], 500)]
+    text = sparseloco.section(_results(runs, "tune"))
+    assert text is not None and "2.0000 → " in text and "2.1000 (+5.0%)" in text
+    assert "not run yet" in text  # the other pairs
+    assert sparseloco.section(_results([_quality_run("ddp", 0, [5.5, 2.0], 1)], "t")) is None
+    data = sparseloco.value_errors((64, 128))
+    assert {r["spec"] for r in data["rows"]} == set(sparseloco.ERROR_SPECS)
+    for r in data["rows"]:
+        assert r["kept_fraction"] == pytest.approx(1 / 64)
+        assert (r["rel_error_kept"] == 0) == (r["spec"] in ("topk:0.015625", "tiled:64:64:32"))
 
 
 def test_report_spells_commands_recorded_by_path_as_the_module() -> None:

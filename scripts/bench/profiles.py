@@ -20,6 +20,17 @@ _TUNE_METHODS = (
     "diloco-h25-int8-ilr0.002",
     "diloco-h25-int8-ilr0.002-lr1-m0",
     "ddp-ilr0.008",
+    # 3. SparseLoCo one change at a time (H=25, EF decay 0.95, outer SGD lr 1 without momentum,
+    # 64 kept of every 4096, the reference's density): the reference's compressor (tiled per
+    # tensor, 2-bit sigma bins), ours (flat 4096-element chunks, fp32 values), tiles with fp32
+    # values, and ours with our absmax 2-bit values.
+    "diloco-h25-tiled64-ef0.95-ilr0.004-lr1-m0",
+    "diloco-h25-topk0.015625-ef0.95-ilr0.004-lr1-m0",
+    # 4. The outer step between averaging and the paper's: less momentum, or extrapolation.
+    "diloco-h25-int8-ilr0.004-lr1-m0.5",
+    "diloco-h25-tiled64q32-ef0.95-ilr0.004-lr1-m0",
+    "diloco-h25-int8-ilr0.004-lr1.5-m0",
+    "diloco-h25-topk0.015625-vint2-ef0.95-ilr0.004-lr1-m0",
 )
 
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.bench import REPO, grid
+from scripts.bench import REPO, grid, sparseloco
 from scripts.bench.plots import is_tuning
 
 __all__ = ["document", "find_codecs", "find_results", "render", "write_report"]
@@ -426,10 +426,37 @@ def render_tuning(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         _settings(res),
         "### Every setting tried",
         grid.section(res, res_path, doc_dir),
-        "### Not compared, and why",
-        _not_compared(res),
     ]
+    diffs = sparseloco.section(res)
+    if diffs:
+        parts += [
+            "### SparseLoCo: our sparse path against the reference, one difference at a time",
+            "The reference is templar's implementation of SparseLoCo (tplr-ai/templar v2.1.3: "
+            "`src/tplr/compress.py`, `src/tplr/neurons.py`, `hparams/hparams.json`). Each row "
+            "names the pair of runs of this grid that differ in that one respect, when one "
+            "does (`scripts/bench/sparseloco.py` holds the list).",
+            diffs,
+        ]
+        errors = _sparse_errors(doc_dir)
+        if errors:
+            parts += [
+                "What each codec does to the values it keeps, on a 1024 x 4096 matrix of two "
+                f"draws ({errors}):",
+                sparseloco.errors_table(
+                    json.loads(sparseloco.ERRORS_FILE.read_text(encoding="utf-8"))
+                ),
+            ]
+    parts += ["### Not compared, and why", _not_compared(res)]
     return "\n\n".join(parts)
+
+
+def _sparse_errors(doc_dir: Path) -> str | None:
+    """How to regenerate the sparse codecs' error table, when its results file exists."""
+    path = sparseloco.ERRORS_FILE
+    if not path.exists():
+        return None
+    rel = os.path.relpath(path, doc_dir)
+    return f"[`{rel}`]({rel}), `python -m scripts.bench.sparseloco`"
 
 
 def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
