@@ -35,6 +35,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from scripts.bench import grid  # noqa: E402
+from scripts.bench.aggregate import baseline_of  # noqa: E402
 
 __all__ = ["is_tuning", "make_plots"]
 
@@ -193,7 +194,7 @@ def plot_loss_gap(results: dict[str, Any], path: Path) -> None:
     colors = _colors(list(quality))
     fig, ax = plt.subplots(figsize=_SIZE)
     for name, q in quality.items():
-        if name == "ddp":
+        if name == baseline_of(results):
             continue
         pts = [p for p in q["curve"] if p["ratio_to_baseline"] is not None and p["step"] > 0]
         if not pts:
@@ -275,13 +276,14 @@ def frontier_points(results: dict[str, Any]) -> list[dict[str, Any]]:
     with the same seed. Empty without a DP run.
     """
     quality = results["aggregate"]["quality"]
-    dp = quality.get("ddp")
+    base = baseline_of(results)
+    dp = quality.get(base)
     if dp is None:
         return []
     dp_loss = dict(zip(dp["seeds"], dp["final_eval_loss"]["values"]))
     points = []
     for name, q in quality.items():
-        if name == "ddp" or not q["bytes_sent"]:
+        if name == base or not q["bytes_sent"]:
             continue
         for seed, loss in zip(q["seeds"], q["final_eval_loss"]["values"]):
             if seed in dp_loss:
@@ -354,7 +356,7 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
             ("loss_vs_tokens", plot_loss_vs_tokens),
             ("loss_vs_bytes", plot_loss_vs_bytes),
         ]
-        if "ddp" in agg["quality"] and len(agg["quality"]) > 1:
+        if baseline_of(results) in agg["quality"] and len(agg["quality"]) > 1:
             jobs += [("loss_gap", plot_loss_gap), ("frontier", plot_frontier)]
     if agg["throughput"]:
         jobs.append(("throughput_vs_rate", plot_throughput))

@@ -57,6 +57,7 @@ class Profile:
             slow a run down.
         run_timeout: seconds one quality run may take.
         workers: M, workers (one process each), unless ``--workers`` says otherwise.
+        baseline: the DP method every loss ratio and byte ratio is taken against.
     """
 
     name: str
@@ -73,6 +74,7 @@ class Profile:
     throughput_repeats: int = 3
     run_timeout: float = 1800.0
     workers: int = 2
+    baseline: str = "ddp"
 
 
 PROFILES: dict[str, Profile] = {

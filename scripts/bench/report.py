@@ -9,7 +9,7 @@ Run from the repository root (regenerates the document from every results file u
 Every number in the document is read from a ``results.json`` written by
 :mod:`scripts.bench.suite`; the prose around the numbers is fixed text in this file, and the
 plots are the PNGs the suite wrote next to the results. One section per profile
-(``default`` first).
+(headline profiles first, tuning grids last).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.bench import REPO, grid, sparseloco
+from scripts.bench.aggregate import baseline_of
 from scripts.bench.plots import is_tuning
 
 __all__ = ["document", "find_codecs", "find_results", "render", "write_report"]
@@ -228,7 +229,7 @@ def headline_table(res: dict[str, Any]) -> str:
 
 def _quality(res: dict[str, Any]) -> str:
     q = res["aggregate"]["quality"]
-    dp = q.get("ddp")
+    dp = q.get(baseline_of(res))
     rows = []
     for item in q.values():
         ratio = fmt_stat(item["final_ratio_to_baseline"]) if dp else "n/a"
@@ -258,12 +259,30 @@ def _quality(res: dict[str, Any]) -> str:
     return table(header, rows)
 
 
+def _adopted(res: dict[str, Any]) -> str:
+    """Which runs an earlier version of the suite recorded, and why they still stand."""
+    runs = [r for r in res.get("runs", {}).get("quality", []) if r.get("adopted_from")]
+    if not runs:
+        return ""
+    by_commit: dict[str, list[str]] = {}
+    for r in runs:
+        src = r["adopted_from"]
+        by_commit.setdefault(f"{src['commit']} ({src['file']}): {src['why']}", []).append(
+            f"`{r['method']}` seed {r['seed']}"
+        )
+    return "\n".join(
+        f"Carried over from commit {what}. Runs: {', '.join(names)}."
+        for what, names in by_commit.items()
+    )
+
+
 def _gap(res: dict[str, Any], max_rows: int = 12) -> str:
     q = res["aggregate"]["quality"]
-    if "ddp" not in q:
+    base = baseline_of(res)
+    if base not in q:
         return "No DP run: no gap to report."
-    names = [n for n in q if n != "ddp"]
-    steps = [p["step"] for p in q["ddp"]["curve"] if p["step"] > 0]
+    names = [n for n in q if n != base]
+    steps = [p["step"] for p in q[base]["curve"] if p["step"] > 0]
     if len(steps) > max_rows:
         stride = math.ceil(len(steps) / max_rows)
         keep = set(steps[::-1][::stride])  # always keep the last step
@@ -272,7 +291,7 @@ def _gap(res: dict[str, Any], max_rows: int = 12) -> str:
     for step in steps:
         row: list[Any] = [
             step,
-            fmt_stat(next(p["loss"] for p in q["ddp"]["curve"] if p["step"] == step)),
+            fmt_stat(next(p["loss"] for p in q[base]["curve"] if p["step"] == step)),
         ]
         for n in names:
             pt = next((p for p in q[n]["curve"] if p["step"] == step), None)
@@ -490,6 +509,7 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "counter (payload it serialised); DP's are the ring all-reduce estimate "
         "2(M-1)/M x 4 x params per step, checked against interface counters below.",
         _quality(res),
+        _adopted(res),
         "### Loss gap to DP as a function of steps",
         "Each cell: eval loss / DP eval loss at the same step and seed, mean ± std over seeds "
         "(DiLoCo evaluates its global parameters, which change only at outer steps).",
@@ -525,7 +545,7 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "### Plots",
         _plots(res, res_path.parent, doc_dir),
     ]
-    return "\n\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
 
 
 def _range(stat: dict[str, float], fmt: str) -> str:
@@ -660,12 +680,13 @@ def find_results(out_dir: Path, doc: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Results files for the document: ``out_dir``'s, and the other profiles' beside it.
 
     Under ``benchmarks/``, every profile's results (``benchmarks/results.json`` and
-    ``benchmarks/*/results.json``) go into one document, ``default`` first.
+    ``benchmarks/*/results.json``) go into one document: the headline profiles first, then
+    ``default``, the others, and the tuning grids last.
     """
     base = _base(out_dir)
     paths = [base / "results.json", *sorted(base.glob("*/results.json"))]
     found = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in paths if p.exists()]
-    found.sort(key=lambda pr: (pr[1]["profile"] != "default", pr[1]["profile"]))
+    found.sort(key=lambda pr: _section_order(pr[1]))
     return found
 
 
@@ -673,6 +694,12 @@ def find_codecs(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The codec benchmark's results beside ``out_dir``'s (``codecs.json``), if any."""
     path = _base(out_dir) / CODECS_FILE
     return (path, json.loads(path.read_text(encoding="utf-8"))) if path.exists() else None
+
+
+def _section_order(results: dict[str, Any]) -> tuple[bool, int, str]:
+    profile = str(results["profile"])
+    first = {"headline": 0, "headline-m4": 1, "default": 2}
+    return is_tuning(results), first.get(profile, 3), profile
 
 
 def default_doc(out_dir: Path) -> Path:

@@ -702,7 +702,8 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
                 "the shaped throughput runs",
             }
         )
-    quality = aggregate_quality(quality_runs)
+    baseline = parse_method(st.profile.baseline).name
+    quality = aggregate_quality(quality_runs, baseline)
     results = {
         "suite": "lowcomm benchmark suite",
         "version": RESULT_VERSION,
@@ -731,6 +732,7 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
             "peer_sync_every": st.peer_sync_every,
             "throughput_repeats": st.throughput_repeats,
             "headline_roles": st.profile.headline,
+            "baseline": baseline,
         },
         "runs": {"quality": quality_runs, "throughput": tput_runs, "peers": peer_runs},
         "aggregate": {
@@ -738,7 +740,9 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
             "throughput": aggregate_throughput(tput_runs),
             "peers": aggregate_peers(peer_runs, quality, st.peer_sync_every),
         },
-        "headline": headline_rows(quality, st.profile.headline, st.workers, int(st.task["steps"])),
+        "headline": headline_rows(
+            quality, st.profile.headline, st.workers, int(st.task["steps"]), baseline
+        ),
         "not_compared": not_compared,
         "anomalies": [
             {
