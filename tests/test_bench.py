@@ -89,6 +89,8 @@ def test_method_grammar() -> None:
     assert tl.name == "diloco-h25-tiled64x64q2-ef0.95-lr1-m0"
     assert tl.options["compression"] == "ef@0.95:tiled:64:64:2"
     assert parse_method("diloco-h25-tiled32x32q32").options["compression"] == "tiled:32:32:32"
+    ow = parse_method("diloco-h25-ow30-int8")
+    assert ow.name == "diloco-h25-int8-ow30" and ow.options["outer_warmup"] == 30
     # Top-k values through a block codec, one scale per chunk (the old sparseloco preset).
     tv = parse_method("diloco-h25-vint2-topk0.015625-ef0.95")
     assert tv.name == "diloco-h25-topk0.015625-vint2-ef0.95"
@@ -104,6 +106,7 @@ def test_method_grammar() -> None:
         "diloco-h20-topk0.01-ef",
         "diloco-h20-topk0.01-ef0.95-m0",
         "diloco-h25-tiled64-ef0.95-lr1-m0",
+        "diloco-h25-int8-ow30",
         "ddp-ilr0.004",
         "ddp",
     ):
@@ -168,6 +171,15 @@ def test_cache_key_of_overlapped_methods_records_the_final_flush() -> None:
     for name in ("streaming-p2-h4", "streaming-p4-h12-o2", "diloco-h4-o1"):
         key = suite.method_key(parse_method(name))
         assert key["flushed_at_end"] is True
+
+
+def test_an_option_added_at_its_old_behaviour_keeps_cached_keys() -> None:
+    task = suite.task_config(PROFILES["tune"], [], "cpu")
+    before = {k: v for k, v in task.items() if k not in suite.KEY_NEUTRAL_OPTIONS}
+    payload = {"kind": "quality", "method": {"mode": "ddp"}, "seed": 0, "workers": 2}
+    assert suite.run_key({**payload, "task": task}) == suite.run_key({**payload, "task": before})
+    changed = {**task, "outer_warmup": 5}
+    assert suite.run_key({**payload, "task": changed}) != suite.run_key({**payload, "task": task})
 
 
 def test_window_starts_late_and_away_from_sync_starts() -> None:

@@ -70,7 +70,7 @@ def parse_method(name: str) -> Method:
     ``ef`` (error feedback) or ``ef<DECAY>`` (error
     feedback with a decayed residual, e.g. ``ef0.95``), ``lr<LR>`` and ``m<MOMENTUM>`` (outer
     SGD learning rate and momentum, e.g. ``lr1-m0`` is plain parameter averaging; default: the
-    task's). Every kind, ``ddp`` and ``local`` included, takes ``ilr<LR>``: the inner (peak)
+    task's), ``ow<N>`` (outer warm-up: from averaging to that Nesterov SGD over N outer steps). Every kind, ``ddp`` and ``local`` included, takes ``ilr<LR>``: the inner (peak)
     learning rate, e.g. ``ddp-ilr0.004`` (default: the task's), so that a tuning grid gives
     DP the same knob as DiLoCo.
 
@@ -101,6 +101,7 @@ def parse_method(name: str) -> Method:
     compression, ef, ef_decay = "none", False, None
     values: str | None = None  # top-k's value codec
     momentum: float | None = None
+    warmup = 0  # outer steps of the averaging-to-Nesterov ramp
     outer_lr: float | None = None
     for tok in tokens[1:]:
         if m := re.fullmatch(r"h(\d+)", tok):
@@ -122,6 +123,8 @@ def parse_method(name: str) -> Method:
             ef = True
         elif m := re.fullmatch(r"ef(\d*\.\d+|[01])", tok):
             ef, ef_decay = True, float(m.group(1))
+        elif m := re.fullmatch(r"ow(\d+)", tok):
+            warmup = int(m.group(1))
         elif m := re.fullmatch(r"m(\d*\.?\d+)", tok):
             momentum = float(m.group(1))
         elif m := re.fullmatch(r"lr" + _NUMBER, tok):
@@ -131,8 +134,7 @@ def parse_method(name: str) -> Method:
                 f"method {name!r}: unknown token {tok!r}; valid: h<H>, p<P>, o<tau>, int8, int4, "
                 "int2, fp16, bf16, topk<FRACTION>, v<INT8|INT4|INT2>, tiled<K>[x<TILE>][q<BITS>], "
                 "ef, ef<DECAY>, "
-                "ilr<INNER_LR>, lr<OUTER_LR>, "
-                "m<OUTER_MOMENTUM>"
+                "ilr<INNER_LR>, lr<OUTER_LR>, m<OUTER_MOMENTUM>, ow<OUTER_WARMUP>"
             )
     if ef_decay == 1.0:
         ef_decay = None  # classic error feedback: the same as plain ``ef``
@@ -176,6 +178,8 @@ def parse_method(name: str) -> Method:
         parts.append(f"lr{outer_lr:g}")
     if momentum is not None:
         parts.append(f"m{momentum:g}")
+    if warmup:
+        parts.append(f"ow{warmup}")
     canonical = "-".join([kind, *parts])
     options: dict[str, Any] = {
         "mode": "diloco",
@@ -192,6 +196,8 @@ def parse_method(name: str) -> Method:
         options["outer_lr"] = outer_lr
     if momentum is not None:
         options["outer_momentum"] = momentum
+    if warmup:
+        options["outer_warmup"] = warmup
     if kind == "swarm":
         options["backend"] = "hivemind"
         # Rounds every H steps, as diloco-h<H> (a swarm peer would default to wall-clock
@@ -220,6 +226,8 @@ def parse_method(name: str) -> Method:
         label += f", outer lr {outer_lr:g}"
     if momentum is not None:
         label += f", outer momentum {momentum:g}"
+    if warmup:
+        label += f", outer warm-up {warmup} steps"
     return Method(canonical, tuple(options.items()), label)
 
 

@@ -172,8 +172,21 @@ def write_toml(values: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+# Recipe options added after results were cached, each with the value that does what every
+# run did before the option existed: at that value they stay out of the cache key, so adding
+# an option does not throw away hours of cached runs.
+KEY_NEUTRAL_OPTIONS: dict[str, Any] = {"outer_warmup": 0}
+
+
 def run_key(payload: dict[str, Any]) -> str:
-    """Digest of everything a cached result depends on."""
+    """Digest of everything a cached result depends on (see :data:`KEY_NEUTRAL_OPTIONS`)."""
+    if "task" in payload:
+        task = {
+            k: v
+            for k, v in payload["task"].items()
+            if k not in KEY_NEUTRAL_OPTIONS or v != KEY_NEUTRAL_OPTIONS[k]
+        }
+        payload = {**payload, "task": task}
     text = json.dumps({"v": RESULT_VERSION, **payload}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
