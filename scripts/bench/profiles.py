@@ -31,6 +31,18 @@ _TUNE_METHODS = (
     "diloco-h25-tiled64q32-ef0.95-ilr0.004-lr1-m0",
     "diloco-h25-int8-ilr0.004-lr1.5-m0",
     "diloco-h25-topk0.015625-vint2-ef0.95-ilr0.004-lr1-m0",
+    # 5. Averaging early, Nesterov later (OuterWarmup over 30 outer steps), and H at the best
+    # outer step so far.
+    "diloco-h25-int8-ilr0.004-ow30",
+    "diloco-h10-int8-ilr0.004-lr1-m0",
+    "diloco-h50-int8-ilr0.004-lr1-m0",
+    # 6. The reference's compressor at twice the density (128 of 4096, still >1,000x fewer
+    # bytes than DP), and at outer lr 2: the bound of the reference's aggregation, which
+    # averages an entry over the workers that sent it (doubling, with M=2, the entries only
+    # one worker picked).
+    "diloco-h25-tiled128-ef0.95-ilr0.004-lr1-m0",
+    "diloco-h25-tiled64-ef0.95-ilr0.004-lr2-m0",
+    "diloco-h25-int8-ilr0.002-ow30",
 )
 
 
