@@ -192,6 +192,9 @@ class TrainConfig:
         outer_lr: outer SGD learning rate.
         outer_momentum: outer SGD momentum.
         nesterov: use Nesterov momentum in the outer SGD.
+        outer_warmup: outer steps over which the outer step ramps from plain averaging (SGD
+            lr 1, no momentum) to ``outer_lr`` with Nesterov ``outer_momentum``
+            (:class:`lowcomm.optim.outer.OuterWarmup`); 0: no ramp. Needs Nesterov momentum.
         fragments: streaming fragments (1: sync the whole model at once).
         overlap_steps: inner steps a sync may stay in flight before it is applied.
         mix: how much of its local parameters a worker keeps when an overlapped sync lands.
@@ -280,6 +283,7 @@ class TrainConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
+    outer_warmup: int = 0
     fragments: int = 1
     overlap_steps: int = 0
     mix: float = 0.5
@@ -362,7 +366,20 @@ class TrainConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} ({value}) must be >= 1")
-        for name in ("ckpt_every", "warmup_steps", "overlap_steps", "max_bytes", "seed"):
+        if self.outer_warmup and not (self.nesterov and 0 < self.outer_momentum < 1):
+            raise ValueError(
+                f"outer_warmup ({self.outer_warmup}) ramps up Nesterov momentum: it needs "
+                f"nesterov and 0 < outer_momentum < 1 (got {self.nesterov}, "
+                f"{self.outer_momentum})"
+            )
+        for name in (
+            "ckpt_every",
+            "warmup_steps",
+            "overlap_steps",
+            "max_bytes",
+            "seed",
+            "outer_warmup",
+        ):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name} ({value}) must be >= 0")

@@ -35,7 +35,7 @@ from lowcomm.comm.base import (
     DoneWork,
     ElasticBackend,
 )
-from lowcomm.comm.compression.base import Compressor
+from lowcomm.comm.compression.base import Compressor, LayoutCompressor
 from lowcomm.comm.compression.feedback import ErrorFeedback
 from lowcomm.comm.local import LocalBackend
 from lowcomm.comm.timeline import TIMELINE, span
@@ -250,6 +250,15 @@ class DiLoCo(WrappingOptimizer):
         self._compressor: Compressor | None = (
             compression.compressor if isinstance(compression, ErrorFeedback) else compression
         )
+
+        # A compressor that chunks per tensor is told each fragment's tensors, in buffer order.
+        comp = self._compressor
+        self._fragment_compressors = [
+            comp.for_layout([local_view(self._params[i]).shape for i in f])
+            if isinstance(comp, LayoutCompressor)
+            else comp
+            for f in self._fragments
+        ]
 
         self.backend = self._pick_backend(backend)
         self.backend.check_compressor(self._compressor)
@@ -529,9 +538,9 @@ class DiLoCo(WrappingOptimizer):
         if self._round_started is None or frag == 0:
             self._round_timing()
         key = self._schedule.key(frag, step)
+        comp = self._fragment_compressors[frag]
         with self._blocking():
-            work = self.backend.average(send, weight=weight, compressor=self._compressor, step=key)
-        comp = self._compressor
+            work = self.backend.average(send, weight=weight, compressor=comp, step=key)
         nbytes = comp.nbytes(send.numel()) if comp is not None else 4 * send.numel()
         self._sent_numel += send.numel()
         self._sent_bytes_compressed += nbytes

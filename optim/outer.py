@@ -7,15 +7,68 @@ pseudo-gradient in ``.grad``; nothing here is a new interface.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["default_outer_optimizer", "prime_outer_state"]
+__all__ = ["OuterWarmup", "default_outer_optimizer", "prime_outer_state"]
 
 
 def default_outer_optimizer(params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
     """The outer optimizer of the DiLoCo paper: SGD, lr 0.7, Nesterov momentum 0.9."""
     return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
+
+
+class OuterWarmup(torch.optim.SGD):
+    """Outer SGD that starts as plain averaging and reaches Nesterov SGD after ``warmup`` steps.
+
+    At its ``t``-th step (from 0) with ``f = min(1, t / warmup)``: learning rate
+    ``1 + f * (lr - 1)`` and Nesterov momentum ``f * momentum``; the first step is exactly
+    parameter averaging (lr 1, no momentum), every step from ``warmup`` on is
+    ``SGD(lr, momentum, nesterov=True)``. Why: outer momentum amplifies a run of aligned
+    pseudo-gradients up to ``lr / (1 - momentum)`` times (7x at the paper's 0.7 and 0.9), which
+    early rounds, whose pseudo-gradients are large and aligned, overshoot with; measured on the
+    issue-13 tuning grid, averaging beat the paper's Nesterov SGD over 24 outer steps while
+    Nesterov won over 72.
+
+    Call protocol: a ``torch.optim.SGD``; DiLoCo steps it once per sync of its fragment. The
+    step count lives in each param group (``outer_step``), so ``state_dict`` /
+    ``load_state_dict`` resume it exactly.
+
+    Args:
+        params: the global parameters (or param groups) it steps.
+        lr: outer learning rate after the warm-up, > 0.
+        momentum: Nesterov momentum after the warm-up, in ``(0, 1)``.
+        warmup: outer steps of the ramp (0: Nesterov SGD from the first step).
+
+    Raises:
+        ValueError: a setting outside its range.
+    """
+
+    def __init__(
+        self, params: Any, lr: float = 0.7, momentum: float = 0.9, warmup: int = 0
+    ) -> None:
+        if not lr > 0:
+            raise ValueError(f"lr ({lr}) must be > 0")
+        if not 0 < momentum < 1:
+            raise ValueError(f"momentum ({momentum}) must be in (0, 1)")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup ({warmup!r}) must be an int >= 0 (outer steps)")
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=True)
+        for group in self.param_groups:
+            group.update(outer_step=0, target_lr=lr, target_momentum=momentum, warmup=warmup)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One outer step at this step's point of the ramp."""
+        for group in self.param_groups:
+            t, warmup = group["outer_step"], group["warmup"]
+            f = min(1.0, t / warmup) if warmup else 1.0
+            # torch's SGD skips the momentum buffer entirely while momentum is 0.
+            group["momentum"] = f * group["target_momentum"]
+            group["lr"] = 1.0 + f * (group["target_lr"] - 1.0)
+            group["outer_step"] = t + 1
+        return super().step(closure)
 
 
 def prime_outer_state(outer_optimizers: Sequence[torch.optim.Optimizer]) -> None:

@@ -80,6 +80,7 @@ from lowcomm.data import eval_batches, load_corpus, sample_batch, shard_bounds
 from lowcomm.gpt import GPT, GPTConfig, parameter_signature
 from lowcomm.metrics import MetricsLogger, Progress, format_bytes
 from lowcomm.optim.diloco import DiLoCo
+from lowcomm.optim.outer import OuterWarmup
 from lowcomm.optim.params import local_view
 from lowcomm.rundir import RunDirLock, lock_run_dir
 
@@ -440,6 +441,8 @@ def make_optimizer(
         return inner
 
     def outer(params: Any) -> torch.optim.Optimizer:
+        if cfg.outer_warmup:
+            return OuterWarmup(params, cfg.outer_lr, cfg.outer_momentum, cfg.outer_warmup)
         nesterov = cfg.nesterov and cfg.outer_momentum > 0
         return torch.optim.SGD(
             params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=nesterov

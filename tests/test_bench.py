@@ -30,7 +30,19 @@ from typing import Any
 import psutil
 import pytest
 
-from scripts.bench import REPO, aggregate, codecs, launch, plots, report, suite, timelines, wansim
+from scripts.bench import (
+    REPO,
+    aggregate,
+    codecs,
+    grid,
+    launch,
+    plots,
+    report,
+    sparseloco,
+    suite,
+    timelines,
+    wansim,
+)
 from scripts.bench.methods import parse_method
 from scripts.bench.profiles import PROFILES
 
@@ -67,6 +79,24 @@ def test_method_grammar() -> None:
     assert parse_method("diloco-h4-o1").name == "diloco-h4-o1"
     sw = parse_method("swarm-h25-int8")
     assert sw.swarm and not m.swarm and sw.options["backend"] == "hivemind"
+    # The inner learning rate is a knob of every kind, DP included (equal tuning effort).
+    d = parse_method("ddp-ilr0.004")
+    assert d.name == "ddp-ilr0.004" and d.options == {"mode": "ddp", "inner_lr": 0.004}
+    g = parse_method("diloco-ilr.003-h25-int8-lr0.5-m0.8")
+    assert g.name == "diloco-h25-int8-ilr0.003-lr0.5-m0.8"
+    assert (g.options["inner_lr"], g.options["outer_lr"]) == (0.003, 0.5)
+    assert parse_method("ddp-ilr0.00001").name == "ddp-ilr0.00001"  # never 1e-05: '-' splits
+    # SparseLoCo's compressor as its reference runs it: tiled top-k per tensor.
+    tl = parse_method("diloco-h25-tiled64-ef0.95-lr1-m0")
+    assert tl.name == "diloco-h25-tiled64x64q2-ef0.95-lr1-m0"
+    assert tl.options["compression"] == "ef@0.95:tiled:64:64:2"
+    assert parse_method("diloco-h25-tiled32x32q32").options["compression"] == "tiled:32:32:32"
+    ow = parse_method("diloco-h25-ow30-int8")
+    assert ow.name == "diloco-h25-int8-ow30" and ow.options["outer_warmup"] == 30
+    # Top-k values through a block codec, one scale per chunk (the old sparseloco preset).
+    tv = parse_method("diloco-h25-vint2-topk0.015625-ef0.95")
+    assert tv.name == "diloco-h25-topk0.015625-vint2-ef0.95"
+    assert tv.options["compression"] == "ef@0.95:topk:0.015625+int2:64"
     assert sw.options["compression"] == "int8" and "hivemind" in sw.label
     # Every generated option is one the recipe accepts.
     from lowcomm.config import load_config
@@ -77,6 +107,9 @@ def test_method_grammar() -> None:
         "streaming-p4-h20",
         "diloco-h20-topk0.01-ef",
         "diloco-h20-topk0.01-ef0.95-m0",
+        "diloco-h25-tiled64-ef0.95-lr1-m0",
+        "diloco-h25-int8-ow30",
+        "ddp-ilr0.004",
         "ddp",
     ):
         opts = parse_method(name).options
@@ -105,12 +138,14 @@ def test_eager_and_delayed_are_overlap_modes_the_recipe_takes() -> None:
     [
         ("diloco-h25-o1-eager", "takes no o<tau>"),
         ("sgd", "kind"),
-        ("ddp-h20", "takes no options"),
+        ("ddp-h20", "takes only ilr"),
+        ("ddp-ilr0.1-ilr0.2", "2 times"),
         ("diloco-h20-zip", "unknown token"),
         ("streaming-p3-h20", "must divide"),
         ("streaming-p4-h4", "fragment spacing"),
         ("diloco-h20-ef", "ef needs a compression"),
         ("diloco-h20-int8-m1.5", "outer momentum"),
+        ("diloco-h20-int8-vint2", "add topk"),
     ],
 )
 def test_method_grammar_rejects(name: str, rule: str) -> None:
@@ -156,6 +191,15 @@ def test_cache_key_of_overlapped_methods_records_the_final_flush() -> None:
     for name in ("streaming-p2-h4", "streaming-p4-h12-o2", "diloco-h4-o1"):
         key = suite.method_key(parse_method(name))
         assert key["flushed_at_end"] is True
+
+
+def test_an_option_added_at_its_old_behaviour_keeps_cached_keys() -> None:
+    task = suite.task_config(PROFILES["tune"], [], "cpu")
+    before = {k: v for k, v in task.items() if k not in suite.KEY_NEUTRAL_OPTIONS}
+    payload = {"kind": "quality", "method": {"mode": "ddp"}, "seed": 0, "workers": 2}
+    assert suite.run_key({**payload, "task": task}) == suite.run_key({**payload, "task": before})
+    changed = {**task, "outer_warmup": 5}
+    assert suite.run_key({**payload, "task": changed}) != suite.run_key({**payload, "task": task})
 
 
 def test_window_starts_late_and_away_from_sync_starts() -> None:
@@ -500,6 +544,88 @@ def test_peer_methods_run_one_process_per_host() -> None:
     assert a0[:3] == ["/py", "-m", "scripts.bench.peers.torchft_diloco"]
     assert a0[-4:] == ["--rank", "0", "--host", "10.77.0.1"] and a1[-3] == "1"
     assert a0[a0.index("--rendezvous") + 1] == "/r" and a0[a0.index("--steps") + 1] == "500"
+
+
+def _results(runs: list[dict[str, Any]], profile: str) -> dict[str, Any]:
+    agg = aggregate.aggregate_quality(runs)
+    task = suite.task_config(PROFILES["tune"], [], "cpu")
+    return {
+        "profile": profile,
+        "command": [".venv/bin/python", "-m", "scripts.bench.suite", "--profile", profile],
+        "machine": {"cpu_model": "Test CPU", "cpu_cores": 2, "torch": "x", "loadavg_1m": 1.0},
+        "settings": {"task": task, "workers": 2, "threads_per_worker": 1, "device": "cpu",
+                     "seeds": [0, 1], "throughput_steps": 100, "rates": []},
+        "runs": {"quality": runs, "throughput": [], "peers": []},
+        "aggregate": {"quality": agg, "throughput": {}, "peers": {}},
+        "headline": [],
+        "not_compared": [],
+    }  # fmt: skip
+
+
+def test_tuning_grid_spells_out_every_setting_and_draws_the_heat_map(tmp_path: Path) -> None:
+    outer = [(1, 0), (0.7, 0.9), (1, 0.5), (0.7, 0)]
+    runs = [_quality_run("ddp-ilr0.004", 0, [5.5, 2.0], 80000)]
+    runs += [_quality_run("ddp-ilr0.001", 0, [5.5, 2.5], 80000)]
+    runs += [
+        _quality_run(f"diloco-h25-int8-ilr0.004-lr{lr}-m{m}", 0, [5.5, 2.1 + i / 100], 4000)
+        for i, (lr, m) in enumerate(outer)
+    ]
+    runs.append(_quality_run("diloco-h25-int8", 0, [5.5, 3.0], 4000))  # the task's settings
+    res = _results(runs, "tune")
+    rows = {r["method"]: r for r in grid.grid_rows(res)}
+    task = res["settings"]["task"]
+    plain = rows["diloco-h25-int8"]
+    assert (plain["inner_lr"], plain["outer_lr"], plain["momentum"]) == (
+        task["inner_lr"], task["outer_lr"], task["outer_momentum"],
+    )  # fmt: skip
+    assert rows["diloco-h25-int8-ilr0.004-lr1-m0.5"]["momentum"] == 0.5
+    assert rows["ddp-ilr0.001"]["ratio"] == pytest.approx(2.5 / 2.0)  # against the best DP
+    best = grid.best_rows(list(rows.values()))
+    assert best["DP"]["method"] == "ddp-ilr0.004"
+    assert best["DiLoCo H=25 int8"]["method"] == "diloco-h25-int8-ilr0.004-lr1-m0"
+    assert grid.plot_grid(res, tmp_path / "g.png") and (tmp_path / "g.png").stat().st_size
+    res["plots"] = {"tuning_grid": "g.png"}
+    text = report.render([(tmp_path / "results.json", res)], tmp_path)
+    assert "## Tuning grid `tune`" in text and "![Tuning grid](g.png)" in text
+    assert "**2.1000**" in text and "| 1.2500 |" in text
+
+
+def test_frontier_pairs_losses_by_seed_and_keeps_the_anchors_apart(tmp_path: Path) -> None:
+    runs = [
+        _quality_run("ddp", 0, [5.5, 2.0], 80000),
+        _quality_run("ddp", 1, [5.5, 2.5], 80000),
+        _quality_run("diloco-h20-int8", 0, [5.5, 2.2], 1000),
+        _quality_run("diloco-h20-int8", 1, [5.5, 2.6], 1000),
+    ]
+    res = _results(runs, "unit")
+    res["runs"]["peers"] = [
+        {"library": "hivemind", "seed": 1,
+         "summary": {"final_eval_loss": 3.0, "bytes_sent_estimate": 2000}},
+    ]  # fmt: skip
+    pts = {(p["name"], p["seed"]): p for p in plots.frontier_points(res)}
+    assert pts[("diloco-h20-int8", 0)]["y"] == pytest.approx(1.1)
+    assert pts[("diloco-h20-int8", 1)]["y"] == pytest.approx(2.6 / 2.5)
+    assert pts[("diloco-h20-int8", 1)]["x"] == pytest.approx(80.0)
+    assert pts[("hivemind", 1)]["x"] == pytest.approx(40.0) and pts[("hivemind", 1)]["peer"]
+    assert all(name != "ddp" for name, _ in pts)
+    plots.plot_frontier(res, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_sparseloco_differences_show_the_measured_pairs() -> None:
+    pair = next(d[3] for d in sparseloco.DIFFERENCES if d[0] == "value quantizer")
+    assert pair is not None
+    a, b = (parse_method(m).name for m in pair)  # results hold canonical names
+    runs = [_quality_run(a, 0, [5.5, 2.0], 1000), _quality_run(b, 0, [5.5, 2.1], 500)]
+    text = sparseloco.section(_results(runs, "tune"))
+    assert text is not None and "2.0000 → " in text and "2.1000 (+5.0%)" in text
+    assert "not run yet" in text  # the other pairs
+    assert sparseloco.section(_results([_quality_run("ddp", 0, [5.5, 2.0], 1)], "t")) is None
+    data = sparseloco.value_errors((64, 128))
+    assert {r["spec"] for r in data["rows"]} == set(sparseloco.ERROR_SPECS)
+    for r in data["rows"]:
+        assert r["kept_fraction"] == pytest.approx(1 / 64)
+        assert (r["rel_error_kept"] == 0) == (r["spec"] in ("topk:0.015625", "tiled:64:64:32"))
 
 
 def test_report_spells_commands_recorded_by_path_as_the_module() -> None:

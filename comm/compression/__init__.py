@@ -7,11 +7,18 @@ strings (``"int8"``, ``"topk:0.01+int8"``, ``"sparseloco"``) are parsed only by
 
 from __future__ import annotations
 
-from lowcomm.comm.compression.base import Compressor, Payload, PayloadError, check_payload
+from lowcomm.comm.compression.base import (
+    Compressor,
+    LayoutCompressor,
+    Payload,
+    PayloadError,
+    check_payload,
+)
 from lowcomm.comm.compression.cast import BF16, FP16
 from lowcomm.comm.compression.feedback import ErrorFeedback, sparseloco
 from lowcomm.comm.compression.int8 import Int2, Int4, Int8
 from lowcomm.comm.compression.registry import SPEC_FORMS, compression_spec, parse_compression
+from lowcomm.comm.compression.tiled import TiledTopK
 from lowcomm.comm.compression.topk import MAX_NUMEL, TopK
 
 __all__ = [
@@ -24,8 +31,10 @@ __all__ = [
     "Int2",
     "Int4",
     "Int8",
+    "LayoutCompressor",
     "Payload",
     "PayloadError",
+    "TiledTopK",
     "TopK",
     "check_payload",
     "compression_spec",

@@ -25,12 +25,13 @@ Writing your own takes about 20 lines::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Compressor", "Payload", "PayloadError", "check_payload"]
+__all__ = ["Compressor", "LayoutCompressor", "Payload", "PayloadError", "check_payload"]
 
 
 class PayloadError(ValueError):
@@ -92,6 +93,22 @@ class Compressor(Protocol):
             PayloadError: if the payload's size or dtype is not what ``nbytes`` announces, or
                 its contents are out of range (e.g. top-k indices past the end).
         """
+        ...
+
+
+@runtime_checkable
+class LayoutCompressor(Compressor, Protocol):
+    """A compressor that encodes each tensor of a flat buffer on its own.
+
+    A pseudo-gradient travels as one flat buffer per fragment, the fragment's tensors
+    concatenated in order. A compressor that must not let a chunk span two tensors (e.g.
+    :class:`~lowcomm.comm.compression.TiledTopK`, which tiles each matrix) learns where they
+    are from :meth:`for_layout`: DiLoCo calls it once per fragment at construction and hands
+    the returned compressor to the backend for that fragment's syncs.
+    """
+
+    def for_layout(self, shapes: Sequence[Sequence[int]]) -> Compressor:
+        """The compressor for flat buffers that concatenate tensors of ``shapes``, in order."""
         ...
 
 

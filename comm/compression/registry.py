@@ -8,6 +8,7 @@ Grammar (case-insensitive, whitespace ignored)::
                                            Int8(BLOCK=128) | Int4(BLOCK=64) | Int2(BLOCK=64)
     topk:FRACTION[:CHUNK][+VALUES]         TopK(FRACTION, CHUNK=4096, values=parse(VALUES)),
                                            VALUES one of the dense specs above
+    tiled:K[:TILE[:BITS[:RANGE]]]          TiledTopK(K, TILE=64, BITS=2, RANGE=6); BITS 32: fp32
     sparseloco[:FRACTION[:CHUNK[:DECAY]]]  sparseloco(FRACTION=1/64, CHUNK=4096, DECAY=0.95)
     ef[@DECAY]:SPEC                        ErrorFeedback(parse(SPEC), DECAY=1.0)
 
@@ -24,6 +25,7 @@ from lowcomm.comm.compression.base import Compressor
 from lowcomm.comm.compression.cast import BF16, FP16
 from lowcomm.comm.compression.feedback import ErrorFeedback, sparseloco
 from lowcomm.comm.compression.int8 import Int2, Int4, Int8
+from lowcomm.comm.compression.tiled import TiledTopK
 from lowcomm.comm.compression.topk import TopK
 
 __all__ = ["SPEC_FORMS", "compression_spec", "parse_compression"]
@@ -36,6 +38,7 @@ SPEC_FORMS = (
     "int4[:BLOCK]",
     "int2[:BLOCK]",
     "topk:FRACTION[:CHUNK][+VALUES]",
+    "tiled:K[:TILE[:BITS[:RANGE]]]",
     "sparseloco[:FRACTION[:CHUNK[:DECAY]]]",
     "ef[@DECAY]:SPEC",
 )
@@ -103,6 +106,14 @@ def _parse(text: str) -> Compressor | ErrorFeedback | None:
         return TopK(_number(args[0], "fraction"), chunk, values=values)
     if "+" in text:
         raise ValueError("only topk takes '+VALUES'")
+    if name == "tiled":
+        if not 1 <= len(args) <= 4:
+            raise ValueError("tiled takes tiled:K[:TILE[:BITS[:RANGE]]]")
+        k = _integer(args[0], "k")
+        tile = _integer(args[1], "tile") if len(args) > 1 else 64
+        bits = _integer(args[2], "bits") if len(args) > 2 else 2
+        sigmas = _number(args[3], "range") if len(args) > 3 else 6.0
+        return TiledTopK(k, tile, None if bits == 32 else bits, sigmas)
     if name == "sparseloco":
         if len(args) > 3:
             raise ValueError("sparseloco takes sparseloco[:FRACTION[:CHUNK[:DECAY]]]")
@@ -157,6 +168,9 @@ def compression_spec(obj: Compressor | ErrorFeedback | None) -> str:
         for name, cls in _BLOCK_QUANTIZERS.items():
             if kind is cls:
                 return f"{name}:{obj.block_size}"
+    if isinstance(obj, TiledTopK) and kind is TiledTopK:
+        bits = 32 if obj.bits is None else obj.bits
+        return f"tiled:{obj.k}:{obj.tile}:{bits}:{obj.range_sigmas!r}"
     if isinstance(obj, TopK) and kind is TopK:
         spec = f"topk:{obj.fraction!r}:{obj.chunk_size}"
         return spec if obj.values is None else f"{spec}+{compression_spec(obj.values)}"

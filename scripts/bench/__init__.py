@@ -15,7 +15,7 @@ Modules, one concept each:
 ``suite``                 the suite's settings, phases (quality, throughput, peers) and CLI
 ``methods``               method names (``diloco-h20-int8``) and the recipe options they set
 ``profiles``              the benchmark matrices (``smoke``, ``default``, ``headline``,
-                          ``throughput``)
+                          ``throughput``, ``tune``, ``tune-long``)
 ``launch``                one run: a process per worker, on loopback or in the simulator
 ``aggregate``             per-run records into tables (means, paired ratios, headline rows)
 ``timelines``             the workers' timelines as numbers: time per span kind, waiting for
@@ -25,6 +25,8 @@ Modules, one concept each:
 ``readme_table``          the README's tables, printed from the same results
 ``machine``               what the numbers were measured on
 ``codecs``                codec encode/decode bandwidth against memcpy
+``grid``                  a tuning grid's table and heat maps (``tune*`` profiles)
+``sparseloco``            our sparse path against SparseLoCo's reference, difference by difference
 ``wansim``, ``topology``  network namespaces behind ``tc tbf`` links; its names and commands
 ``peers``                 torchft's and hivemind's optimizers on the same task (one loop),
                           forked on loopback or one process per host behind the links

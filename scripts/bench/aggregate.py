@@ -293,8 +293,17 @@ def _paired(quality: dict[str, Any], a: str, b: str, fn: Any) -> dict[str, Any] 
     return _stat([fn(va[sa.index(s)], vb[sb.index(s)]) for s in common])
 
 
+def baseline_of(results: dict[str, Any]) -> str:
+    """The DP method a results file's ratios are taken against (``ddp`` unless it names one)."""
+    return str(results["settings"].get("baseline") or "ddp")
+
+
 def headline_rows(
-    quality: dict[str, Any], roles: dict[str, str], workers: int, steps: int
+    quality: dict[str, Any],
+    roles: dict[str, str],
+    workers: int,
+    steps: int,
+    baseline: str = "ddp",
 ) -> list[dict[str, Any]]:
     """The issue's headline comparisons, from the aggregated quality runs."""
     rows: list[dict[str, Any]] = []
@@ -307,7 +316,7 @@ def headline_rows(
              "why": f"method {name!r} was not run" if name else f"no {role!r} method in profile"}
         )  # fmt: skip
 
-    ddp = quality.get("ddp")
+    ddp = quality.get(baseline)
     main = roles.get("main", "")
     if main in quality and ddp:
         mq = quality[main]
@@ -342,7 +351,7 @@ def headline_rows(
             (
                 q
                 for n, q in quality.items()
-                if n not in ("ddp", "local")
+                if parse_method(n).mode == "diloco"
                 and parse_method(n).options["fragments"] == 1
                 and parse_method(n).options["compression"] == opts["compression"]
                 and parse_method(n).options["error_feedback"] == opts["error_feedback"]
@@ -427,7 +436,7 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
     ]  # fmt: skip
     rows: list[dict[str, Any]] = []
     quality = results["aggregate"]["quality"]
-    dp_bytes = quality.get("ddp", {}).get("bytes_sent")
+    dp_bytes = quality.get(baseline_of(results), {}).get("bytes_sent")
     for q in quality.values():
         ratio = q["final_ratio_to_baseline"] or {}
         rows.append({

@@ -6,8 +6,14 @@ group them into benchmark matrices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
+
+from lowcomm.comm.compression import TopK
+
+# A non-negative decimal number: 0.7, 1, .5, 0.004 (no exponent: "-" separates tokens).
+_NUMBER = r"(\d*\.?\d+)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,22 +80,38 @@ def parse_method(name: str) -> Method:
     any of ``h<H>`` (sync_every, default 20), ``p<P>`` (fragments; streaming default 4),
     ``o<tau>`` (overlap_steps; streaming default 1), ``eager`` or ``delayed`` (the overlap
     mode: a whole period of compute hides each sync), one compression token (``int8``, ``int4``,
-    ``fp16``, ``bf16``, ``topk<FRACTION>``), ``ef`` (error feedback) or ``ef<DECAY>`` (error
+    ``fp16``, ``bf16``, ``topk<FRACTION>``, or ``tiled<K>[x<TILE>][q<BITS>]``: SparseLoCo's
+    per-tensor tiled top-k, default tile 64 and 2-bit values, ``q32`` for fp32 values),
+    ``v<CODEC>`` (``vint8``, ``vint4``, ``vint2``: top-k's values through that block codec, one
+    scale per chunk),
+    ``ef`` (error feedback) or ``ef<DECAY>`` (error
     feedback with a decayed residual, e.g. ``ef0.95``), ``lr<LR>`` and ``m<MOMENTUM>`` (outer
     SGD learning rate and momentum, e.g. ``lr1-m0`` is plain parameter averaging; default: the
-    task's).
+    task's), ``ow<N>`` (outer warm-up: from averaging to that Nesterov SGD over N outer steps). Every kind, ``ddp`` and ``local`` included, takes ``ilr<LR>``: the inner (peak)
+    learning rate, e.g. ``ddp-ilr0.004`` (default: the task's), so that a tuning grid gives
+    DP the same knob as DiLoCo.
 
     Raises:
         ValueError: for an unknown kind or token, or a token the kind does not take.
     """
     tokens = name.strip().lower().split("-")
     kind = tokens[0]
+    inner_lr, tokens = _inner_lr(name, tokens)
     if kind in ("ddp", "local"):
         if len(tokens) > 1:
-            raise ValueError(f"method {name!r}: {kind} takes no options (got {tokens[1:]})")
+            raise ValueError(f"method {name!r}: {kind} takes only ilr<INNER_LR> (got {tokens[1:]})")
         label = "DP (DDP, all-reduce every step)" if kind == "ddp" else "local (no communication)"
-        return Method(kind, (("mode", kind),), label)
+        opts: tuple[tuple[str, Any], ...] = (("mode", kind),)
+        if inner_lr is not None:
+            return Method(
+                f"{kind}-ilr{_decimal(inner_lr)}",
+                (*opts, ("inner_lr", inner_lr)),
+                f"{label}, inner lr {inner_lr:g}",
+            )
+        return Method(kind, opts, label)
     if kind in PEER_LABELS:
+        if inner_lr is not None:
+            raise ValueError(f"method {name!r}: {kind} takes only h<H> (got an ilr token)")
         h = 20
         for tok in tokens[1:]:
             if not (m := re.fullmatch(r"h(\d+)", tok)) or int(m.group(1)) < 1:
@@ -107,7 +129,9 @@ def parse_method(name: str) -> Method:
     tau: int | None = None
     overlap_mode = "mix"
     compression, ef, ef_decay = "none", False, None
+    values: str | None = None  # top-k's value codec
     momentum: float | None = None
+    warmup = 0  # outer steps of the averaging-to-Nesterov ramp
     outer_lr: float | None = None
     for tok in tokens[1:]:
         if m := re.fullmatch(r"h(\d+)", tok):
@@ -120,21 +144,29 @@ def parse_method(name: str) -> Method:
             overlap_mode = tok
         elif tok in ("int8", "int4", "int2", "fp16", "bf16"):
             compression = tok
-        elif m := re.fullmatch(r"topk(\d*\.?\d+(?:e-?\d+)?)", tok):
+        elif m := re.fullmatch("topk" + _NUMBER, tok):
             compression = f"topk:{m.group(1)}"
+        elif m := re.fullmatch(r"v(int8|int4|int2)", tok):
+            values = m.group(1)
+        elif m := re.fullmatch(r"tiled(\d+)(?:x(\d+))?(?:q(\d+))?", tok):
+            k, tile, bits = m.group(1), m.group(2) or "64", m.group(3) or "2"
+            compression = f"tiled:{k}:{tile}:{bits}"
         elif tok == "ef":
             ef = True
         elif m := re.fullmatch(r"ef(\d*\.\d+|[01])", tok):
             ef, ef_decay = True, float(m.group(1))
+        elif m := re.fullmatch(r"ow(\d+)", tok):
+            warmup = int(m.group(1))
         elif m := re.fullmatch(r"m(\d*\.?\d+)", tok):
             momentum = float(m.group(1))
-        elif m := re.fullmatch(r"lr(\d*\.?\d+)", tok):
+        elif m := re.fullmatch(r"lr" + _NUMBER, tok):
             outer_lr = float(m.group(1))
         else:
             raise ValueError(
                 f"method {name!r}: unknown token {tok!r}; valid: h<H>, p<P>, o<tau>, eager, "
-                "delayed, int8, int4, int2, fp16, bf16, topk<FRACTION>, ef, ef<DECAY>, "
-                "lr<OUTER_LR>, m<OUTER_MOMENTUM>"
+                "delayed, int8, int4, int2, fp16, bf16, topk<FRACTION>, v<INT8|INT4|INT2>, "
+                "tiled<K>[x<TILE>][q<BITS>], ef, ef<DECAY>, "
+                "ilr<INNER_LR>, lr<OUTER_LR>, m<OUTER_MOMENTUM>, ow<OUTER_WARMUP>"
             )
     if tau is None:  # streaming overlaps one step by default; eager/delayed a whole period
         tau = 1 if kind == "streaming" and overlap_mode == "mix" else 0
@@ -153,6 +185,12 @@ def parse_method(name: str) -> Method:
             f"method {name!r}: overlap ({tau}) must be less than the fragment spacing H/P "
             f"({h // p})"
         )
+    if values is not None:
+        if not compression.startswith("topk:"):
+            raise ValueError(f"method {name!r}: v{values} quantizes top-k values; add topk<F>")
+        # One scale per chunk's kept values (a block of k), as sparseloco() does.
+        k = TopK(float(compression[5:])).k
+        compression += f"+{values}:{k * 4 // math.gcd(k, 4)}"
     if ef and compression == "none":
         raise ValueError(f"method {name!r}: ef needs a compression token (e.g. topk0.01)")
     if overlap_mode != "mix" and tau:
@@ -165,14 +203,23 @@ def parse_method(name: str) -> Method:
     else:  # fragments and overlap only when set, so that no two methods share a name
         parts = [f"h{h}"] + [f"p{p}"] * (p > 1) + [f"o{tau}"] * (tau > 0)
         parts += [overlap_mode] * (overlap_mode != "mix")
-    if compression != "none":
-        parts.append(compression.replace("topk:", "topk"))
+    if compression.startswith("tiled:"):
+        k, tile, bits = compression.split(":")[1:]
+        parts.append(f"tiled{k}x{tile}q{bits}")
+    elif compression != "none":
+        parts.append(compression.split("+")[0].replace("topk:", "topk"))
+        if values is not None:
+            parts.append(f"v{values}")
     if ef:
         parts.append("ef" if ef_decay is None else f"ef{ef_decay:g}")
+    if inner_lr is not None:
+        parts.append(f"ilr{_decimal(inner_lr)}")
     if outer_lr is not None:
         parts.append(f"lr{outer_lr:g}")
     if momentum is not None:
         parts.append(f"m{momentum:g}")
+    if warmup:
+        parts.append(f"ow{warmup}")
     canonical = "-".join([kind, *parts])
     options: dict[str, Any] = {
         "mode": "diloco",
@@ -185,10 +232,14 @@ def parse_method(name: str) -> Method:
     }
     if overlap_mode != "mix":  # only when set: the cache keys of mix-mode methods stay put
         options["overlap_mode"] = overlap_mode
+    if inner_lr is not None:
+        options["inner_lr"] = inner_lr
     if outer_lr is not None:
         options["outer_lr"] = outer_lr
     if momentum is not None:
         options["outer_momentum"] = momentum
+    if warmup:
+        options["outer_warmup"] = warmup
     if kind == "swarm":
         options["backend"] = "hivemind"
         # Rounds every H steps, as diloco-h<H> (a swarm peer would default to wall-clock
@@ -202,13 +253,43 @@ def parse_method(name: str) -> Method:
     elif kind == "streaming" or p > 1 or tau:
         label += f" P={p} τ={tau}"
     if compression.startswith("topk:"):
-        label += f" top-k {float(compression[5:]) * 100:g}%"
+        label += f" top-k {float(compression[5:].split('+')[0]) * 100:g}%"
+        if values is not None:
+            label += f" {values} values"
+    elif compression.startswith("tiled:"):
+        k, tile, bits = compression.split(":")[1:]
+        values = "fp32" if bits == "32" else f"{bits}-bit"
+        label += f" tiled top-{k} per {tile}x{tile}, {values} values"
     elif compression != "none":
         label += f" {compression}"
     if ef:
         label += " +EF" if ef_decay is None else f" +EF(decay {ef_decay:g})"
+    if inner_lr is not None:
+        label += f", inner lr {inner_lr:g}"
     if outer_lr is not None:
         label += f", outer lr {outer_lr:g}"
     if momentum is not None:
         label += f", outer momentum {momentum:g}"
+    if warmup:
+        label += f", outer warm-up {warmup} steps"
     return Method(canonical, tuple(options.items()), label)
+
+
+def _inner_lr(name: str, tokens: list[str]) -> tuple[float | None, list[str]]:
+    """Take the ``ilr<LR>`` token out of ``tokens``: (the inner lr or None, the rest)."""
+    values = [m.group(1) for tok in tokens[1:] if (m := re.fullmatch("ilr" + _NUMBER, tok))]
+    if len(values) > 1:
+        raise ValueError(f"method {name!r}: ilr<INNER_LR> given {len(values)} times")
+    if not values:
+        return None, tokens
+    inner_lr = float(values[0])
+    if not inner_lr > 0:
+        raise ValueError(f"method {name!r}: inner learning rate ({inner_lr}) must be > 0")
+    rest = [tok for tok in tokens if not re.fullmatch("ilr" + _NUMBER, tok)]
+    return inner_lr, rest
+
+
+def _decimal(value: float) -> str:
+    """``value`` in positional notation, as short as it reads back (0.0001, not 1e-04)."""
+    text = f"{value:.12f}".rstrip("0").rstrip(".")
+    return text or "0"

@@ -4,7 +4,7 @@ Run (regenerates the PNGs next to a results file)::
 
     .venv/bin/python -m scripts.bench.plots benchmarks/results.json
 
-Four figures, each from ``results["aggregate"]`` only:
+Figures, each from ``results["aggregate"]`` (and the peers' runs):
 
 * ``loss_vs_tokens.png``: mean eval loss over seeds against training tokens (all workers),
   a band of one standard deviation; peers dashed.
@@ -14,6 +14,10 @@ Four figures, each from ``results["aggregate"]`` only:
   seed), against steps: the gap as a function of training length, not one point.
 * ``throughput_vs_rate.png``: tokens/s as a fraction of the no-communication ceiling
   measured in the same run, against the link rate (unshaped links at the right).
+* ``frontier.png``: final loss / DP's against DP bytes / method bytes (log x), every method,
+  peer and seed as a point, and the published anchor points drawn apart, labelled as
+  references at another scale.
+* ``tuning_grid.png`` (tuning profiles only): :func:`scripts.bench.grid.plot_grid`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-__all__ = ["make_plots"]
+from scripts.bench import grid  # noqa: E402
+from scripts.bench.aggregate import baseline_of  # noqa: E402
+
+__all__ = ["is_tuning", "make_plots"]
 
 _DPI = 110
 _SIZE = (11.0, 5.2)
@@ -187,7 +194,7 @@ def plot_loss_gap(results: dict[str, Any], path: Path) -> None:
     colors = _colors(list(quality))
     fig, ax = plt.subplots(figsize=_SIZE)
     for name, q in quality.items():
-        if name == "ddp":
+        if name == baseline_of(results):
             continue
         pts = [p for p in q["curve"] if p["ratio_to_baseline"] is not None and p["step"] > 0]
         if not pts:
@@ -307,6 +314,92 @@ def plot_timelines(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# Published points (Douillard et al. 2025, "Streaming DiLoCo with overlapping communication":
+# 35M parameters on C4), as the issue quotes them: (label, DP bytes / method bytes, loss / DP).
+# The byte ratio is H for an fp32 outer step (one all-reduce per H steps) and 8H for FP4.
+ANCHORS = (
+    ("DiLoCo M=2 H=30, fp32", 30.0, 1.009),
+    ("Streaming DiLoCo M=2 H=30, FP4", 240.0, 1.006),
+    ("DiLoCo M=4 H=100 (x: fp32 assumed)", 100.0, 1.037),
+)
+
+
+def frontier_points(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every method's and peer's runs as (byte ratio, loss ratio) points, paired by seed.
+
+    x is DP's bytes per worker over the method's; y the method's final eval loss over DP's
+    with the same seed. Empty without a DP run.
+    """
+    quality = results["aggregate"]["quality"]
+    base = baseline_of(results)
+    dp = quality.get(base)
+    if dp is None:
+        return []
+    dp_loss = dict(zip(dp["seeds"], dp["final_eval_loss"]["values"]))
+    points = []
+    for name, q in quality.items():
+        if name == base or not q["bytes_sent"]:
+            continue
+        for seed, loss in zip(q["seeds"], q["final_eval_loss"]["values"]):
+            if seed in dp_loss:
+                points.append(
+                    {"name": name, "label": q["label"], "seed": seed, "peer": False,
+                     "x": dp["bytes_sent"] / q["bytes_sent"], "y": loss / dp_loss[seed]}
+                )  # fmt: skip
+    for run in results["runs"].get("peers", []):
+        est = run["summary"].get("bytes_sent_ring_estimate") or run["summary"].get(
+            "bytes_sent_estimate"
+        )
+        if est and run["seed"] in dp_loss:
+            points.append(
+                {"name": run["library"], "label": f"{run['library']} (bytes est.)",
+                 "seed": run["seed"], "peer": True, "x": dp["bytes_sent"] / est,
+                 "y": run["summary"]["final_eval_loss"] / dp_loss[run["seed"]]}
+            )  # fmt: skip
+    return points
+
+
+def plot_frontier(results: dict[str, Any], path: Path) -> None:
+    """Loss ratio to DP against DP bytes / method bytes (log x): every method and seed."""
+    points = frontier_points(results)
+    names = list(dict.fromkeys(p["name"] for p in points))
+    colors = _colors(names)
+    fig, ax = plt.subplots(figsize=_SIZE)
+    for name in names:
+        pts = [p for p in points if p["name"] == name]
+        ax.scatter(
+            [p["x"] for p in pts],
+            [p["y"] for p in pts],
+            s=22,
+            marker="x" if pts[0]["peer"] else "o",
+            color=colors[name],
+            label=pts[0]["label"],
+        )
+    ax.scatter(
+        [a[1] for a in ANCHORS],
+        [a[2] for a in ANCHORS],
+        s=70,
+        marker="*",
+        facecolors="none",
+        edgecolors="dimgray",
+        label="published, OTHER SCALE (35M params, C4; Douillard et al. 2025)",
+    )
+    for label, x, y in ANCHORS:
+        ax.annotate(label, (x, y), fontsize=7, color="dimgray", xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    ax.axhline(1.0, color="black", lw=0.8, ls=":", label="DP")
+    ax.set_xscale("log")
+    _finish(
+        fig,
+        ax,
+        path,
+        "DP bytes / method bytes per worker (log scale; higher sends less)",
+        "final eval loss / DP's (same seed)",
+        _title(results, "Quality per byte: every method and seed"),
+        log_grid=True,
+    )
+
+
 def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Write every plot the results have data for; returns name -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,8 +411,8 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
             ("loss_vs_tokens", plot_loss_vs_tokens),
             ("loss_vs_bytes", plot_loss_vs_bytes),
         ]
-        if "ddp" in agg["quality"] and len(agg["quality"]) > 1:
-            jobs.append(("loss_gap", plot_loss_gap))
+        if baseline_of(results) in agg["quality"] and len(agg["quality"]) > 1:
+            jobs += [("loss_gap", plot_loss_gap), ("frontier", plot_frontier)]
     if agg["throughput"]:
         jobs.append(("throughput_vs_rate", plot_throughput))
     if agg.get("timelines"):
@@ -328,7 +421,14 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         path = out_dir / f"{name}.png"
         fn(results, path)
         made[name] = path
+    if is_tuning(results) and grid.plot_grid(results, out_dir / "tuning_grid.png"):
+        made["tuning_grid"] = out_dir / "tuning_grid.png"
     return made
+
+
+def is_tuning(results: dict[str, Any]) -> bool:
+    """Whether a results file is a tuning grid (``tune*`` profiles), not a comparison."""
+    return str(results["profile"]).startswith("tune")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Run from the repository root (regenerates the document from every results file u
 Every number in the document is read from a ``results.json`` written by
 :mod:`scripts.bench.suite`; the prose around the numbers is fixed text in this file, and the
 plots are the PNGs the suite wrote next to the results. One section per profile
-(``default`` first).
+(headline profiles first, tuning grids last).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.bench import REPO
+from scripts.bench import REPO, grid, sparseloco
+from scripts.bench.aggregate import baseline_of
+from scripts.bench.plots import is_tuning
 
 __all__ = ["document", "find_codecs", "find_results", "render", "write_report"]
 
@@ -233,7 +235,7 @@ def headline_table(res: dict[str, Any]) -> str:
 
 def _quality(res: dict[str, Any]) -> str:
     q = res["aggregate"]["quality"]
-    dp = q.get("ddp")
+    dp = q.get(baseline_of(res))
     rows = []
     for item in q.values():
         ratio = fmt_stat(item["final_ratio_to_baseline"]) if dp else "n/a"
@@ -263,12 +265,30 @@ def _quality(res: dict[str, Any]) -> str:
     return table(header, rows)
 
 
+def _adopted(res: dict[str, Any]) -> str:
+    """Which runs an earlier version of the suite recorded, and why they still stand."""
+    runs = [r for r in res.get("runs", {}).get("quality", []) if r.get("adopted_from")]
+    if not runs:
+        return ""
+    by_commit: dict[str, list[str]] = {}
+    for r in runs:
+        src = r["adopted_from"]
+        by_commit.setdefault(f"{src['commit']} ({src['file']}): {src['why']}", []).append(
+            f"`{r['method']}` seed {r['seed']}"
+        )
+    return "\n".join(
+        f"Carried over from commit {what}. Runs: {', '.join(names)}."
+        for what, names in by_commit.items()
+    )
+
+
 def _gap(res: dict[str, Any], max_rows: int = 12) -> str:
     q = res["aggregate"]["quality"]
-    if "ddp" not in q:
+    base = baseline_of(res)
+    if base not in q:
         return "No DP run: no gap to report."
-    names = [n for n in q if n != "ddp"]
-    steps = [p["step"] for p in q["ddp"]["curve"] if p["step"] > 0]
+    names = [n for n in q if n != base]
+    steps = [p["step"] for p in q[base]["curve"] if p["step"] > 0]
     if len(steps) > max_rows:
         stride = math.ceil(len(steps) / max_rows)
         keep = set(steps[::-1][::stride])  # always keep the last step
@@ -277,7 +297,7 @@ def _gap(res: dict[str, Any], max_rows: int = 12) -> str:
     for step in steps:
         row: list[Any] = [
             step,
-            fmt_stat(next(p["loss"] for p in q["ddp"]["curve"] if p["step"] == step)),
+            fmt_stat(next(p["loss"] for p in q[base]["curve"] if p["step"] == step)),
         ]
         for n in names:
             pt = next((p for p in q[n]["curve"] if p["step"] == step), None)
@@ -444,6 +464,9 @@ def _plots(res: dict[str, Any], res_dir: Path, doc_dir: Path) -> str:
         "loss_vs_tokens": "Eval loss vs training tokens (mean ± std over seeds)",
         "loss_vs_bytes": "Eval loss vs bytes sent per worker (log scale)",
         "loss_gap": "Eval loss / DP eval loss vs steps (paired by seed)",
+        "frontier": "Quality per byte: loss / DP vs DP bytes / method bytes, every method and "
+        "seed; stars are published points at another scale (35M parameters, C4), not "
+        "comparable one to one",
         "throughput_vs_rate": "tokens/s ÷ ceiling vs link rate (median over passes, bars: "
         "smallest to largest)",
         "timelines": "Timelines of the workers (median pass): what each thread did, second by "
@@ -468,6 +491,7 @@ def _quality_sections(res: dict[str, Any]) -> list[str]:
         "counter (payload it serialised); DP's are the ring all-reduce estimate "
         "2(M-1)/M x 4 x params per step, checked against interface counters below.",
         _quality(res),
+        _adopted(res),
         "### Loss gap to DP as a function of steps",
         "Each cell: eval loss / DP eval loss at the same step and seed, mean ± std over seeds "
         "(DiLoCo evaluates its global parameters, which change only at outer steps).",
@@ -488,8 +512,58 @@ def _peer_sections(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def render_tuning(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
+    """The section of a tuning grid's results (every setting tried; see :mod:`.grid`)."""
+    rel = os.path.relpath(res_path, doc_dir)
+    parts = [
+        f"## Tuning grid `{res['profile']}`",
+        f"Generated from [`{rel}`]({rel}). Tuning runs use seeds that no comparison above "
+        "reports; the settings they pick are confirmed on the reported seeds.",
+        "### How to reproduce",
+        _reproduce(res),
+        "### Machine",
+        _machine(res),
+        "### Settings",
+        _settings(res),
+        "### Every setting tried",
+        grid.section(res, res_path, doc_dir),
+    ]
+    diffs = sparseloco.section(res)
+    if diffs:
+        parts += [
+            "### SparseLoCo: our sparse path against the reference, one difference at a time",
+            "The reference is templar's implementation of SparseLoCo (tplr-ai/templar v2.1.3: "
+            "`src/tplr/compress.py`, `src/tplr/neurons.py`, `hparams/hparams.json`). Each row "
+            "names the pair of runs of this grid that differ in that one respect, when one "
+            "does (`scripts/bench/sparseloco.py` holds the list).",
+            diffs,
+        ]
+        errors = _sparse_errors(doc_dir)
+        if errors:
+            parts += [
+                "What each codec does to the values it keeps, on a 1024 x 4096 matrix of two "
+                f"draws ({errors}):",
+                sparseloco.errors_table(
+                    json.loads(sparseloco.ERRORS_FILE.read_text(encoding="utf-8"))
+                ),
+            ]
+    parts += ["### Not compared, and why", _not_compared(res)]
+    return "\n\n".join(parts)
+
+
+def _sparse_errors(doc_dir: Path) -> str | None:
+    """How to regenerate the sparse codecs' error table, when its results file exists."""
+    path = sparseloco.ERRORS_FILE
+    if not path.exists():
+        return None
+    rel = os.path.relpath(path, doc_dir)
+    return f"[`{rel}`]({rel}), `python -m scripts.bench.sparseloco`"
+
+
 def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
     """The section of one profile's results."""
+    if is_tuning(res):
+        return render_tuning(res, res_path, doc_dir)
     rel = os.path.relpath(res_path, doc_dir)
     s = res["settings"]
     parts = [
@@ -562,7 +636,7 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "### Plots",
         _plots(res, res_path.parent, doc_dir),
     ]
-    return "\n\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
 
 
 def _range(stat: dict[str, float], fmt: str) -> str:
@@ -700,12 +774,13 @@ def find_results(out_dir: Path, doc: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Results files for the document: ``out_dir``'s, and the other profiles' beside it.
 
     Under ``benchmarks/``, every profile's results (``benchmarks/results.json`` and
-    ``benchmarks/*/results.json``) go into one document, ``default`` first.
+    ``benchmarks/*/results.json``) go into one document: the headline profiles first, then
+    ``default``, the others, and the tuning grids last.
     """
     base = _base(out_dir)
     paths = [base / "results.json", *sorted(base.glob("*/results.json"))]
     found = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in paths if p.exists()]
-    found.sort(key=lambda pr: (pr[1]["profile"] != "default", pr[1]["profile"]))
+    found.sort(key=lambda pr: _section_order(pr[1]))
     return found
 
 
@@ -713,6 +788,12 @@ def find_codecs(out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     """The codec benchmark's results beside ``out_dir``'s (``codecs.json``), if any."""
     path = _base(out_dir) / CODECS_FILE
     return (path, json.loads(path.read_text(encoding="utf-8"))) if path.exists() else None
+
+
+def _section_order(results: dict[str, Any]) -> tuple[bool, int, str]:
+    profile = str(results["profile"])
+    first = {"headline": 0, "headline-m4": 1, "default": 2}
+    return is_tuning(results), first.get(profile, 3), profile
 
 
 def default_doc(out_dir: Path) -> Path:

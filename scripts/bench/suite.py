@@ -194,8 +194,21 @@ def write_toml(values: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+# Recipe options added after results were cached, each with the value that does what every
+# run did before the option existed: at that value they stay out of the cache key, so adding
+# an option does not throw away hours of cached runs.
+KEY_NEUTRAL_OPTIONS: dict[str, Any] = {"outer_warmup": 0}
+
+
 def run_key(payload: dict[str, Any]) -> str:
-    """Digest of everything a cached result depends on."""
+    """Digest of everything a cached result depends on (see :data:`KEY_NEUTRAL_OPTIONS`)."""
+    if "task" in payload:
+        task = {
+            k: v
+            for k, v in payload["task"].items()
+            if k not in KEY_NEUTRAL_OPTIONS or v != KEY_NEUTRAL_OPTIONS[k]
+        }
+        payload = {**payload, "task": task}
     text = json.dumps({"v": RESULT_VERSION, **payload}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -815,7 +828,7 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
         rates=rates,
         peers=peers,
         peer_sync_every=args.peer_sync_every or profile.peer_sync_every,
-        workers=args.workers,
+        workers=args.workers or profile.workers,
         threads=args.threads,
         device=args.device,
         work_dir=Path(args.work_dir) if args.work_dir else REPO / "runs" / "bench" / profile.name,
@@ -865,7 +878,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--torchft-python", help=f"interpreter with torchft (default {DEFAULT_TORCHFT_PYTHON})"
     )
-    p.add_argument("--workers", type=int, default=2, help="M, workers (one process each)")
+    p.add_argument(
+        "--workers", type=int, help="M, workers (one process each; default: the profile's)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any recipe option")
@@ -951,7 +966,8 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
                 "the shaped throughput runs",
             }
         )
-    quality = aggregate_quality(quality_runs)
+    baseline = parse_method(st.profile.baseline).name
+    quality = aggregate_quality(quality_runs, baseline)
     results = {
         "suite": "lowcomm benchmark suite",
         "version": RESULT_VERSION,
@@ -981,6 +997,7 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
             "throughput_repeats": st.throughput_repeats,
             "throughput_seconds": st.throughput_seconds,
             "headline_roles": st.profile.headline,
+            "baseline": baseline,
         },
         "runs": {"quality": quality_runs, "throughput": tput_runs, "peers": peer_runs},
         "aggregate": {
@@ -989,7 +1006,9 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
             "timelines": timelines,
             "peers": aggregate_peers(peer_runs, quality, st.peer_sync_every),
         },
-        "headline": headline_rows(quality, st.profile.headline, st.workers, int(st.task["steps"])),
+        "headline": headline_rows(
+            quality, st.profile.headline, st.workers, int(st.task["steps"]), baseline
+        ),
         "not_compared": not_compared,
         "anomalies": [
             {
