@@ -12,6 +12,8 @@ join requests and the served state reuse, the protocol tag in every DHT key, :cl
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import hmac
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 
 # The backend's own logger, whichever of its modules the message comes from.
 logger = logging.getLogger("lowcomm.comm.hivemind")
+
+# What a DHT call that took too long raises (one class from Python 3.11 on; three before).
+_TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError, asyncio.TimeoutError)
 
 # Bumped whenever the hivemind backend's wire format changes: it is part of every DHT key, so
 # peers of different lowcomm versions never meet.
@@ -389,9 +394,10 @@ class _Membership:
         """
         me = self._me
         for attempt in range(2):
+            records = self._patiently("reading the run's records", self.read, True)
             others = {
                 r.fingerprint
-                for p, r in self.read(any_fingerprint=True).items()
+                for p, r in records.items()
                 if p != me.id and r.fingerprint != fingerprint
             }
             if others:
@@ -406,8 +412,37 @@ class _Membership:
                 )
             if attempt == 0:
                 me.fingerprint = fingerprint
-                self.publish()
+                self._patiently("publishing this peer's record", self.publish)
         self.start_heartbeat()
+
+    def _patiently(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)``, tried again while a DHT call times out, for up to ``peer_ttl``.
+
+        The heartbeat shrugs off one slow DHT call (the next beat tries again); joining
+        must too: on a loaded machine a read can take longer than its timeout once, and a
+        volunteer should not die of it.
+
+        Raises:
+            ConnectionError: every try timed out (with the last error as its cause).
+        """
+        me = self._me
+        deadline = time.monotonic() + me.timeouts.peer_ttl
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return call(*args)
+            except _TIMEOUTS as e:
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(
+                        f"hivemind run {me.run_id!r}: {what} timed out {tries} times in "
+                        f"{me.timeouts.peer_ttl:.0f}s; is the DHT reachable, the machine "
+                        f"overloaded?"
+                    ) from e
+                logger.warning(
+                    "hivemind run %r: %s timed out (try %d); trying again", me.run_id, what, tries
+                )
+                time.sleep(min(1.0, me.timeouts.heartbeat_period))
 
     def await_peers(self, wanted: int, timeout: float) -> dict[str, _Record]:
         """The run's records once ``wanted`` peers (this one included) are live.

@@ -32,10 +32,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lowcomm.comm.hivemind")
 
 
+# Entries of a shared state that count this peer's own progress, not the swarm's state: on
+# deadline rounds each peer takes the inner steps its machine manages, so two peers that
+# averaged together hold one state with other counts. The digest leaves them out (else every
+# peer but one would download the swarm's state after every round); a download still brings
+# the server's count, checked for being a count.
+_LOCAL_ENTRIES = frozenset({"meta.inner_steps"})
+
+
 def _state_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """A digest of names, dtypes, shapes and bytes: equal iff the states are bit-identical."""
+    """A digest of names, dtypes, shapes and bytes, but for :data:`_LOCAL_ENTRIES`: equal iff
+    the states are bit-identical in everything the peers must agree on."""
     h = hashlib.blake2b(digest_size=16)
-    for name in sorted(tensors):
+    for name in sorted(set(tensors) - _LOCAL_ENTRIES):
         t = tensors[name].detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
         if t.numel():
@@ -90,6 +99,9 @@ def _download_problem(
             )
     if _state_hash(dict(zip(names, received))) != metadata.get("h"):
         return "its tensors do not match its digest"
+    for name, value in zip(names, received):
+        if name in _LOCAL_ENTRIES and (value.numel() != 1 or int(value.reshape(-1)[0]) < 0):
+            return f"its {name} is not a count ({value.tolist()})"
     if metadata.get("h") != digest or int(metadata.get("v", -1)) != version:
         # Only the state the swarm agreed on is taken: a holder that moved on since (or one
         # that serves something else) is skipped, and the next look finds the new target.
@@ -112,7 +124,8 @@ def _resync_plan(
     it, and it is trusted.
     Diverged: at the newest version both this peer and others have held, most peers (this
     one included; ties: the state a larger group produced, then the highest peer id) held
-    another digest, e.g. because this peer averaged alone.
+    another digest, e.g. because this peer averaged alone; the target is never older than
+    this peer's own version (a peer ahead of the majority keeps its rounds).
     Only peers that serve the target now (their current version and digest) are returned
     to download from; when none does, there is nothing to do until the next look.
     """
@@ -163,14 +176,21 @@ def _resync_plan(
     digest = majority(version)
     if digest == my_history[version][0]:
         return None
-    # The swarm's state at this version, or, if its holders have moved on, theirs now.
+    # The swarm's state at this version, or, if its holders have moved on, theirs now; never
+    # one older than this peer's own. A peer that went on averaging while the holders of the
+    # majority's state did not (they were stopped, or cut off) would lose its rounds, and the
+    # holders, behind it, plan to take its state at the same time: the two would swap states
+    # and still differ. It waits instead until the majority reaches its version (it then
+    # resyncs there if they still differ) or takes its state (a newer state a quorum holds).
     ranked = servers(version, digest)
     if ranked:
-        return version, digest, ranked
+        return (version, digest, ranked) if version >= my_version else None
     moved = [r for r in others if r.history.get(version, ("",))[0] == digest]
     if not moved:
         return None
     ahead = max(moved, key=lambda r: (r.version, r.peer))
+    if ahead.version < my_version:
+        return None
     ranked = servers(ahead.version, ahead.digest)
     return (ahead.version, ahead.digest, ranked) if ranked else None
 

@@ -545,20 +545,26 @@ def fetch_run_info(
     host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
     announce_maddrs: Sequence[str] | None = None,
     timeout: float = 30.0,
+    start_timeout: float = 60.0,
 ) -> list[RunInfo]:
     """What the live peers of ``run_id`` publish about it (their :class:`RunInfo`).
 
     Joins the DHT briefly (a client of its own, shut down before returning) and reads the
     run's info entries, keeping only those signed for their peer with ``run_key`` (when the
     run has one) and signed recently. Looks again for up to ``timeout`` seconds while none is
-    found (records of peers that just started may not be visible yet).
+    found (records of peers that just started may not be visible yet). Starting the DHT
+    client has its own bound, ``start_timeout`` (as :class:`HivemindBackend`'s): a short
+    look must not also cut short a start that a loaded machine makes slow.
 
     Returns:
         One entry per live peer that publishes run info; empty if none does.
+
+    Raises:
+        ConnectionError: the DHT client did not start within ``start_timeout`` seconds.
     """
     key = (run_key.encode() if isinstance(run_key, str) else run_key) or None
     info_key = f"{_run_prefix(run_id, key)}_info"
-    dht = _make_dht(list(initial_peers), host_maddrs, announce_maddrs, timeout)
+    dht = _make_dht(list(initial_peers), host_maddrs, announce_maddrs, start_timeout)
     try:
         peer_id = _subclasses().PeerID
         deadline = time.monotonic() + timeout
