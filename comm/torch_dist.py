@@ -361,6 +361,11 @@ def init_process_group_from_env(
     NCCL it first makes ``cuda:LOCAL_RANK`` this process's device, so that ranks on one
     machine do not all land on GPU 0.
 
+    Under ``torchrun --max-restarts``, a restarted job rendezvouses under a key prefix of
+    its own attempt (:func:`_attempt_store`): torch's own ``env://`` rendezvous reuses the
+    agent's store across attempts, and gloo then connects to the dead ranks' addresses
+    (``Connection refused`` at the restart's ``init_process_group``, torch 2.13).
+
     Returns:
         True if a group is (now) initialised, False if the environment names no
         multi-process launch (``WORLD_SIZE`` unset or 1).
@@ -376,5 +381,31 @@ def init_process_group_from_env(
     if kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if kind == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
+    timeout = timedelta(seconds=timeout_seconds)
+    store = _attempt_store(timeout)
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return True
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """The torchrun agent's store under a prefix of this attempt, or None outside torchrun.
+
+    torchrun's agent serves one store for the whole job; its attempts differ only in
+    ``TORCHELASTIC_RESTART_COUNT``. Keys that a dead attempt left there (the ranks'
+    addresses) would otherwise be read by the next one.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"lowcomm/attempt_{attempt}", store)

@@ -57,7 +57,6 @@ import os
 import shutil
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +67,7 @@ from torch import nn
 from lowcomm import checkpoint as ckpt
 from lowcomm.comm.ddp_wait import DDPWaitClock
 from lowcomm.comm.timeline import TIMELINE, span
+from lowcomm.comm.torch_dist import init_process_group_from_env
 from lowcomm.config import (
     RESUMABLE_KEYS,
     SWARM_LOCAL_KEYS,
@@ -121,9 +121,8 @@ class Runtime:
             torch.cuda.set_device(self.device)
         # Local mode never communicates, so it needs no process group at all.
         if self.world_size > 1 and cfg.mode != "local" and not dist.is_initialized():
-            dist.init_process_group(
-                "nccl" if use_cuda else "gloo", timeout=timedelta(seconds=cfg.ckpt_timeout)
-            )
+            # lowcomm's own: NCCL or gloo for the device, and torchrun restarts that work.
+            init_process_group_from_env(self.device, timeout_seconds=cfg.ckpt_timeout)
             self.owns_process_group = True
 
     def close(self) -> None:

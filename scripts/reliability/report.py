@@ -239,16 +239,18 @@ def _restarts_section(r: dict[str, Any] | None) -> list[str]:
         f"{r['uninterrupted']['wall_s']:.0f} s).",
         "",
     ]
-    probe = r.get("torchrun_restart_probe")
-    if probe is not None:
+    for init, probe in r.get("torchrun_restart_probes", {}).items():
+        how = {
+            "torch": "torch's `dist.init_process_group('gloo')`",
+            "lowcomm": "lowcomm's `init_process_group_from_env` (what the recipe uses)",
+        }.get(init, init)
         out += [
-            "Probe (`torchrun_restarts_work`: a 15-line gloo job without lowcomm whose rank 1 "
-            "SIGKILLs itself once, under `--max-restarts 1`): "
+            f"Probe (`torchrun_restarts_work`: a 15-line gloo job whose rank 1 SIGKILLs itself "
+            f"once, under `--max-restarts 1`), its group made by {how}: "
             + (
                 "recovered."
                 if probe["recovered"]
-                else f"**did not recover** ({probe['errors'] or 'no output'}): torchrun "
-                "cannot restart a gloo job on this machine, so neither can the recipe."
+                else f"**did not recover** ({probe['errors'] or 'no output'})."
             ),
             "",
         ]

@@ -177,9 +177,15 @@ def run_torchrun(
 
 #: A 2-rank gloo job without lowcomm whose rank 1 SIGKILLs itself mid-run once: whether
 #: ``torchrun --max-restarts`` can restart a gloo job at all on this machine.
+# {init}: torch's own env:// rendezvous, or lowcomm's (a store prefix per torchrun attempt).
+_INITS = {
+    "torch": 'dist.init_process_group("gloo")',
+    "lowcomm": "init_process_group_from_env('cpu')",
+}
 _PROBE = """
 import os, time, torch, torch.distributed as dist
-dist.init_process_group("gloo")
+from lowcomm.comm.torch_dist import init_process_group_from_env
+{init}
 group = dist.new_group(backend="gloo")
 attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 for i in range(60):
@@ -192,11 +198,19 @@ dist.destroy_process_group()
 """
 
 
-def torchrun_restarts_work(work_dir: Path, timeout: float = 60.0) -> tuple[bool, str]:
-    """Run :data:`_PROBE` under ``torchrun --max-restarts 1``: (it recovered, output tail)."""
+def torchrun_restarts_work(
+    work_dir: Path, timeout: float = 60.0, init: str = "lowcomm"
+) -> tuple[bool, str]:
+    """Run :data:`_PROBE` under ``torchrun --max-restarts 1``: (it recovered, output tail).
+
+    ``init``: how the job makes its process group (a key of :data:`_INITS`): torch's
+    ``init_process_group`` does not recover here (torch 2.13: the restarted ranks read the
+    dead ones' addresses from the agent's store), lowcomm's ``init_process_group_from_env``
+    does.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
-    script = work_dir / "restart_probe.py"
-    script.write_text(_PROBE)
+    script = work_dir / f"restart_probe_{init}.py"
+    script.write_text(_PROBE.replace("{init}", _INITS[init]))
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.Popen(
@@ -249,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     data = work / "data"
-    probe_ok, probe_errors = torchrun_restarts_work(work / "probe")
+    probes = {init: torchrun_restarts_work(work / "probe", init=init) for init in _INITS}
+    probe_ok = probes["lowcomm"][0]
     plain = run_torchrun(work / "uninterrupted", args.steps, [], data_dir=data, max_restarts=0)
     killed = run_torchrun(
         work / "killed", args.steps, kills, data_dir=data, max_restarts=args.kills + 1
@@ -271,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "seed": args.seed,
         "planned_kills": [{"step": s, "rank": r} for s, r in kills],
-        # Whether torchrun restarts a plain gloo job (no lowcomm) here at all.
-        "torchrun_restart_probe": {"recovered": probe_ok, "errors": probe_errors},
+        # Whether torchrun restarts a plain gloo job here, by how it makes its group.
+        "torchrun_restart_probes": {
+            init: {"recovered": ok, "errors": errors} for init, (ok, errors) in probes.items()
+        },
         "uninterrupted": plain,
         "killed": killed,
         "identical": identical,
@@ -285,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         f"restarts: {len(killed['kills'])} kill(s) at {[k['newest_checkpoint'] for k in killed['kills']]}, "
         f"{killed['resumed_from']} resume(s); final state bit-identical: {identical}"
         + (f" (differs at {differences[:5]})" if differences else "")
-        + ("" if probe_ok else "; torchrun could not restart even a plain gloo job here")
+        + ("" if probe_ok else "; torchrun could not restart a plain gloo job here")
     )
     return 0 if identical else 1
 
