@@ -101,6 +101,22 @@ def test_served_state_must_be_the_one_the_swarm_agreed_on():
     assert isinstance(problem, ConsistencyError)
 
 
+def test_the_digest_leaves_out_a_peers_own_step_count_but_a_download_checks_it():
+    # On deadline rounds peers that averaged together took other numbers of inner steps.
+    shared = {"param.w": torch.ones(3), "meta.outer_step": torch.tensor([5])}
+    a = {**shared, "meta.inner_steps": torch.tensor([700])}
+    b = {**shared, "meta.inner_steps": torch.tensor([735])}
+    assert _state_hash(a) == _state_hash(b)
+    assert _state_hash(a) != _state_hash({**a, "param.w": torch.full((3,), 2.0)})
+    mine = {**shared, "meta.inner_steps": torch.tensor([0])}
+    meta, received, digest = _served(b)
+    assert _download_problem(KEY, "fp", "QmHolder", meta, received, mine, 5, digest) is None
+    lying = {**shared, "meta.inner_steps": torch.tensor([-1])}
+    meta, received, digest = _served(lying)
+    problem = _download_problem(KEY, "fp", "QmHolder", meta, received, mine, 5, digest)
+    assert "not a count" in problem
+
+
 def test_join_macs_bind_peer_and_round():
     good = _mac(KEY, "join|QmPeer|prefix.0b101")
     assert good != _mac(KEY, "join|QmPeer|prefix.0b110")  # another round
