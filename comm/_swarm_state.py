@@ -124,8 +124,9 @@ def _resync_plan(
     it, and it is trusted.
     Diverged: at the newest version both this peer and others have held, most peers (this
     one included; ties: the state a larger group produced, then the highest peer id) held
-    another digest, e.g. because this peer averaged alone; the target is never older than
-    this peer's own version (a peer ahead of the majority keeps its rounds).
+    another digest, e.g. because this peer averaged alone. An older state than this peer's
+    is not taken from a holder that will take this peer's state by the rule above (the two
+    would swap states, and the one ahead would lose its rounds).
     Only peers that serve the target now (their current version and digest) are returned
     to download from; when none does, there is nothing to do until the next look.
     """
@@ -176,23 +177,42 @@ def _resync_plan(
     digest = majority(version)
     if digest == my_history[version][0]:
         return None
-    # The swarm's state at this version, or, if its holders have moved on, theirs now; never
-    # one older than this peer's own. A peer that went on averaging while the holders of the
-    # majority's state did not (they were stopped, or cut off) would lose its rounds, and the
-    # holders, behind it, plan to take its state at the same time: the two would swap states
-    # and still differ. It waits instead until the majority reaches its version (it then
-    # resyncs there if they still differ) or takes its state (a newer state a quorum holds).
+    # The swarm's state at this version, or, if its holders have moved on, theirs now.
     ranked = servers(version, digest)
     if ranked:
-        return (version, digest, ranked) if version >= my_version else None
-    moved = [r for r in others if r.history.get(version, ("",))[0] == digest]
-    if not moved:
+        target = (version, digest, ranked)
+    else:
+        moved = [r for r in others if r.history.get(version, ("",))[0] == digest]
+        if not moved:
+            return None
+        ahead = max(moved, key=lambda r: (r.version, r.peer))
+        ranked = servers(ahead.version, ahead.digest)
+        if not ranked:
+            return None
+        target = (ahead.version, ahead.digest, ranked)
+    if target[0] < my_version and _would_adopt(me, my_version, my_history, others, ranked[0]):
+        # An older state, whose holder will take this peer's newer one by the rule above (a
+        # quorum of its others holds it): taking each other's would swap the two states, and
+        # the peer ahead would lose its rounds. It keeps its state; the holder comes to it.
         return None
-    ahead = max(moved, key=lambda r: (r.version, r.peer))
-    if ahead.version < my_version:
-        return None
-    ranked = servers(ahead.version, ahead.digest)
-    return (ahead.version, ahead.digest, ranked) if ranked else None
+    return target
+
+
+def _would_adopt(
+    me: str,
+    my_version: int,
+    my_history: dict[int, tuple[str, int]],
+    others: list[_Record],
+    holder: str,
+) -> bool:
+    """Whether peer ``holder`` takes ``me``'s current state as newer (the quorum rule of
+    :func:`_resync_plan`, seen from ``holder``: its others are everyone else, ``me`` included)."""
+    mine = (my_version, my_history.get(my_version, ("",))[0])
+    if not mine[1]:
+        return False
+    rest = [r for r in others if r.peer != holder]
+    count = 1 + sum(1 for r in rest if r.history.get(mine[0], ("",))[0] == mine[1])
+    return count >= (len(rest) + 1) // 2 + 1
 
 
 # -- downloads ---------------------------------------------------------------------------------

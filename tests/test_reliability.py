@@ -274,21 +274,26 @@ def test_two_peers_never_plan_to_download_each_others_state():
     assert plan_a is None and plan_b == (14, "a14", ["a"])  # the stale one takes the newer
 
 
-def test_a_peer_ahead_of_the_majority_keeps_its_rounds_until_the_majority_catches_up():
+def test_a_peer_ahead_alone_rejoins_a_majority_that_will_not_take_its_state():
+    # a averaged alone to 14 while b and c were stopped at 12, which a also held.
     agreed = {v: (f"t{v}", 3) for v in range(9, 13)}
     a = _shared_state("a", 14, {**agreed, 13: ("a13", 1), 14: ("a14", 1)})
     b = _shared_state("b", 12, agreed)
     c = _shared_state("c", 12, agreed)
     a.digest, b.digest, c.digest = "a14", "t12", "t12"
     records = {p: _record(p, st) for p, st in (("a", a), ("b", b), ("c", c))}
-    assert a.plan(records) is None  # not back to version 12
+    assert a.plan(records) is None  # nobody holds another state at a version a held
     assert b.plan(records) is None and c.plan(records) is None  # one peer's 14 is no quorum
-    # b and c average together to 14: a, at the same version with another digest, resyncs.
+    # b and c average together to 13: the majority's state wins, a loses its lone rounds but
+    # agrees again (b and c would never take a's state: it stays a minority of one).
     for st in (b, c):
-        st.version, st.digest = 14, "t14"
-        st.history.update({13: ("t13", 2), 14: ("t14", 2)})
+        st.version, st.digest = 13, "t13"
+        st.history[13] = ("t13", 2)
     records = {p: _record(p, st) for p, st in (("a", a), ("b", b), ("c", c))}
-    assert a.plan(records) == (14, "t14", ["b", "c"])
+    assert a.plan(records) == (13, "t13", ["b", "c"])
+    # Without c, b takes a's 14 (one other peer: trusted), so a keeps it instead of swapping.
+    del records["c"]
+    assert a.plan(records) is None and b.plan(records) == (14, "a14", ["a"])
 
 
 # -- the harnesses, short ----------------------------------------------------------------------
