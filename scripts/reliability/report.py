@@ -358,9 +358,10 @@ def _findings_section(first: dict[str, Any] | None) -> list[str]:
         "on while another was stopped, and the stopped one, which woke, sat its round out "
         "and stepped its stale θ, each planned to download the other's state; the one ahead "
         f"lost its rounds (`regressed`: {kinds.get('regressed', 0)}). Fix: a diverged peer "
-        "never resyncs to a version older than its own; it waits until the majority reaches "
-        "its version (`test_a_peer_ahead_of_the_majority_keeps_its_rounds_until_the_majority"
-        "_catches_up`).",
+        "does not take an older state from a holder that will take its own newer one (a "
+        "quorum of that holder's others holds it); a peer ahead alone of a majority that will "
+        "not take its state still rejoins the majority's "
+        "(`test_a_peer_ahead_alone_rejoins_a_majority_that_will_not_take_its_state`).",
         "3. `test_joining_survives_one_slow_dht_read`: a joiner whose DHT read at join took "
         "over 5 s died with a bare `TimeoutError` (2 of the "
         f"{kinds.get('exited', 0)} `exited`). Fix: joining tries a timed-out DHT call again "
