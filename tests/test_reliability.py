@@ -422,3 +422,12 @@ def test_a_peer_with_its_own_config_gives_its_dht_client_time_to_start(monkeypat
     argv += ["--config", "tiny"]
     cfg = train_lm.join_run_config(load_config(argv), explicit_keys(argv))
     assert cfg.n_layer == 2  # nobody publishes a config: the peer starts the run with its own
+
+
+def test_reliability_md_is_generated_from_the_checked_in_results():
+    # RELIABILITY.md is output, never edited: regenerate it (python -m scripts.reliability.report)
+    # whenever the results or the report change.
+    from scripts.reliability import REPO, RESULTS_DIR, report
+
+    doc = REPO / "RELIABILITY.md"
+    assert doc.read_text(encoding="utf-8") == report.document(RESULTS_DIR)
