@@ -27,9 +27,11 @@ class OuterWarmup(torch.optim.SGD):
     parameter averaging (lr 1, no momentum), every step from ``warmup`` on is
     ``SGD(lr, momentum, nesterov=True)``. Why: outer momentum amplifies a run of aligned
     pseudo-gradients up to ``lr / (1 - momentum)`` times (7x at the paper's 0.7 and 0.9), which
-    early rounds, whose pseudo-gradients are large and aligned, overshoot with; measured on the
-    issue-13 tuning grid, averaging beat the paper's Nesterov SGD over 24 outer steps while
-    Nesterov won over 72.
+    early rounds, whose pseudo-gradients are large and aligned, overshoot with. Measured
+    (BENCHMARKS.md, tuning grid ``tune``: 600 steps, H=25, 24 outer steps): plain averaging
+    reached eval loss 1.90 where the paper's Nesterov SGD (0.7, 0.9) reached 2.23. Whether
+    Nesterov wins back over more outer steps, and which warm-up length is best, is not
+    measured yet (the grid's ``ow30`` and ``tune-long`` runs did not run).
 
     Call protocol: a ``torch.optim.SGD``; DiLoCo steps it once per sync of its fragment. The
     step count lives in each param group (``outer_step``), so ``state_dict`` /
