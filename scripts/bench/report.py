@@ -628,7 +628,10 @@ def render_profile(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         "included), which leaves gloo's framing and the process group's own messages. "
         "With overlap, the recipe lands the syncs still in flight after the last step "
         "(`DiLoCo.flush()`) before its last log record, so the library's count covers every "
-        "sync the run started. For DP the library column is the ring all-reduce estimate.",
+        "sync the run started. The library counts a sync's bytes when its result is taken: "
+        "eager and delayed take it a round later, so a sync that crossed the wire before "
+        "the window opened is counted inside it (-1/16 with 16 syncs: the eager rows). "
+        "For DP the library column is the ring all-reduce estimate.",
         _wire(res),
         *_peer_sections(res),
         "### Not compared, and why",
