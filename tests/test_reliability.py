@@ -429,5 +429,7 @@ def test_reliability_md_is_generated_from_the_checked_in_results():
     # whenever the results or the report change.
     from scripts.reliability import REPO, RESULTS_DIR, report
 
+    if not (REPO / ".git").exists():
+        pytest.skip("not a checkout: the mutation script's copy holds no results")
     doc = REPO / "RELIABILITY.md"
     assert doc.read_text(encoding="utf-8") == report.document(RESULTS_DIR)
