@@ -394,7 +394,7 @@ class _Membership:
         """
         me = self._me
         for attempt in range(2):
-            records = self._patiently("reading the run's records", self.read, True)
+            records = self.patiently("reading the run's records", self.read, True)
             others = {
                 r.fingerprint
                 for p, r in records.items()
@@ -412,15 +412,15 @@ class _Membership:
                 )
             if attempt == 0:
                 me.fingerprint = fingerprint
-                self._patiently("publishing this peer's record", self.publish)
+                self.patiently("publishing this peer's record", self.publish)
         self.start_heartbeat()
 
-    def _patiently(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+    def patiently(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args)``, tried again while a DHT call times out, for up to ``peer_ttl``.
 
-        The heartbeat shrugs off one slow DHT call (the next beat tries again); joining
-        must too: on a loaded machine a read can take longer than its timeout once, and a
-        volunteer should not die of it.
+        The heartbeat shrugs off one slow DHT call (the next beat tries again); joining and
+        ``sync_state`` must too: on a loaded machine a read can take longer than its timeout
+        once, and a volunteer should not die of it.
 
         Raises:
             ConnectionError: every try timed out (with the last error as its cause).

@@ -54,6 +54,7 @@ from lowcomm.comm._swarm_averaging import (
     _SwarmWork,
 )
 from lowcomm.comm._swarm_membership import (
+    _TIMEOUTS,
     RunInfo,
     _Membership,
     _parse_info,
@@ -355,14 +356,15 @@ class HivemindBackend:
         first = not members.heartbeat_started or not state.history
         state.take_snapshot(tensors)
         state.server()  # from now on this peer serves its state to joiners
+        refresh = "publishing and reading the run's records"
         if first and self.wait_for_peers > 1:
             records = members.await_peers(self.wait_for_peers, self.wait_for_peers_timeout)
         else:
-            records = members.refresh()
+            records = members.patiently(refresh, members.refresh)
         if first and len(records) <= 1:
             # Peers started together may not have published yet: give them one heartbeat.
             time.sleep(min(self.timeouts.heartbeat_period, 2.0))
-            records = members.refresh()
+            records = members.patiently(refresh, members.refresh)
         members.start_heartbeat()
         plan = state.plan(records)
         deadline = time.monotonic() + self.timeouts.wait_timeout
@@ -387,8 +389,9 @@ class HivemindBackend:
             # Every holder is mid-average (its snapshot is about to be a round old), or the
             # holders moved on between the plan and the download: look again.
             time.sleep(0.2)
-            records = members.read()
-            members.set_records(records)
+            with contextlib.suppress(*_TIMEOUTS):  # one slow read: the last ones still hold
+                records = members.read()
+                members.set_records(records)
             plan = state.plan(records)
         step = tensors.get("meta.outer_step")
         self._rounds.restart(int(step.reshape(-1)[0]) if step is not None else state.version)
