@@ -364,8 +364,9 @@ def _findings_section(first: dict[str, Any] | None) -> list[str]:
         "(`test_a_peer_ahead_alone_rejoins_a_majority_that_will_not_take_its_state`).",
         "3. `test_joining_survives_one_slow_dht_read`: a joiner whose DHT read at join took "
         "over 5 s died with a bare `TimeoutError` (2 of the "
-        f"{kinds.get('exited', 0)} `exited`). Fix: joining tries a timed-out DHT call again "
-        "for `peer_ttl`, then fails with a `ConnectionError` that says what timed out. The "
+        f"{kinds.get('exited', 0)} `exited`). Fix: joining, and a peer's first `sync_state`, "
+        "try a timed-out DHT call again for `peer_ttl`, then fail with a `ConnectionError` "
+        "that says what timed out. The "
         "third `exited`, a joiner whose main process was stopped while it started hivemind's "
         "DHT and then died in torch's shared memory (`RuntimeError: No such file or "
         "directory`), is not fixed: it happens inside hivemind's start-up.",
