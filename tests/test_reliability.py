@@ -331,7 +331,7 @@ def test_torchrun_restart_after_a_killed_rank_ends_bit_identical(tmp_path):
     recovered, errors = restarts.torchrun_restarts_work(tmp_path / "probe", init="lowcomm")
     assert recovered, errors
     out = tmp_path / "restarts.json"
-    argv = ["--steps", "120", "--kills", "1", "--seed", "1"]
+    argv = ["--steps", "120", "--kills", "1", "--seed", "1", "--probes="]  # probed above
     rc = restarts.main([*argv, "--work-dir", str(tmp_path / "work"), "--out", str(out)])
     results = json.loads(out.read_text())
     assert len(results["killed"]["kills"]) == 1 and results["killed"]["resumed_from"] >= 1

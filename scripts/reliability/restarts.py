@@ -19,6 +19,7 @@ value; only wire counters and timings (:data:`VOLATILE`) may differ. Results:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -224,8 +225,16 @@ def torchrun_restarts_work(
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        # torchrun's workers may sit in sessions of their own: kill the whole tree, by
+        # ancestry, so that nothing keeps the output pipe open.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=10)
         return False, f"timed out after {timeout}s"
     ok = proc.returncode == 0 and "restarted job finished" in out
     errors = [line for line in out.splitlines() if "Error" in line or "refused" in line]
@@ -250,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seeds the kill steps and ranks")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/reliability/restarts"))
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "restarts.json")
+    parser.add_argument(
+        "--probes",
+        default=",".join(_INITS),
+        help="plain gloo jobs to restart first, by how they make their group (comma-separated "
+        f"of {', '.join(_INITS)}; empty: none)",
+    )
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     # Distinct checkpoints (every 4 steps: tiny's sync_every), spread over the run.
@@ -263,8 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     data = work / "data"
-    probes = {init: torchrun_restarts_work(work / "probe", init=init) for init in _INITS}
-    probe_ok = probes["lowcomm"][0]
+    wanted = [p for p in args.probes.split(",") if p]
+    unknown = sorted(set(wanted) - set(_INITS))
+    if unknown:
+        parser.error(f"--probes: unknown {unknown}; valid: {', '.join(_INITS)}")
+    probes = {init: torchrun_restarts_work(work / "probe", init=init) for init in wanted}
+    probe_ok = probes.get("lowcomm", (True, ""))[0]
     plain = run_torchrun(work / "uninterrupted", args.steps, [], data_dir=data, max_restarts=0)
     killed = run_torchrun(
         work / "killed", args.steps, kills, data_dir=data, max_restarts=args.kills + 1
