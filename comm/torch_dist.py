@@ -364,7 +364,8 @@ def init_process_group_from_env(
     Under ``torchrun --max-restarts``, a restarted job rendezvouses under a key prefix of
     its own attempt (:func:`_attempt_store`): torch's own ``env://`` rendezvous reuses the
     agent's store across attempts, and gloo then connects to the dead ranks' addresses
-    (``Connection refused`` at the restart's ``init_process_group``, torch 2.13).
+    (``Connection refused`` at the restart's ``init_process_group``, or a hang: torch 2.13,
+    in 3 of 4 tries here; whether it happens depends on the order of the ranks' reads).
 
     Returns:
         True if a group is (now) initialised, False if the environment names no

@@ -205,9 +205,9 @@ def torchrun_restarts_work(
     """Run :data:`_PROBE` under ``torchrun --max-restarts 1``: (it recovered, output tail).
 
     ``init``: how the job makes its process group (a key of :data:`_INITS`): torch's
-    ``init_process_group`` does not recover here (torch 2.13: the restarted ranks read the
-    dead ones' addresses from the agent's store), lowcomm's ``init_process_group_from_env``
-    does.
+    ``init_process_group`` often does not recover here (torch 2.13: the restarted ranks can
+    read the dead ones' addresses from the agent's store, and fail or hang), lowcomm's
+    ``init_process_group_from_env`` does.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     script = work_dir / f"restart_probe_{init}.py"
