@@ -251,7 +251,7 @@ def _restarts_section(r: dict[str, Any] | None) -> list[str]:
             + (
                 "recovered."
                 if probe["recovered"]
-                else f"**did not recover** ({probe['errors'] or 'no output'})."
+                else f"**did not recover** ({' / '.join(probe['errors'].split(chr(10))) or 'no output'})."
             ),
             "",
         ]
