@@ -351,7 +351,8 @@ def join_run_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
 
     from lowcomm.comm.hivemind import fetch_run_info, lowcomm_version
 
-    own = explicit - SWARM_LOCAL_KEYS
+    # A volunteer may say how long it trains (--steps); every other run key must match.
+    own = explicit - SWARM_LOCAL_KEYS - {"steps"}
     # A peer that brings a config looks briefly (it may be starting the run); one without
     # waits for the run's peers to show up.
     infos = fetch_run_info(
@@ -397,6 +398,8 @@ def join_run_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
             f"Leave them out to take the run's, or use another run id"
         )
     local = {k: v for k, v in mine_cfg.items() if k in SWARM_LOCAL_KEYS}
+    if "steps" in explicit:
+        local["steps"] = cfg.steps  # how long this volunteer trains (its own cosine's length)
     logger.info("joining run %r with its config, from %d live peer(s)", cfg.run_id, count)
     return TrainConfig(**{**run, **local})
 

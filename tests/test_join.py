@@ -63,14 +63,16 @@ def test_a_peer_whose_settings_contradict_the_run_is_refused_with_every_differen
     run = _published("--config", "tiny", "--steps", "77")
     _infos(monkeypatch, recipe, [RunInfo("a", run, "9.9.9")])
     with pytest.raises(ValueError) as e:
-        _join(recipe, "--steps", "50", "--n-layer", "3", "--run-dir", "mine")
+        _join(recipe, "--steps", "50", "--n-layer", "3", "--compression", "int8", "--run-dir", "x")
     message = str(e.value)
-    assert (
-        "n_layer (3 here, 2 in the run)" in message and "steps (50 here, 77 in the run)" in message
-    )
-    assert "run_dir" not in message
+    assert "n_layer (3 here, 2 in the run)" in message
+    assert "compression ('int8' here, 'none' in the run)" in message
+    assert "run_dir" not in message and "steps" not in message
     # The same values explicitly are welcome, a whole config file included.
     assert _join(recipe, "--config", "tiny", "--steps", "77").steps == 77
+    # How long a volunteer trains is its own to say (a slow machine trains fewer steps).
+    assert _join(recipe, "--steps", "60").steps == 60
+    assert _join(recipe).steps == 77
 
 
 def test_another_lowcomm_version_is_refused_naming_both(monkeypatch, recipe):
