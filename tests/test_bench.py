@@ -22,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -901,15 +902,31 @@ def _peer_group(peer_dir: Path) -> int | None:
     return groups.pop() if groups else None
 
 
-def _freeze_peer_while(peer_dir: Path, outer_steps: int | None, until: Path | float) -> bool:
+def _outer_steps_logged(metrics: Path) -> int:
+    """The most outer steps any complete record of ``metrics`` reports (-1 before any)."""
+    if not metrics.exists():
+        return -1
+    steps = [-1]
+    for line in metrics.read_text().splitlines():
+        try:
+            steps.append(int(json.loads(line).get("outer_steps", -1)))
+        except ValueError:  # a line still being written
+            continue
+    return max(steps)
+
+
+def _freeze_peer_while(
+    peer_dir: Path, outer_steps: int | None, until: Path | float, done: threading.Event
+) -> bool:
     """Stop the swarm peer running in ``peer_dir`` (SIGSTOP on its process group: a frozen
-    machine) once it logs ``outer_steps``, or as soon as its process exists when None; resume
-    it once ``until`` holds a run summary, or after ``until`` seconds. False if the peer never
-    got there. The others cannot meet it meanwhile, whatever the load."""
-    deadline = time.monotonic() + 180
+    machine) once it logs at least ``outer_steps`` (a peer that adopted the other's state may
+    skip a count), or as soon as its process exists when None; resume it once ``until`` holds
+    a run summary, or after ``until`` seconds. False if the peer never got there before
+    ``done`` was set (the suite ended). The others cannot meet it meanwhile, whatever the load."""
+    deadline = time.monotonic() + 150
 
     def wait_for(ready: Callable[[], Any]) -> Any:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not done.is_set():
             if found := ready():
                 return found
             time.sleep(0.02)
@@ -919,7 +936,7 @@ def _freeze_peer_while(peer_dir: Path, outer_steps: int | None, until: Path | fl
         return path.exists() and text in path.read_text()
 
     if outer_steps is not None and not wait_for(
-        lambda: logged(peer_dir / "metrics.jsonl", f'"outer_steps": {outer_steps},')
+        lambda: _outer_steps_logged(peer_dir / "metrics.jsonl") >= outer_steps
     ):
         return False
     group = wait_for(lambda: _peer_group(peer_dir))
@@ -946,9 +963,13 @@ def test_swarm_summary_counts_the_swarm_when_a_frozen_peer_left_the_last_round_a
     work = tmp_path / "work"
     peer1 = work / "runs" / "throughput" / "loopback" / "swarm-h4" / "peer1"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        froze = pool.submit(_freeze_peer_while, peer1, 2, peer1.parent / "metrics.jsonl")
-        assert suite.main(_swarm_argv(tmp_path, "loopback")) == 0
-        assert froze.result()
+        done = threading.Event()
+        froze = pool.submit(_freeze_peer_while, peer1, 2, peer1.parent / "metrics.jsonl", done)
+        try:
+            assert suite.main(_swarm_argv(tmp_path, "loopback")) == 0
+        finally:
+            done.set()
+        assert froze.result(timeout=60)
     for rank in (0, 1):
         assert _check_swarm_peer(peer1.parent, rank)["peers"] == 1
 
@@ -963,9 +984,13 @@ def test_swarm_peers_start_together_when_one_comes_up_late(tmp_path: Path) -> No
     work = tmp_path / "work"
     peer1 = work / "runs" / "throughput" / "loopback" / "swarm-h4" / "peer1"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        froze = pool.submit(_freeze_peer_while, peer1, None, 12.0)
-        assert suite.main(_swarm_argv(tmp_path, "loopback")) == 0
-        assert froze.result()
+        done = threading.Event()
+        froze = pool.submit(_freeze_peer_while, peer1, None, 12.0, done)
+        try:
+            assert suite.main(_swarm_argv(tmp_path, "loopback")) == 0
+        finally:
+            done.set()
+        assert froze.result(timeout=60)
     for rank in (0, 1):
         _check_swarm_peer(peer1.parent, rank)
     waited = (peer1.parent / "rank0.log").read_text()
