@@ -279,7 +279,10 @@ class Runner(AllReduceRunner):
                     part = _decode(self.codec, msg.tensor_part.buffer, expected[part_index])
                     mine = self.tensor_part_container._input_parts_by_peer[peer_index]
                     problem = self.admission.problem(
-                        part, expected[part_index], mine[part_index][0]
+                        part,
+                        expected[part_index],
+                        mine[part_index][0],
+                        self.admission.steps_ratio(float(msg.weight), self.weight),
                     )
                 except (PayloadError, RuntimeError, ValueError) as e:
                     problem = f"an undecodable payload ({e})"
@@ -324,7 +327,9 @@ class Runner(AllReduceRunner):
                 try:
                     part = _decode(self.codec, msg.tensor_part.buffer, numel)
                     reference = self.parts_for_local_averaging[part_index]
-                    problem = self.admission.problem(part, numel, reference)
+                    problem = self.admission.problem(
+                        part, numel, reference, self.admission.steps_ratio(declared, self.weight)
+                    )
                 except (PayloadError, RuntimeError, ValueError) as e:
                     problem = f"an undecodable payload ({e})"
                 if problem is None and (

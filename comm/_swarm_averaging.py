@@ -72,8 +72,11 @@ class _Admission:
     Attributes:
         max_norm: a part whose L2 norm exceeds this is refused (None: no absolute bound).
         norm_ratio: a part more than this many times the norm of the receiver's own part
-            of the same slice is refused (None: no relative bound). Honest pseudo-gradients
-            of one model have norms of one scale; a scaled-up one does not.
+            of the same slice is refused (None: no relative bound), that norm first scaled
+            by ``max(1, w_sender / w_own)``: honest pseudo-gradients of one model have norms
+            of one scale per inner step, and a pseudo-gradient grows at most linearly in the
+            steps it holds, so a peer that took 30 steps is not refused by one that took 1
+            (deadline rounds, a peer that just caught up). A scaled-up one is refused.
         max_weight: a contribution counts with at most this weight (None: as declared).
         aggregation: ``"mean"`` (weighted), ``"trimmed_mean"`` (per coordinate, the largest
             and smallest quarter dropped) or ``"centered_clip"`` (Karimireddy et al. 2021;
@@ -85,10 +88,18 @@ class _Admission:
     max_weight: float | None = None
     aggregation: str = "mean"
 
-    def problem(self, part: torch.Tensor, numel: int, reference: torch.Tensor | None) -> str | None:
+    def problem(
+        self,
+        part: torch.Tensor,
+        numel: int,
+        reference: torch.Tensor | None,
+        steps_ratio: float = 1.0,
+    ) -> str | None:
         """Why ``part`` must not enter (or come back from) an average, or None if it may.
 
-        ``reference`` is this peer's own part of the same slice (None: not known).
+        ``reference`` is this peer's own part of the same slice (None: not known);
+        ``steps_ratio`` is the weight (inner steps) behind ``part`` over this peer's own, at
+        least 1 where it counts: the relative bound grows with it.
         """
         if part.dtype != torch.float32 or part.numel() != numel:
             return f"dtype {part.dtype} and {part.numel()} elements (expected float32, {numel})"
@@ -100,12 +111,24 @@ class _Admission:
             return f"L2 norm {norm:.4g} above max_norm {self.max_norm:.4g}"
         if self.norm_ratio is not None and reference is not None:
             own = float(reference.float().norm())
-            if own > 0 and norm > self.norm_ratio * own:
+            scale = max(1.0, steps_ratio) if math.isfinite(steps_ratio) else 1.0
+            if own > 0 and norm > self.norm_ratio * own * scale:
+                per = f" scaled by {scale:.3g} for the steps behind each" if scale > 1 else ""
                 return (
                     f"L2 norm {norm:.4g}, more than norm_ratio ({self.norm_ratio:g}) times this "
-                    f"peer's own part ({own:.4g})"
+                    f"peer's own part ({own:.4g}{per})"
                 )
         return None
+
+    def steps_ratio(self, weight: float | None, own_weight: float) -> float:
+        """The steps behind a part over this peer's own (``own_weight``): ``weight`` is a
+        sender's declared weight or an average's total weight, counted at most up to the
+        bound; 1 where either is unknown or this peer sent nothing. :meth:`problem` scales
+        its relative norm bound by it."""
+        mine = self.weight(own_weight)
+        if weight is None or not math.isfinite(weight) or not mine > 0:
+            return 1.0
+        return self.weight(weight) / mine
 
     def weight(self, declared: float) -> float:
         """The weight a contribution declared as ``declared`` counts with."""

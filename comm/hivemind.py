@@ -133,8 +133,8 @@ class HivemindBackend:
     with ValueError.
 
     Validation: each reducer checks every incoming part (size, finite values, L2 norm at most
-    ``max_norm`` and at most ``norm_ratio`` times its own part's, weight as declared at
-    matchmaking, counted at most up to the bound :meth:`bound_weights` sets); a bad part
+    ``max_norm`` and at most ``norm_ratio`` times its own part's, per inner step behind
+    each, weight as declared at matchmaking, counted at most up to the bound :meth:`bound_weights` sets); a bad part
     drops its sender from that reducer's slice from that part on (logged), and every member
     still gets the same bytes. A reducer combines what it accepted by ``aggregation``.
     The drop is per slice: the sender's parts at other reducers still count (the result's
@@ -180,9 +180,12 @@ class HivemindBackend:
         max_norm: refuse a part (of a contribution, or of an average coming back from a
             reducer) whose L2 norm exceeds this (None: no absolute bound).
         norm_ratio: refuse a part whose norm is more than this many times the norm of this
-            peer's own part of the same slice (None: no relative bound). Scale-free, so it
-            needs no tuning per model: honest pseudo-gradients of one model and config have
-            norms of one scale. The default, 10, stops scaled-up contributions and a
+            peer's own part of the same slice (None: no relative bound), scaled up by the
+            inner steps behind the part over this peer's own where they are more (a
+            pseudo-gradient grows at most linearly with its steps: a peer that took 1 step
+            in a deadline round does not refuse one that took 30). Scale-free, so it needs
+            no tuning per model: honest pseudo-gradients of one model and config have norms
+            of one scale per step. The default, 10, stops scaled-up contributions and a
             reducer that returns a scaled mean.
         aggregation: how each reducer combines the parts it accepted: ``"mean"`` (weighted;
             the default), ``"trimmed_mean"`` (per coordinate, the largest and smallest

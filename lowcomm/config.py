@@ -227,8 +227,9 @@ class TrainConfig:
         max_norm: a swarm peer refuses any part of a pseudo-gradient (or of an average coming
             back) whose L2 norm exceeds this; 0: no absolute bound.
         norm_ratio: a swarm peer refuses any part more than this many times the norm of its
-            own part of the same slice (scale-free: the default 10 needs no tuning per
-            model); 0: no relative bound.
+            own part of the same slice, per inner step behind each where the sender took
+            more (scale-free: the default 10 needs no tuning per model); 0: no relative
+            bound.
         aggregation: how a swarm peer's reducers combine the parts they accepted: ``mean``,
             ``trimmed_mean`` or ``centered_clip`` (robust rules, for swarms whose peers are
             not all trusted).

@@ -139,6 +139,23 @@ def test_norm_bounds_absolute_and_relative_to_this_peers_own_part():
     assert rules.problem(own * 20, 100, torch.zeros(100)) is None
 
 
+def test_the_relative_bound_grows_with_the_steps_behind_a_part():
+    # A peer that took 1 step (deadline rounds, or it just caught up) must not refuse an
+    # honest part of 30 steps, whose norm is up to 30 times its own; a scaled-up part of as
+    # many steps as its own is still refused, and a claimed weight counts up to the bound.
+    own = torch.full((100,), 0.01)
+    rules = _Admission(norm_ratio=10.0, max_weight=40.0)
+    assert rules.steps_ratio(30.0, 1.0) == 30.0
+    assert rules.problem(own * 250, 100, own, rules.steps_ratio(30.0, 1.0)) is None
+    assert "scaled by 30" in rules.problem(own * 350, 100, own, rules.steps_ratio(30.0, 1.0))
+    assert "norm_ratio" in rules.problem(own * 20, 100, own, rules.steps_ratio(1.0, 1.0))
+    assert rules.steps_ratio(1e9, 1.0) == 40.0
+    # Fewer steps than ours, an unknown weight or nothing sent by this peer: no scaling.
+    assert rules.steps_ratio(1.0, 30.0) < 1
+    assert "norm_ratio" in rules.problem(own * 20, 100, own, rules.steps_ratio(1.0, 30.0))
+    assert rules.steps_ratio(float("nan"), 1.0) == rules.steps_ratio(5.0, 0.0) == 1.0
+
+
 def test_weights_count_up_to_the_bound():
     assert _Admission(max_weight=25.0).weight(1e9) == 25.0
     assert _Admission(max_weight=25.0).weight(10.0) == 10.0
