@@ -126,14 +126,24 @@ class StaggeredSchedule:
         return f"StaggeredSchedule(sync_every={self.period}, num_fragments={self.num_fragments})"
 
 
+_TIMED_STEPS = 5
+"""How many recent inner-step times :class:`DeadlineSchedule` takes the median of."""
+
+
 class DeadlineSchedule:
     """Fragments sync at wall-clock deadlines: every ``round_seconds``, fragment ``p`` at
     offset ``p·T/P`` into the round, the same instants on every machine whose clock is right.
 
     The clock is cut into slots of ``T/P`` seconds; slot ``q = ⌊clock() / (T/P)⌋`` belongs to
-    fragment ``q % P``, and ``q`` is its round key, so workers meet by the clock alone. At an
-    inner step that ends in a new slot, that slot's fragment is due (at most one per step: a
-    worker that slept through several slots syncs the current one only). Each worker's weight
+    fragment ``q % P``, and ``q`` is its round key, so workers meet by the clock alone. A
+    slot's fragment is due at the last inner step that ends before the slot begins: each
+    worker times its own steps (the median of its last few, steps that synced left out) and
+    syncs when the next step would end past the boundary, so every worker, a slow one
+    included, reaches the round's matchmaking by its start instead of up to one step late
+    (a peer that came late found the group formed without it). A step that ends in a slot
+    not yet synced makes that slot due at once (the first steps, before there is a timing,
+    or a step slower than predicted). At most one fragment per step: a worker that slept
+    through several slots syncs the current one only. Each worker's weight
     is the inner steps it took since the fragment's last sync, so a slow machine contributes
     less but is never left out. A fragment whose previous sync is more than a round old is
     :meth:`stale`: DiLoCo has it sit the round out (weight 0) and the swarm's state catches
@@ -177,24 +187,48 @@ class DeadlineSchedule:
         self._last_slot: int | None = None
         self._synced: dict[int, int] = {}  # fragment -> slot of its last sync
         self._stale = False  # the sync due now skipped a round of its fragment
+        self._last_call: float | None = None  # when due() last ran; None: next interval
+        self._intervals: list[float] = []  # recent inner-step times, syncs left out
 
     def _now(self) -> int:
         return math.floor(self._clock() / self._slot)
 
+    def step_seconds(self) -> float | None:
+        """The median of this worker's last inner-step times (None before there is one)."""
+        if not self._intervals:
+            return None
+        ordered = sorted(self._intervals)
+        return ordered[len(ordered) // 2]
+
+    def _time_step(self, now: float) -> None:
+        if self._last_call is not None and now >= self._last_call:
+            self._intervals = [*self._intervals[-(_TIMED_STEPS - 1) :], now - self._last_call]
+        self._last_call = now
+
     def due(self, step: int) -> list[int]:
-        """The fragment of the current slot, if this is the first step to end in it."""
-        slot = self._now()
+        """The fragment of the next slot if the next inner step would end in it, or of the
+        current slot if this step is the first to end in it unsynced; else nothing."""
+        now = self._clock()
+        slot = math.floor(now / self._slot)
+        self._time_step(now)
         if self._last_slot is None:
             # Counting starts now: the first deadline is the next slot boundary.
             self._last_slot = slot
             return []
-        if slot <= self._last_slot:
-            return []
-        self._last_slot = slot
-        fragment = slot % self.num_fragments
+        if slot > self._last_slot:
+            target = slot
+        else:
+            per_step = self.step_seconds()
+            if per_step is None or math.floor((now + per_step) / self._slot) <= self._last_slot:
+                return []
+            target = self._last_slot + 1
+        # The interval up to the next call holds this sync: not an inner step's time.
+        self._last_call = None
+        self._last_slot = target
+        fragment = target % self.num_fragments
         previous = self._synced.get(fragment)
-        self._stale = previous is not None and slot - previous > self.num_fragments
-        self._synced[fragment] = slot
+        self._stale = previous is not None and target - previous > self.num_fragments
+        self._synced[fragment] = target
         return [fragment]
 
     def key(self, fragment: int, step: int) -> int:
@@ -213,6 +247,7 @@ class DeadlineSchedule:
         self._last_slot = slot
         self._synced = {f: slot for f in range(self.num_fragments)}
         self._stale = False
+        self._last_call = None  # the download's time is not an inner step's
         return inner_steps
 
     def __repr__(self) -> str:

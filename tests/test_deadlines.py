@@ -7,6 +7,7 @@ exact and instant.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -64,6 +65,40 @@ def test_a_worker_that_slept_through_rounds_syncs_once_and_is_stale():
     assert sched.last_sync_step(0, 40) == 40
     clock.t = 1101.0
     assert sched.due(5) == [0] and not sched.stale(0)
+
+
+def _sync_times(step_seconds: float, sync_seconds: float, until: float, keep: bool = False) -> Any:
+    """(time the sync started, key) for a worker whose inner steps take ``step_seconds``
+    and whose syncs block it ``sync_seconds``, on rounds of 10 s from t = 1000.3 (and the
+    schedule, with ``keep``)."""
+    clock = Clock(1000.3)
+    sched = DeadlineSchedule(10.0, clock=clock)
+    out, step = [], 0
+    while clock.t < until:
+        clock.t += step_seconds
+        step += 1
+        for f in sched.due(step):
+            out.append((round(clock.t, 6), sched.key(f, step)))
+            clock.t += sync_seconds
+    return (out, sched) if keep else out
+
+
+def test_every_worker_reaches_the_round_before_it_starts_whatever_its_pace():
+    # The round of slot 101 starts at 1010. A worker syncs at its last step that ends before
+    # a round starts (the next would end after it), not at the first that ends after: a slow
+    # machine would otherwise come up to one of its steps late, and find the group formed.
+    for step_seconds in (0.5, 1.3, 3.0):
+        syncs = _sync_times(step_seconds, 2.0, 1060.0)
+        assert [k for _, k in syncs] == list(range(101, 101 + len(syncs)))
+        late = [(t, k) for t, k in syncs if t > 10.0 * k]
+        # Only the first sync, before the worker has timed a step, may be late.
+        assert late in ([], syncs[:1]), (step_seconds, syncs)
+        early = [10.0 * k - t for t, k in syncs[1:]]
+        assert all(0 <= e < step_seconds + 1e-9 for e in early), (step_seconds, syncs)
+    # The time a sync blocks the worker never counts as an inner step's: 3 s steps and 6 s
+    # syncs alternate, and counted together their median would be 9 s.
+    syncs, sched = _sync_times(3.0, 6.0, 1100.0, keep=True)
+    assert sched.step_seconds() == 3.0 and len(syncs) >= 8
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True])
