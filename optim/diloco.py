@@ -315,6 +315,9 @@ class DiLoCo(WrappingOptimizer):
         self._sent_numel = 0
         self._sent_bytes_compressed = 0
         self._overlap_total = 0
+        # Steps of rounds averaged alone since this worker last agreed with the swarm: lost
+        # if it then adopts the swarm's state (stats.discarded_steps), kept if it agrees.
+        self._solo_steps = 0.0
         self._round_started: float | None = None
         # Seconds blocked in backend calls other than wait(), which the backend times itself.
         self._blocked_seconds = 0.0
@@ -526,6 +529,8 @@ class DiLoCo(WrappingOptimizer):
         # pseudo-gradient is against global parameters the others moved on from.
         stale = self._schedule.stale(frag)
         weight = 0.0 if stale else float(step - self._last_sync[frag])
+        if stale:
+            self._stats.discarded_steps += (step - self._last_sync[frag]) / len(self._fragments)
         self._last_sync[frag] = step
         delta = self._pseudo_gradient(frag)
         landed = None
@@ -667,6 +672,8 @@ class DiLoCo(WrappingOptimizer):
         s.max_peers = max(s.max_peers, result.num_peers)
         if result.num_peers >= 2 and result.own_weight > 0 and result.total_weight > 0:
             s.averaged_steps += result.own_weight / len(self._fragments)
+        elif result.num_peers == 1 and result.own_weight > 0:
+            self._solo_steps += result.own_weight / len(self._fragments)
 
     def _record_sync(self, result: AverageResult, overlap: int) -> None:
         s = self._stats
@@ -718,6 +725,12 @@ class DiLoCo(WrappingOptimizer):
         with self._blocking():
             backend.publish_state(self._shared_state())
             resync = backend.needs_resync()
+        if resync:
+            # What it did alone since it last agreed with the swarm is replaced now.
+            self._stats.discarded_steps += self._solo_steps
+            self._solo_steps = 0.0
+        elif self._stats.num_peers >= 2:
+            self._solo_steps = 0.0  # it met the others and its state is theirs
         if resync:
             logger.warning(
                 "DiLoCo step %d: this worker's state differs from the swarm's; downloading it",
@@ -839,6 +852,7 @@ class DiLoCo(WrappingOptimizer):
                 "pending": pending,
                 "stats": self.stats.as_dict(),
                 "counters": [self._sent_numel, self._sent_bytes_compressed, self._overlap_total],
+                "solo_steps": self._solo_steps,
             },
         }
         return sd
@@ -884,6 +898,7 @@ class DiLoCo(WrappingOptimizer):
         self._last_sync = list(worker["last_sync"])
         self._skipped_in_a_row = list(worker["skipped_in_a_row"])
         self._sent_numel, self._sent_bytes_compressed, self._overlap_total = worker["counters"]
+        self._solo_steps = float(worker.get("solo_steps", 0.0))
         for k, v in worker["stats"].items():
             if k not in ("bytes_sent", "bytes_received", "comm_seconds", "fragment_syncs"):
                 setattr(self._stats, k, v)

@@ -243,7 +243,8 @@ class DeadlineSchedule:
     def last_sync_step(self, fragment: int, inner_steps: int) -> int:
         """``inner_steps``: after a download, the next weight counts from now; every
         fragment's bookkeeping restarts at the current slot."""
-        slot = self._now()
+        # Not before the slot synced last: that round may be one still to start.
+        slot = max(self._now(), self._last_slot if self._last_slot is not None else -1)
         self._last_slot = slot
         self._synced = {f: slot for f in range(self.num_fragments)}
         self._stale = False

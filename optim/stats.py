@@ -41,7 +41,14 @@ class DiLoCoStats:
         averaged_steps: this worker's inner steps whose pseudo-gradient entered an average
             with at least one other worker (its weight in those averages, over fragments
             divided by ``P``): divided by ``inner_steps``, the share of its work that
-            reached the global model.
+            entered an average with others.
+        discarded_steps: this worker's inner steps whose work was thrown away (over
+            fragments divided by ``P``): steps of rounds it averaged alone while the swarm
+            moved on without it, dropped when it then adopted the swarm's state, and steps
+            of stale rounds it sat out (weight 0). ``1 - discarded_steps / inner_steps`` is
+            the share of its work that reached the global model; it counts the rounds a
+            worker averaged alone because it was the only one training (its state then is
+            the swarm's), which ``averaged_steps`` does not.
     """
 
     inner_steps: int = 0
@@ -61,6 +68,7 @@ class DiLoCoStats:
     num_peers: int = 1
     max_peers: int = 1
     averaged_steps: float = 0.0
+    discarded_steps: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict, for logging."""

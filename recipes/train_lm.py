@@ -688,6 +688,7 @@ def train(cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
             "compression_ratio": s.compression_ratio,
             "peak_sync_bytes": s.peak_sync_bytes,
             "averaged_steps": s.averaged_steps,
+            "discarded_steps": s.discarded_steps,
             # Who met in the last average (before the first: the backend's world); the
             # heartbeat view (live_peers) drops as soon as a peer that finished first leaves.
             "peers": s.num_peers if s.outer_steps else diloco.backend.world_size,

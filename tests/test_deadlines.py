@@ -6,6 +6,7 @@ exact and instant.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from lowcomm import DeadlineSchedule, DiLoCo, LocalBackend
+from lowcomm.comm.base import DoneWork
 
 from .oracle import batch, loss_fn, make_model
 
@@ -137,4 +139,66 @@ def test_diloco_on_deadlines_weighs_each_round_by_the_steps_taken(monkeypatch):
     assert backend.calls == [(101, 4.0), (102, 7.0), (105, 0.0), (106, 1.0)]
     # The stale round sat out (weight 0) and left theta alone; the others stepped it.
     assert opt.stats.fragment_syncs == 4 and opt.stats.skipped_outer_steps == 1
+    opt.close()
+
+
+class Scripted(Recording):
+    """A swarm peer whose rounds hold the scripted number of peers, and whose state is found
+    to differ from the swarm's after the rounds listed in ``resync_after``."""
+
+    def __init__(self, peers: list[int], resync_after: set[int]) -> None:
+        super().__init__()
+        self.peers, self.resync_after, self.resync = peers, resync_after, False
+        self.elastic = True
+
+    def average(self, flat, *, weight=1.0, compressor=None, step=None):  # type: ignore[no-untyped-def]
+        result = super().average(flat, weight=weight, compressor=compressor, step=step).wait()
+        n = len(self.calls)
+        self.resync = n in self.resync_after
+        return DoneWork(dataclasses.replace(result, num_peers=self.peers[n - 1]))
+
+    def sync_state(self, tensors):  # type: ignore[no-untyped-def]
+        pass
+
+    def publish_state(self, tensors):  # type: ignore[no-untyped-def]
+        pass
+
+    def needs_resync(self) -> bool:
+        return self.resync
+
+    def set_round_seconds(self, round_seconds):  # type: ignore[no-untyped-def]
+        pass
+
+    def bound_weights(self, max_weight):  # type: ignore[no-untyped-def]
+        pass
+
+
+def test_the_steps_a_worker_loses_are_counted(monkeypatch):
+    # Steps of 2.5 s, rounds of 10 s: a sync every 4 steps (the first after 3). Met the
+    # others in round 101; alone in 102 while they moved on, so its state is replaced
+    # after it (those steps lost); met them in 103; stalled 30 s into round 105, stale (its
+    # one step since sat out: lost); alone in 106 and 107 with nobody else there (kept: its
+    # state is the swarm's), then met the others again.
+    clock = Clock(1000.0)
+    monkeypatch.setattr(time, "time", clock)
+    model = make_model(0)
+    params = list(model.parameters())
+    backend = Scripted([2, 1, 2, 2, 1, 1, 2, 2], resync_after={2})
+    opt = DiLoCo(
+        model, torch.optim.SGD(params, lr=0.1), sync_every=4, backend=backend, round_seconds=10.0
+    )
+    times = [1000.0 + 2.5 * i for i in range(1, 12)] + [1058.0]
+    times += [1058.0 + 2.5 * i for i in range(1, 13)]
+    for step, t in enumerate(times, start=1):
+        clock.t = t
+        x, y = batch(0, 0, step)
+        loss_fn(params, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    # The download after round 102 (synced before it started) does not make it due again.
+    assert backend.calls[:4] == [(101, 3.0), (102, 4.0), (103, 4.0), (105, 0.0)]
+    weights = [w for _, w in backend.calls]
+    assert len(weights) == 8
+    assert opt.stats.averaged_steps == weights[0] + weights[2] + weights[6] + weights[7]
+    assert opt.stats.discarded_steps == 4.0 + 1.0  # the lone round 102, the stale step
     opt.close()

@@ -11,8 +11,11 @@ runs: the slow peer with rounds cut by the clock (``--sync-clock deadline``, the
 ``lowcomm join``), the slow peer with rounds every H inner steps (``--sync-clock steps``),
 and three equal peers with the clock. The slow peer trains half the inner steps of the
 others, so all three train for about the same wall time. Per peer: inner steps, the share of
-them whose pseudo-gradient entered an average with another peer (``averaged_steps`` /
-inner steps), the final eval loss of its global model; per run: the swarm's tokens.
+them that reached the global model (``1 - discarded_steps / inner steps``: work not thrown
+away by a catch-up download or a stale round), the share whose pseudo-gradient entered an
+average with another peer (``averaged_steps`` / inner steps: this one also leaves out the
+rounds a peer averaged alone because nobody else was training any more), the final eval
+loss of its global model; per run: the swarm's tokens. The DHT runs outside the quotas.
 """
 
 from __future__ import annotations
@@ -44,14 +47,26 @@ def _cgroup(name: str, cores: float) -> Path:
     return path
 
 
-def _remove_cgroup(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()
+def _remove_cgroup(path: Path, wait: float = 15.0) -> None:
+    """Remove a cgroup once its processes are gone: a killed peer's children (hivemind's
+    daemons) may take a moment to exit, and rmdir fails on a cgroup that still holds one."""
+    deadline = time.monotonic() + wait
+    while path.exists():
+        try:
+            path.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                for pid in (path / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                deadline = time.monotonic() + wait
+            time.sleep(0.2)
 
 
-def _launch(cmd: list[str], cgroup: Path, log: Path) -> subprocess.Popen[bytes]:
+def _launch(cmd: list[str], cgroup: Path | None, log: Path) -> subprocess.Popen[bytes]:
     # The peer puts itself (and so every process it forks) into its cgroup, then runs.
-    script = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
+    script = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"' if cgroup else 'exec "$@"'
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     out = open(log, "wb")  # noqa: SIM115 - closed when the process is reaped
     return subprocess.Popen(
@@ -90,10 +105,8 @@ def run_swarm(
         _remove_cgroup(groups[2])
         groups[2] = _cgroup(f"lowcomm-slowpeer-{name}-2", args.quota / 2)
     addrs = run / "addrs"
-    dht = _launch(
-        _lowcomm("dht", "--host", "127.0.0.1", "--addrs-file", str(addrs)),
-        groups[0],
-        run / "dht.log",
+    dht = _launch(  # no quota: it serves all three
+        _lowcomm("dht", "--host", "127.0.0.1", "--addrs-file", str(addrs)), None, run / "dht.log"
     )
     procs = [dht]
     try:
@@ -135,12 +148,15 @@ def run_swarm(
         for i in range(3):
             last = _last_metrics(run / f"peer{i}")
             steps_run = int(last["summary/steps_run"])
+            discarded = float(last.get("discarded_steps", 0.0))
             out["peers"].append(
                 {
                     "cores": args.quota / 2 if slow and i == 2 else args.quota,
                     "inner_steps": steps_run,
                     "averaged_steps": float(last.get("averaged_steps", 0.0)),
                     "share": float(last.get("averaged_steps", 0.0)) / max(1, steps_run),
+                    "discarded_steps": discarded,
+                    "share_reached": 1.0 - discarded / max(1, steps_run),
                     "final_eval_loss": float(last["summary/final_eval_loss"]),
                     "elapsed_s": float(last["summary/elapsed_s"]),
                 }
@@ -162,6 +178,10 @@ def run_swarm(
             _remove_cgroup(g)
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def render_section(res: dict[str, Any], path: Path, doc_dir: Path) -> str:
     """The BENCHMARKS.md section for these results (written by :func:`main`)."""
     names = {
@@ -175,7 +195,8 @@ def render_section(res: dict[str, Any], path: Path, doc_dir: Path) -> str:
             rows.append(
                 f"| {names.get(name, name)} | {i}{' (slow)' if run['slow'] and i == 2 else ''} "
                 f"| {p['cores']:g} | {p['inner_steps']} | {p['inner_steps'] / p['elapsed_s']:.2f} "
-                f"| **{p['share']:.2f}** | {p['final_eval_loss']:.4f} |"
+                f"| **{_share(p.get('share_reached'))}** | {p['share']:.2f} "
+                f"| {p['final_eval_loss']:.4f} |"
             )
     settings = res["settings"]
     return "\n".join(
@@ -190,13 +211,18 @@ def render_section(res: dict[str, Any], path: Path, doc_dir: Path) -> str:
             f"wall time. Rounds of {settings['round_seconds']:g} s with the clock, or every "
             f"H = {settings['sync_every']} inner steps. *Share* is the fraction of a peer's "
             "inner steps whose pseudo-gradient entered an average with another peer "
-            "(`opt.stats.averaged_steps` / inner steps): the goal is >= 0.9 for the slow "
-            "peer. Steps/s is measured (the quotas set the ratio, the machine's load the "
-            "rest).",
+            "(`opt.stats.averaged_steps` / inner steps). *Reached* is the fraction whose "
+            "work was not thrown away (`1 - opt.stats.discarded_steps / inner steps`): it "
+            "also counts the rounds a peer averaged alone because no other peer was "
+            "training any more (its state is then the swarm's), and leaves out the rounds it "
+            "averaged alone while the others moved on (their work is replaced at the next "
+            "catch-up download) and the stale rounds it sat out. The issue's goal, >= 0.9 "
+            "of the slow peer's steps reaching the global model, is on *reached*. Steps/s is "
+            "measured (the quotas set the ratio, the machine's load the rest).",
             "",
-            "| run | peer | CPU quota (cores) | inner steps | steps/s | share averaged | "
-            "final eval loss |",
-            "|---|---|---|---|---|---|---|",
+            "| run | peer | CPU quota (cores) | inner steps | steps/s | reached | share "
+            "averaged with others | final eval loss |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
@@ -248,9 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     for name, r in runs.items():
+        reached = ", ".join(f"{p['share_reached']:.2f}" for p in r["peers"])
         shares = ", ".join(f"{p['share']:.2f}" for p in r["peers"])
         losses = ", ".join(f"{p['final_eval_loss']:.4f}" for p in r["peers"])
-        print(f"{name}: share of steps averaged [{shares}]; final eval loss [{losses}]")
+        print(
+            f"{name}: share of steps reaching the global model [{reached}], averaged with "
+            f"others [{shares}]; final eval loss [{losses}]"
+        )
     return 0
 
 
