@@ -103,6 +103,18 @@ def test_every_worker_reaches_the_round_before_it_starts_whatever_its_pace():
     assert sched.step_seconds() == 3.0 and len(syncs) >= 8
 
 
+def test_missing_exactly_one_round_is_stale():
+    for fragments in (1, 2):
+        clock = Clock(1000.0)
+        sched = DeadlineSchedule(10.0, num_fragments=fragments, sync_every=4, clock=clock)
+        slot = 10.0 / fragments
+        _run(sched, clock, [1001.0, 1000.0 + slot + 1.0])  # fragment 1 % P synced once
+        # Its next slot comes P slots later; one round later than that is one missed.
+        clock.t = 1000.0 + (2 * fragments + 1) * slot + 1.0
+        (frag,) = sched.due(3)
+        assert frag == 1 % fragments and sched.stale(frag)
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True])
 def test_round_seconds_must_be_a_positive_number(bad):
     with pytest.raises(ValueError, match="round_seconds"):

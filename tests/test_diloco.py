@@ -90,6 +90,16 @@ def test_one_worker_matches_replay():
     assert opt.stats.outer_steps == 3 and opt.stats.inner_steps == 12
 
 
+def test_overlapped_landing_mixes_local_and_global_by_alpha():
+    # mix = 0.25 (not 0.5, where the two weights are equal): θ_i ← 0.25·θ_i + 0.75·θ. A
+    # planted swap of the two weights survived every test that used the default.
+    cfg = Config(workers=1, steps=13, sync_every=4, overlap_steps=2, mix=0.25)
+    glob, local, _ = train(0, cfg)
+    ref_glob, ref_local = replay([p.detach() for p in make_model(0).parameters()], cfg)
+    assert_close(glob, ref_glob)
+    assert_close(local, ref_local[0])
+
+
 @pytest.mark.parametrize(
     "fragments,overlap",
     [(((0, 1), (2, 3)), 0), (((0, 1), (2, 3)), 1), (((0, 3), (1,), (2,), ()), 0)],

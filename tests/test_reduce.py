@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowcomm import TorchDistBackend
+from lowcomm import LocalBackend, TorchDistBackend
 from lowcomm.comm import reduce
 from lowcomm.comm.compression import FP16, Int4, Int8, TopK
 from lowcomm.testing import run_ranks
@@ -54,6 +54,23 @@ def test_unequal_weights_and_a_zero_weight_give_the_weighted_mean(spec):
         else:
             assert torch.equal(own, torch.zeros_like(own))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][0], results[2][0])
+
+
+def test_a_non_finite_contribution_counts_with_weight_zero():
+    x = torch.ones(8)
+    x[3] = float("nan")
+    assert reduce.finite_weight(x, 2.0).item() == 0.0
+    assert reduce.finite_weight(torch.ones(8), 2.0).item() == 2.0
+    r = LocalBackend().average(x, weight=2.0).wait()
+    assert r.own_weight == 0.0 and r.total_weight == 0.0
+
+
+def test_large_finite_contributions_do_not_overflow_the_weighted_sum():
+    # Weights are inner steps (tens to thousands): a value near float32's largest times
+    # one overflows unless the weights are scaled down before the sum.
+    x = torch.full((8,), 3e38)
+    r = LocalBackend().average(x, weight=1000.0).wait()
+    assert torch.equal(r.mean, x) and r.total_weight == 1000.0
 
 
 @pytest.mark.parametrize("granularity", [1, 4, 128, 1000])

@@ -217,8 +217,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "deadline-stale-one-slot-late",
         "optim/schedule.py",
-        "        self._stale = previous is not None and slot - previous > self.num_fragments",
-        "        self._stale = previous is not None and slot - previous > self.num_fragments + 1",
+        "        self._stale = previous is not None and target - previous > self.num_fragments",
+        "        self._stale = previous is not None and target - previous > self.num_fragments + 1",
         SCHEDULE,
     ),
     # -- optim/diloco.py -----------------------------------------------------------------
