@@ -389,7 +389,7 @@ class _Rounds:
                 {"p": _PROTOCOL, "w": weight, "mac": mac},
                 me.admission,
                 timeout=me.timeouts.matchmaking_timeout,
-                init_timeout=max(10.0, me.timeouts.request_timeout * 4),
+                init_timeout=me.timeouts.start_timeout,
             )
         except _FAILURES as e:
             logger.warning("hivemind round %d: could not start averaging (%s)", round_id, e)

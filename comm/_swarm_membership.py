@@ -305,7 +305,7 @@ class _Membership:
     def _dht_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self._me.lock:
             future = fn(*args, return_future=True, **kwargs)
-        return future.result(timeout=max(5.0, self._me.timeouts.request_timeout * 4))
+        return future.result(timeout=self._me.timeouts.dht_timeout)
 
     def publish(self) -> None:
         """Store this peer's record, and its run info if it has one (valid for ``peer_ttl``)."""

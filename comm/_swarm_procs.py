@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lowcomm.comm._swarm_timeouts import SwarmTimeouts
+
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from lowcomm.comm._swarm_timeouts import SwarmTimeouts
     from lowcomm.comm.compression.base import Compressor
 
 # The backend's own logger, whichever of its modules the message comes from.
@@ -271,14 +272,14 @@ class _Processes:
             )
             _start_child(averager)
             self._averagers.append(averager)
-        averager.wait_until_ready(timeout=60)
+        averager.wait_until_ready(timeout=timeouts.AVERAGER_START_TIMEOUT)
         return averager
 
     def stop_averager(self, averager: Any) -> None:
         with self._lock:
             if averager in self._averagers:
                 self._averagers.remove(averager)
-        _stop_child(averager, 5)
+        _stop_child(averager, SwarmTimeouts.AVERAGER_STOP_TIMEOUT)
 
     def close(self) -> None:
         """Stop every averager, then the DHT. Idempotent."""

@@ -333,8 +333,8 @@ class _SharedState:
         """
         me = self._me
         server = self.server()
-        timeout = max(30.0, me.timeouts.averaging_timeout)
-        for peer in candidates:
+        timeout = me.timeouts.download_timeout
+        for peer in candidates[: me.timeouts.DOWNLOAD_TRIES]:
             t0 = time.monotonic()
             fetched = _fetch_state(
                 server, peer, timeout, me.key, me.fingerprint, tensors, version, digest

@@ -36,6 +36,15 @@ class SwarmTimeouts:
     * ``heartbeat_period = clamp(0.1 R, 1, 30)``; a peer counts as gone ``3`` periods (+2 s)
       after its last heartbeat.
 
+    What they bound (properties): one DHT call, ``dht_timeout = max(5, 4 request_timeout)``;
+    handing an average to its averager process, ``start_timeout = max(10, 4
+    request_timeout)``, twice; the result, :attr:`wait_timeout`; starting an averager
+    process, :attr:`AVERAGER_START_TIMEOUT`, and stopping a wedged one,
+    :attr:`AVERAGER_STOP_TIMEOUT`; one state download from one peer,
+    ``download_timeout = max(30, averaging_timeout)``, at most :attr:`DOWNLOAD_TRIES` peers
+    per attempt. So one outer round blocks a peer at most :attr:`round_bound`, and a
+    catch-up download at most :attr:`download_bound` more.
+
     Attributes:
         round_seconds: the estimate they derive from.
     """
@@ -69,7 +78,57 @@ class SwarmTimeouts:
             peer_ttl=3 * hb + 2.0,
         )
 
+    AVERAGER_START_TIMEOUT = 60.0
+    """Seconds an averager process may take to start (once per slot, and after a wedged one
+    was replaced)."""
+    AVERAGER_STOP_TIMEOUT = 5.0
+    """Seconds a wedged averager gets to shut down before it is killed."""
+    DOWNLOAD_TRIES = 3
+    """Peers one download attempt tries, each for up to :attr:`download_timeout`."""
+
     @property
     def wait_timeout(self) -> float:
         """The most ``AverageWork.wait`` can block: matchmaking, all-reduce, and slack."""
         return self.matchmaking_timeout + self.averaging_timeout + 10.0
+
+    @property
+    def dht_timeout(self) -> float:
+        """The most one DHT store or read may take."""
+        return max(5.0, 4 * self.request_timeout)
+
+    @property
+    def start_timeout(self) -> float:
+        """The most handing an average to its averager process may take (each of 2 calls)."""
+        return max(10.0, 4 * self.request_timeout)
+
+    @property
+    def download_timeout(self) -> float:
+        """The most downloading the state from one peer may take."""
+        return max(30.0, self.averaging_timeout)
+
+    @property
+    def round_bound(self) -> float:
+        """The most one outer round can block a peer, a catch-up download aside: starting
+        its averager, handing it the average (2 calls), waiting for the result (and
+        stopping the averager if it outlived that), then publishing the new state and
+        reading the others' (3 DHT calls)."""
+        return (
+            self.AVERAGER_START_TIMEOUT
+            + 2 * self.start_timeout
+            + self.wait_timeout
+            + self.AVERAGER_STOP_TIMEOUT
+            + 3 * self.dht_timeout
+        )
+
+    @property
+    def download_bound(self) -> float:
+        """The most a catch-up download (``sync_state`` after the first) can block a peer:
+        reading the records (retried for ``peer_ttl``), waiting for a holder that is not
+        mid-average (up to :attr:`wait_timeout`), one attempt of up to :attr:`DOWNLOAD_TRIES`
+        peers, and the reads and stores around them."""
+        return (
+            self.peer_ttl
+            + 4 * self.dht_timeout
+            + self.wait_timeout
+            + self.DOWNLOAD_TRIES * self.download_timeout
+        )

@@ -502,7 +502,8 @@ def swarm_round_metrics(diloco: DiLoCo, backend: Any) -> dict[str, Any]:
     ``metrics.jsonl``), so that a run's peers can be compared round by round
     (``scripts/reliability/soak.py`` checks them): the state version, :func:`theta_digest`,
     who was in the last average, whether this peer sat it out, the state it downloaded so
-    far, the seconds it spent blocked in averages so far, and the bound on one such wait.
+    far, the seconds it spent blocked in averages so far, and the bounds on one round's
+    blocking and on a catch-up download (:class:`~lowcomm.comm.hivemind.SwarmTimeouts`).
     """
     s = diloco.stats
     return {
@@ -514,6 +515,8 @@ def swarm_round_metrics(diloco: DiLoCo, backend: Any) -> dict[str, Any]:
         "swarm/state_bytes": backend.state_bytes,
         "swarm/comm_s": s.comm_seconds,
         "swarm/wait_timeout_s": backend.timeouts.wait_timeout,
+        "swarm/round_bound_s": backend.timeouts.round_bound,
+        "swarm/download_bound_s": backend.timeouts.download_bound,
         "swarm/inner_steps": s.inner_steps,
     }
 

@@ -140,6 +140,13 @@ def test_a_round_blocked_past_its_bound_stalled_unless_the_harness_stopped_the_p
     checker.add(_rec("b", 30.0, 2, "t2", comm_s=26.0))
     checker.update_peer("b", stalls=[[10.0, 20.0]])  # 10 s of it stopped: 15 s counted
     assert _kinds(checker, 31.0) == [("stalled", "a")]
+    # A round that downloaded the swarm's state may also take the download's bound.
+    bounds = {"round_bound_s": 18.0, "download_bound_s": 30.0}
+    checker = _checker("c", "d")
+    for name, state_bytes in (("c", 0), ("d", 1000)):
+        checker.add(_rec(name, 5.0, 1, "t1", comm_s=1.0, **bounds))
+        checker.add(_rec(name, 30.0, 2, "t2", comm_s=26.0, state_bytes=state_bytes, **bounds))
+    assert _kinds(checker, 31.0) == [("stalled", "c")]
 
 
 def test_no_progress_exits_hung_leaves_and_orphans_are_violations():
@@ -164,13 +171,21 @@ def test_no_progress_exits_hung_leaves_and_orphans_are_violations():
 
 
 def test_the_round_bound_the_soak_checks_is_the_documented_one():
-    """README/HivemindBackend: a round takes at most matchmaking + averaging timeout + 10 s;
-    the soak checks each round against the bound its peer logged, this property."""
+    """SwarmTimeouts: a round blocks at most every timeout it passes through; the soak
+    checks each round against the bound its peer logged (these properties)."""
     from lowcomm.comm._swarm_timeouts import SwarmTimeouts
 
-    for seconds, bound in ((5.0, 3.0 + 5.0 + 10.0), (100.0, 30.0 + 100.0 + 10.0)):
+    for seconds, wait in ((5.0, 3.0 + 5.0 + 10.0), (100.0, 30.0 + 100.0 + 10.0)):
         t = SwarmTimeouts.from_round_seconds(seconds)
-        assert t.wait_timeout == t.matchmaking_timeout + t.averaging_timeout + 10.0 == bound
+        assert t.wait_timeout == t.matchmaking_timeout + t.averaging_timeout + 10.0 == wait
+        assert t.round_bound == 60.0 + 2 * t.start_timeout + wait + 5.0 + 3 * t.dht_timeout
+        assert t.download_bound == (
+            t.peer_ttl + 4 * t.dht_timeout + wait + 3 * max(30.0, t.averaging_timeout)
+        )
+    # A round that downloaded the state may block the download's bound longer.
+    rec = _rec("a", 1.0, 1, "x", round_bound_s=113.0, download_bound_s=128.0)
+    assert rec.bound(False) == 113.0 and rec.bound(True) == 241.0
+    assert _rec("a", 1.0, 1, "x").bound(True) == 18.0  # records from before: wait_timeout
 
 
 def _checkpoint(run_dir: Any, step: int, theta: torch.Tensor) -> Any:

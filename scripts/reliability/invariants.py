@@ -14,10 +14,12 @@ as they arrive, with what the harness did to each peer (stalls, kills, exits), a
 * ``regressed``: a record whose version is below the same peer's previous one: the peer
   took an older state than its own (a download), and the rounds it had applied since are
   lost. Versions count applied outer steps, so they only grow, in either round mode.
-* ``stalled``: a round in which the peer was blocked in averaging (its ``comm_s`` grew) for
-  longer than the bound it logged for that round, ``SwarmTimeouts.wait_timeout`` (the
-  matchmaking timeout + the averaging timeout + 10 s, derived from the measured round
-  time), plus ``slack``. Time the harness had the peer stopped is not counted.
+* ``stalled``: a round in which the peer was blocked on the swarm (its ``comm_s`` grew: the
+  average, publishing and reading the state records, a catch-up download) for longer than
+  the bound it logged for that round, ``SwarmTimeouts.round_bound`` (every timeout one round
+  passes through, derived from the measured round time), plus ``download_bound`` when it
+  downloaded the state, plus ``slack``. Time the harness had the peer stopped is not
+  counted.
 * ``no_progress``: a running, not stopped, peer that logged no round for ``progress_bound``
   seconds (stopped time not counted), or that logged none ``startup_bound`` seconds after
   it started.
@@ -51,6 +53,15 @@ class RoundRecord:
     state_bytes: int
     comm_s: float
     wait_timeout_s: float
+    round_bound_s: float | None = None
+    download_bound_s: float = 0.0
+
+    def bound(self, downloaded: bool) -> float:
+        """The most this round could block its peer: ``SwarmTimeouts.round_bound``, plus
+        ``download_bound`` if it downloaded the swarm's state (records from before those
+        were logged: ``wait_timeout``)."""
+        base = self.wait_timeout_s if self.round_bound_s is None else self.round_bound_s
+        return base + (self.download_bound_s if downloaded else 0.0)
 
     @classmethod
     def from_metrics(cls, peer: str, rec: dict[str, Any]) -> RoundRecord:
@@ -66,6 +77,8 @@ class RoundRecord:
             int(rec["swarm/state_bytes"]),
             float(rec["swarm/comm_s"]),
             float(rec["swarm/wait_timeout_s"]),
+            rec.get("swarm/round_bound_s"),
+            float(rec.get("swarm/download_bound_s", 0.0)),
         )
 
 
@@ -279,11 +292,12 @@ class SoakChecker:
 
     def _stalls(self, name: str, state: _PeerState, now: float) -> list[Violation]:
         out = []
-        previous_comm, previous_time = 0.0, state.started
+        previous_comm, previous_time, previous_bytes = 0.0, state.started, 0
         for r in state.records:
             blocked = r.comm_s - previous_comm
             stopped = overlap(previous_time, r.time, state.stalls, now)
-            if blocked - stopped > r.wait_timeout_s + self.slack:
+            bound = r.bound(downloaded=r.state_bytes > previous_bytes)
+            if blocked - stopped > bound + self.slack:
                 out.append(
                     Violation(
                         "stalled",
@@ -292,10 +306,10 @@ class SoakChecker:
                         r.time,
                         f"blocked {blocked - stopped:.1f}s in the round to version "
                         f"{r.version} ({stopped:.1f}s stopped by the harness not counted), "
-                        f"over the bound {r.wait_timeout_s:.1f}s (+{self.slack}s)",
+                        f"over the bound {bound:.1f}s (+{self.slack}s)",
                     )
                 )
-            previous_comm, previous_time = r.comm_s, r.time
+            previous_comm, previous_time, previous_bytes = r.comm_s, r.time, r.state_bytes
         return out
 
     def _progress(self, name: str, state: _PeerState, now: float) -> list[Violation]:

@@ -122,7 +122,8 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
         ("diverged", "θ differs from the swarm's and not back within "
          f"{s['recover_rounds']} rounds"),
         ("regressed", "a peer went back to an older state version (rounds lost)"),
-        ("stalled", "a round blocked past its bound (SwarmTimeouts.wait_timeout)"),
+        ("stalled", "a round blocked past its bound (SwarmTimeouts.round_bound, "
+         "+ download_bound with a catch-up download)"),
         ("no_progress", "a running peer without a round for too long"),
         ("exited", "a peer exited by itself"),
         ("leave_hung", "no exit within 60 s of SIGTERM"),
@@ -176,11 +177,19 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
     blocked = churn["blocked_s"]
     if blocked:
         bound = churn["wait_bound_s"]
+        download = churn.get("download_bound_s")
         out.append(
-            f"- Seconds blocked in a round's average: median {statistics.median(blocked):.2f}, "
-            f"99th percentile {_pct(blocked, 0.99):.2f}, max {max(blocked):.2f}; the bound "
-            f"each peer logged (matchmaking + averaging timeout + 10 s, from its measured "
-            f"round) was {bound[0]:.1f} to {bound[1]:.1f} s."
+            f"- Seconds blocked in a round (average, state records, catch-up download): "
+            f"median {statistics.median(blocked):.2f}, 99th percentile "
+            f"{_pct(blocked, 0.99):.2f}, max {max(blocked):.2f}; the bound each peer logged "
+            f"(`SwarmTimeouts.round_bound`, from its measured round) was {bound[0]:.1f} to "
+            f"{bound[1]:.1f} s"
+            + (
+                f", plus {download[0]:.1f} to {download[1]:.1f} s in a round that downloaded "
+                f"the state (`download_bound`)."
+                if download
+                else "."
+            )
         )
     stalls = churn["stall_seconds"]
     if stalls:

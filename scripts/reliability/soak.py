@@ -369,7 +369,10 @@ def _summarise(
             violations.append(
                 Violation("checkpoint", c["peer"], -1, 0.0, c.get("why", "")).as_dict()
             )
-    wait_bounds = [r.wait_timeout_s for s in checker.peers.values() for r in s.records]
+    wait_bounds = [r.bound(False) for s in checker.peers.values() for r in s.records]
+    download_bounds = [
+        r.download_bound_s for s in checker.peers.values() for r in s.records if r.download_bound_s
+    ]
     return {
         "t0": t0,
         "duration": duration,
@@ -385,6 +388,9 @@ def _summarise(
         "downloads": downloads,
         "blocked_s": blocked,
         "wait_bound_s": [min(wait_bounds), max(wait_bounds)] if wait_bounds else None,
+        "download_bound_s": (
+            [min(download_bounds), max(download_bounds)] if download_bounds else None
+        ),
         "stall_seconds": [e["seconds"] for e in stall_events],
         "checkpoints": checkpoints,
         "violations": violations,
