@@ -425,15 +425,20 @@ class Averager(DecentralizedAverager):
         admission: _Admission,
         timeout: float,
         init_timeout: float,
+        early: float = 0.0,
     ) -> Any:
-        """Start one step for the round ``bits`` under ``admission``; return its StepControl."""
+        """Start one step for the round ``bits`` under ``admission``; return its StepControl.
+
+        ``early``: seconds until the round starts; matchmaking's times count from then.
+        """
         self._call("_lowcomm_prepare", init_timeout, bits=bits, admission=admission)
-        scheduled_time = get_dht_time() + self.matchmaking_kwargs["min_matchmaking_time"]
+        start = get_dht_time() + max(0.0, early)
+        scheduled_time = start + self.matchmaking_kwargs["min_matchmaking_time"]
         user = self.serializer.dumps(gather)
         data = self.serializer.dumps([self.bandwidth, self.mode.value, user])
         step = StepControl(
             scheduled_time=scheduled_time,
-            deadline=get_dht_time() + timeout,
+            deadline=start + timeout,
             allow_retries=True,
             weight=weight,
             data_for_gather=data,

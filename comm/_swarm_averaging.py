@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -279,6 +280,7 @@ class _SwarmWork:
         control: Any,
         contribution: _Contribution,
         round_id: int,
+        early: float = 0.0,
     ) -> None:
         self._rounds = rounds
         self._slot = slot
@@ -286,6 +288,7 @@ class _SwarmWork:
         self._control = control
         self._contribution = contribution
         self._round = round_id
+        self._early = early  # seconds the group waits for the round's start
         self._result: AverageResult | None = None
 
     def wait(self) -> AverageResult:
@@ -295,7 +298,8 @@ class _SwarmWork:
         summary = None
         with Timer(rounds.stats):
             try:
-                summary = self._control.result(timeout=rounds.timeouts.wait_timeout)
+                timeout = rounds.timeouts.wait_timeout + self._early
+                summary = self._control.result(timeout=timeout)
             except _FAILURES as e:
                 reason = str(e) or type(e).__name__
                 if "could not find a group" in reason:
@@ -383,6 +387,7 @@ class _Rounds:
                 buffers[0].copy_(contribution.flat)
             mac = _mac(me.key, f"join|{me.id}|{averager.prefix}.0b{round_id:b}")
             weight = float(contribution.weight)
+            early = self.early(round_id)
             control = averager.lowcomm_step(
                 f"{round_id:b}",
                 weight,
@@ -390,15 +395,28 @@ class _Rounds:
                 me.admission,
                 timeout=me.timeouts.matchmaking_timeout,
                 init_timeout=me.timeouts.start_timeout,
+                early=early,
             )
         except _FAILURES as e:
             logger.warning("hivemind round %d: could not start averaging (%s)", round_id, e)
             self.discard(slot)
             return self.alone(contribution)
-        work = _SwarmWork(self, slot, averager, control, contribution, round_id)
+        work = _SwarmWork(self, slot, averager, control, contribution, round_id, early)
         with me.lock:
             self._inflight[slot] = work
         return work
+
+    def early(self, round_id: int) -> float:
+        """Seconds before round ``round_id`` starts, when rounds are keyed by the clock and
+        it starts within the matchmaking timeout (else 0). Every peer that comes early
+        holds its group open until the start plus ``matchmaking_time``: the same instant on
+        every peer, so they all pick the same leader instead of forming groups of their
+        own, and a peer whose last step ends just before the start still finds the group."""
+        clock = self._me.round_clock
+        if clock is None:
+            return 0.0
+        ahead = round_id * clock - time.time()
+        return ahead if 0.0 < ahead <= self._me.timeouts.matchmaking_timeout else 0.0
 
     def finish(self, slot: tuple[Any, ...] | None, result: AverageResult) -> None:
         with self._me.lock:

@@ -237,6 +237,8 @@ class _Peer:
             averager with every round, so a bound set later applies from the next round).
         run_info: the JSON text this peer publishes about its run (None: nothing).
         version: this peer's lowcomm version, published with the run info.
+        round_clock: seconds per round key when rounds are keyed by the clock (round ``k``
+            starts at ``k * round_clock``, epoch seconds); None: rounds are step counts.
     """
 
     run_id: str
@@ -249,6 +251,7 @@ class _Peer:
     admission: Any = None
     run_info: str | None = None
     version: str = ""
+    round_clock: float | None = None
 
     @property
     def records_key(self) -> str:

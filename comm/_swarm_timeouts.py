@@ -38,7 +38,8 @@ class SwarmTimeouts:
 
     What they bound (properties): one DHT call, ``dht_timeout = max(5, 4 request_timeout)``;
     handing an average to its averager process, ``start_timeout = max(10, 4
-    request_timeout)``, twice; the result, :attr:`wait_timeout`; starting an averager
+    request_timeout)``, twice; a round keyed by the clock that a peer came to early, up to
+    ``matchmaking_timeout`` before it starts; the result, :attr:`wait_timeout`; starting an averager
     process, :attr:`AVERAGER_START_TIMEOUT`, and stopping a wedged one,
     :attr:`AVERAGER_STOP_TIMEOUT`; one state download from one peer,
     ``download_timeout = max(30, averaging_timeout)``, at most :attr:`DOWNLOAD_TRIES` peers
@@ -109,12 +110,14 @@ class SwarmTimeouts:
     @property
     def round_bound(self) -> float:
         """The most one outer round can block a peer, a catch-up download aside: starting
-        its averager, handing it the average (2 calls), waiting for the result (and
-        stopping the averager if it outlived that), then publishing the new state and
-        reading the others' (3 DHT calls)."""
+        its averager, handing it the average (2 calls), waiting for the round to start
+        (rounds keyed by the clock: at most ``matchmaking_timeout`` early) and for the
+        result (and stopping the averager if it outlived that), then publishing the new
+        state and reading the others' (3 DHT calls)."""
         return (
             self.AVERAGER_START_TIMEOUT
             + 2 * self.start_timeout
+            + self.matchmaking_timeout
             + self.wait_timeout
             + self.AVERAGER_STOP_TIMEOUT
             + 3 * self.dht_timeout

@@ -124,7 +124,8 @@ class HivemindBackend:
         * ``needs_resync()`` after ``publish_state``: True if this peer is behind or its state
           differs from the swarm's majority at the same version; then call ``sync_state`` again.
         * ``set_round_seconds(seconds)`` when the measured round time is known; every timeout
-          follows it (:class:`SwarmTimeouts`).
+          follows it (:class:`SwarmTimeouts`). ``set_round_clock(seconds)`` when rounds are
+          keyed by the clock.
         * ``close()`` (also at exit and on SIGTERM) shuts the averagers and the DHT down.
 
     What goes through: dense compressors (``FP16``, ``BF16``, ``Int8``/``Int4``/``Int2``, your
@@ -496,6 +497,24 @@ class HivemindBackend:
         self._me.admission = _Admission(
             admission.max_norm, admission.norm_ratio, float(max_weight), admission.aggregation
         )
+
+    def set_round_clock(self, seconds_per_round: float | None) -> None:
+        """Say that rounds are keyed by the clock: round ``k`` starts at ``k *
+        seconds_per_round`` (epoch seconds), as :class:`~lowcomm.DeadlineSchedule` keys them
+        (DiLoCo calls this). A peer that comes to such a round before it starts (at most
+        ``matchmaking_timeout`` before) holds its group open until the start plus
+        ``matchmaking_time``, the same instant on every peer: they all pick the same leader,
+        and a peer whose last step ends just before the start still finds the group.
+        None: rounds are step counts (the default).
+
+        Raises:
+            ValueError: ``seconds_per_round`` is not a positive finite number or None.
+        """
+        if seconds_per_round is not None and not (
+            seconds_per_round > 0 and math.isfinite(seconds_per_round)
+        ):
+            raise ValueError(f"seconds_per_round ({seconds_per_round}) must be a positive number")
+        self._me.round_clock = seconds_per_round
 
     def set_round_seconds(self, round_seconds: float) -> None:
         """Re-derive every timeout from a measured round time (:class:`SwarmTimeouts`)."""

@@ -269,6 +269,10 @@ class DiLoCo(WrappingOptimizer):
             if isinstance(self.backend, ElasticBackend) and self.backend.elastic
             else None
         )
+        round_clock = getattr(self.backend, "set_round_clock", None)
+        if isinstance(self._schedule, DeadlineSchedule) and callable(round_clock):
+            # Its round keys are clock slots: the backend can hold groups for their start.
+            round_clock(self._schedule.round_seconds / self._schedule.num_fragments)
 
         # Global copy (fp32), one outer optimizer per fragment.
         self._global_device = (

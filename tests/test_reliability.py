@@ -178,7 +178,9 @@ def test_the_round_bound_the_soak_checks_is_the_documented_one():
     for seconds, wait in ((5.0, 3.0 + 5.0 + 10.0), (100.0, 30.0 + 100.0 + 10.0)):
         t = SwarmTimeouts.from_round_seconds(seconds)
         assert t.wait_timeout == t.matchmaking_timeout + t.averaging_timeout + 10.0 == wait
-        assert t.round_bound == 60.0 + 2 * t.start_timeout + wait + 5.0 + 3 * t.dht_timeout
+        assert t.round_bound == (
+            60.0 + 2 * t.start_timeout + t.matchmaking_timeout + wait + 5.0 + 3 * t.dht_timeout
+        )
         assert t.download_bound == (
             t.peer_ttl + 4 * t.dht_timeout + wait + 3 * max(30.0, t.averaging_timeout)
         )

@@ -196,3 +196,20 @@ def test_zero_weight_contributions_are_left_out_by_every_rule():
     for rule in ("mean", "trimmed_mean", "centered_clip"):
         assert torch.equal(_Admission(aggregation=rule).combine(parts, [1.0, 0.0]), torch.ones(4))
     assert torch.equal(_Admission().combine(parts, [0.0, 0.0]), torch.zeros(4))
+
+
+def test_a_peer_early_for_a_clock_round_holds_its_group_until_the_start(monkeypatch):
+    # Rounds keyed by the clock (DeadlineSchedule): a peer whose last step ended before the
+    # round starts counts matchmaking from the start, the same instant on every peer.
+    from lowcomm.comm._swarm_averaging import _Rounds
+    from lowcomm.comm._swarm_membership import _Peer
+    from lowcomm.comm.hivemind import SwarmTimeouts
+
+    me = _Peer("run", "me", None, "prefix", SwarmTimeouts.from_round_seconds(10.0))
+    rounds = _Rounds(me, procs=None, stats=None)  # type: ignore[arg-type]
+    monkeypatch.setattr(time, "time", lambda: 1004.5)
+    assert rounds.early(201) == 0.0  # rounds are step counts: nothing to wait for
+    me.round_clock = 5.0
+    assert rounds.early(201) == pytest.approx(0.5)  # starts at 1005
+    assert rounds.early(200) == 0.0  # started already
+    assert rounds.early(202) == 0.0  # 5.5 s ahead, past the matchmaking timeout (3 s)
