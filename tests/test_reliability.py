@@ -98,6 +98,19 @@ def test_agreeing_peers_and_a_peer_back_in_agreement_within_the_bound_pass():
     assert checker.recovery_lags() == [1]
 
 
+def test_a_tie_goes_to_the_state_the_peers_themselves_keep():
+    # Two groups of 2 in one round: the peers keep the larger group's state, then the one
+    # holding the highest peer id (_resync_plan); the checker's swarm state must be that
+    # one, not merely the larger digest.
+    checker = _checker("a", "b", "c", "d", "e")
+    holders = (("a", "zz", "Qm1"), ("b", "zz", "Qm2"), ("c", "aa", "Qm9"), ("d", "aa", "Qm3"))
+    for p, theta, pid in holders:
+        checker.add(_rec(p, 4.0, 1, theta, peers=2, peer_id=pid))
+    assert checker.swarm_theta(1) == "aa"
+    checker.add(_rec("e", 4.0, 1, "zz", peers=3, peer_id="Qm0"))
+    assert checker.swarm_theta(1) == "zz"  # most holders first
+
+
 def test_a_peer_that_stays_apart_is_found_live_once_the_swarm_moved_on():
     checker = _checker("a", "b", "c")
     for v in range(1, 4):

@@ -6,8 +6,8 @@ any download of the swarm's state it triggered. :class:`SoakChecker` takes those
 as they arrive, with what the harness did to each peer (stalls, kills, exits), and finds:
 
 * ``diverged``: a record whose θ digest differs from the swarm's at that version (the
-  digest most records of that version hold; ties: the one from the larger group, then the
-  larger digest) and that is not followed, within ``recover_rounds`` of that peer's own
+  digest most records of that version hold; ties as the peers break them: the one from the
+  larger group, then the highest peer id) and that is not followed, within ``recover_rounds`` of that peer's own
   next records, by one that agrees again. A peer left out of a round (it averaged alone, was
   stalled, or its download failed) may differ for that long, no longer. A peer that ends
   (killed, left) before that many records is not counted against.
@@ -55,6 +55,7 @@ class RoundRecord:
     wait_timeout_s: float
     round_bound_s: float | None = None
     download_bound_s: float = 0.0
+    peer_id: str = ""
 
     def bound(self, downloaded: bool) -> float:
         """The most this round could block its peer: ``SwarmTimeouts.round_bound``, plus
@@ -79,6 +80,7 @@ class RoundRecord:
             float(rec["swarm/wait_timeout_s"]),
             rec.get("swarm/round_bound_s"),
             float(rec.get("swarm/download_bound_s", 0.0)),
+            str(rec.get("swarm/peer", "")),
         )
 
 
@@ -183,15 +185,19 @@ class SoakChecker:
     # -- the swarm's state ---------------------------------------------------------------
 
     def swarm_theta(self, version: int) -> str | None:
-        """The digest most records of ``version`` hold (ties: larger group, larger digest)."""
+        """The digest most records of ``version`` hold; ties as the peers break them when
+        they resync (``_resync_plan``): the larger group, then the highest peer id, then
+        the larger digest."""
         records = self._by_version.get(version)
         if not records:
             return None
         counts = Counter(r.theta for r in records)
         groups: dict[str, int] = {}
+        ids: dict[str, str] = {}
         for r in records:
             groups[r.theta] = max(groups.get(r.theta, 0), r.peers)
-        return max(counts, key=lambda d: (counts[d], groups[d], d))
+            ids[r.theta] = max(ids.get(r.theta, ""), r.peer_id)
+        return max(counts, key=lambda d: (counts[d], groups[d], ids[d], d))
 
     def versions(self) -> list[int]:
         """Every version some peer logged, in order."""
