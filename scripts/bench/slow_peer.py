@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0 or not (CGROUP / "cpu.cfs_quota_us").exists():
         print("slow_peer: needs root and the cgroup v1 cpu controller", file=sys.stderr)
         return 2
+    # kill(1) too must stop the peers and remove the cgroups (the finally clauses).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     work = Path(args.keep or tempfile.mkdtemp(prefix="lowcomm-slowpeer-"))
     swarms = {
         "deadline-slow": ("deadline", True),
