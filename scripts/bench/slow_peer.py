@@ -198,6 +198,23 @@ def render_section(res: dict[str, Any], path: Path, doc_dir: Path) -> str:
                 f"| **{_share(p.get('share_reached'))}** | {p['share']:.2f} "
                 f"| {p['final_eval_loss']:.4f} |"
             )
+    tails = []
+    for name, run in res["runs"].items():
+        if run["slow"]:
+            *others, slow = run["peers"]
+            tail = slow["elapsed_s"] - max(p["elapsed_s"] for p in others)
+            tails.append(
+                f"- {names.get(name, name)}: the slow peer trained {tail:.0f} s after the "
+                f"last other peer finished ({slow['inner_steps'] / slow['elapsed_s']:.2f} "
+                f"steps/s, less than half the others' "
+                f"{max(p['inner_steps'] / p['elapsed_s'] for p in others):.2f}: its own "
+                "hivemind processes share its quota); rounds it averaged alone with nobody "
+                "else training count as reached, not as averaged."
+            )
+    for name, run in res["runs"].items():
+        tails.append(
+            f"- {names.get(name, name)}: {run['swarm_tokens']:,} tokens trained by the swarm."
+        )
     settings = res["settings"]
     return "\n".join(
         [
@@ -224,6 +241,8 @@ def render_section(res: dict[str, Any], path: Path, doc_dir: Path) -> str:
             "averaged with others | final eval loss |",
             "|---|---|---|---|---|---|---|---|",
             *rows,
+            "",
+            *tails,
         ]
     )
 
