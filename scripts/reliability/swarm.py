@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +208,10 @@ class LoopbackSwarm:
         self.peers: list[Peer] = []
         self._dht: subprocess.Popen[bytes] | None = None
         self._generation: dict[int, int] = {}
+        # A previous swarm's peers and logs here would be read as this one's (their metrics,
+        # checkpoints and locks): start empty, keeping only the corpus cache.
+        for stale in ("peers", "logs"):
+            shutil.rmtree(self.work_dir / stale, ignore_errors=True)
         (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.env = {
             **os.environ,
