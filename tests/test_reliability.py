@@ -145,6 +145,21 @@ def test_a_peer_that_goes_back_to_an_older_version_regressed():
     assert ("regressed", "a") in _kinds(checker, 13.0)
 
 
+def test_a_peer_that_averaged_alone_may_rejoin_the_majoritys_older_state():
+    # c averaged alone (nobody else came) to versions 5 and 6 while a and b held 4, then
+    # rejoins their version 4: its solo rounds were never the swarm's. Had it met someone
+    # in one of them, that round of the swarm would be lost.
+    for solo_peers, expected in ((1, []), (2, [("regressed", "c")])):
+        checker = _checker("a", "b", "c")
+        for p in "abc":
+            checker.add(_rec(p, 4.0, 4, "t4"))
+        checker.add(_rec("c", 6.0, 5, "c5", peers=1))
+        checker.add(_rec("c", 8.0, 6, "c6", peers=solo_peers))
+        checker.add(_rec("c", 10.0, 4, "t4", state_bytes=100))
+        assert [k for k in _kinds(checker, 11.0) if k[0] == "regressed"] == expected
+        assert checker.solo_rounds_given_up() == (2 if solo_peers == 1 else 0)
+
+
 def test_a_round_blocked_past_its_bound_stalled_unless_the_harness_stopped_the_peer():
     checker = _checker("a", "b")
     checker.add(_rec("a", 5.0, 1, "t1", comm_s=1.0))

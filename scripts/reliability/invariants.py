@@ -11,9 +11,13 @@ as they arrive, with what the harness did to each peer (stalls, kills, exits), a
   next records, by one that agrees again. A peer left out of a round (it averaged alone, was
   stalled, or its download failed) may differ for that long, no longer. A peer that ends
   (killed, left) before that many records is not counted against.
-* ``regressed``: a record whose version is below the same peer's previous one: the peer
-  took an older state than its own (a download), and the rounds it had applied since are
-  lost. Versions count applied outer steps, so they only grow, in either round mode.
+* ``regressed``: a record whose version is below the same peer's previous one, where a
+  round it goes back past was averaged with other peers: the peer took an older state than
+  its own (a download), and rounds of the swarm are lost. Versions count applied outer
+  steps, so they only grow, in either round mode, except for a peer that averaged alone
+  (nobody else came: the others were stopped, dead or just joining) and then rejoins the
+  majority's older state: the rounds it gives up were never the swarm's (their steps count
+  in its ``discarded_steps``), and :meth:`SoakChecker.solo_rounds_given_up` counts them.
 * ``stalled``: a round in which the peer was blocked on the swarm (its ``comm_s`` grew: the
   average, publishing and reading the state records, a catch-up download) for longer than
   the bound it logged for that round, ``SwarmTimeouts.round_bound`` (every timeout one round
@@ -279,21 +283,47 @@ class SoakChecker:
             )
         return out
 
+    def _given_up(self, records: list[RoundRecord], i: int) -> list[RoundRecord]:
+        """The records that ``records[i]``, a lower version than the one before it, went
+        back past: the latest ones above its version."""
+        out = []
+        for x in reversed(records[:i]):
+            if x.version <= records[i].version:
+                break
+            out.append(x)
+        return out
+
+    def solo_rounds_given_up(self) -> int:
+        """Rounds that peers averaged alone and gave up to rejoin the majority's older state
+        (not violations: see ``regressed``)."""
+        total = 0
+        for state in self.peers.values():
+            for i in range(1, len(state.records)):
+                lost = self._given_up(state.records, i)
+                if lost and all(x.peers <= 1 for x in lost):
+                    total += len(lost)
+        return total
+
     def _regressions(self, name: str, state: _PeerState) -> list[Violation]:
         out = []
-        for before, r in zip(state.records, state.records[1:]):
-            if r.version < before.version:
-                out.append(
-                    Violation(
-                        "regressed",
-                        name,
-                        r.version,
-                        r.time,
-                        f"version {before.version} -> {r.version}: it took an older state "
-                        f"(a download: {r.state_bytes > before.state_bytes}), losing "
-                        f"{before.version - r.version} applied outer step(s)",
-                    )
+        records = state.records
+        for i in range(1, len(records)):
+            before, r = records[i - 1], records[i]
+            lost = self._given_up(records, i)
+            if not lost or all(x.peers <= 1 for x in lost):
+                continue  # only rounds it averaged alone: they were never the swarm's
+            met = sum(1 for x in lost if x.peers > 1)
+            out.append(
+                Violation(
+                    "regressed",
+                    name,
+                    r.version,
+                    r.time,
+                    f"version {before.version} -> {r.version}: it took an older state "
+                    f"(a download: {r.state_bytes > before.state_bytes}), losing "
+                    f"{len(lost)} applied outer step(s), {met} of them averaged with others",
                 )
+            )
         return out
 
     def _stalls(self, name: str, state: _PeerState, now: float) -> list[Violation]:

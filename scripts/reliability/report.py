@@ -121,7 +121,8 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
     names = [
         ("diverged", "θ differs from the swarm's and not back within "
          f"{s['recover_rounds']} rounds"),
-        ("regressed", "a peer went back to an older state version (rounds lost)"),
+        ("regressed", "a peer went back past a version it had averaged with others "
+         "(rounds of the swarm lost)"),
         ("stalled", "a round blocked past its bound (SwarmTimeouts.round_bound, "
          "+ download_bound with a catch-up download)"),
         ("no_progress", "a running peer without a round for too long"),
@@ -170,6 +171,8 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
         f"{sum(len(r['sat_out']) for r in churn['rounds'])}.",
         f"- Records that disagreed with the swarm's θ, by the peer's rounds until it agreed "
         f"again: {dict(sorted(lags.items())) or 'none'}.",
+        f"- Rounds a peer averaged alone (nobody else came) and gave up to rejoin the "
+        f"majority's older state: {churn.get('solo_rounds_given_up', 'not counted')}.",
         f"- State downloads: {churn['downloads']} with faults"
         + (f", {clean['downloads']} without ({clean['num_rounds']} rounds)" if clean else "")
         + ".",

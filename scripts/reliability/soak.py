@@ -386,6 +386,7 @@ def _summarise(
         "rounds_all_agree": sum(1 for r in rounds if r["digests"] == 1),
         "recovery_lags": dict(Counter(checker.recovery_lags())),
         "downloads": downloads,
+        "solo_rounds_given_up": checker.solo_rounds_given_up(),
         "blocked_s": blocked,
         "wait_bound_s": [min(wait_bounds), max(wait_bounds)] if wait_bounds else None,
         "download_bound_s": (
