@@ -6,6 +6,7 @@ a parameter set to 3e38, two ranks configured differently.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -14,6 +15,7 @@ import torch
 
 from lowcomm import DiLoCo, Int8, LocalBackend, TopK
 from lowcomm.comm import ConsistencyError, reduce
+from lowcomm.comm.base import DoneWork
 from lowcomm.optim.diloco import MAX_SKIPPED_ROUNDS
 from lowcomm.testing import run_ranks
 
@@ -129,6 +131,49 @@ def test_training_that_diverged_everywhere_stops_instead_of_exiting_clean():
             opt.step()
             opt.zero_grad()
     assert opt.stats.skipped_outer_steps == MAX_SKIPPED_ROUNDS
+
+
+def test_skipped_rounds_must_come_in_a_row_to_stop_training():
+    # A NaN step every other round: each is skipped and repaired, the rounds between land,
+    # so the count of skips in a row never reaches the limit.
+    model = make_model(0)
+    params = list(model.parameters())
+    opt = DiLoCo(model, torch.optim.SGD(params, lr=0.1), sync_every=1)
+    for step in range(1, 2 * MAX_SKIPPED_ROUNDS + 3):
+        x, y = batch(0, 0, step)
+        loss = loss_fn(params, x, y)
+        (loss * float("nan") if step % 2 else loss).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.stats.skipped_outer_steps == MAX_SKIPPED_ROUNDS + 1
+    opt.close()
+
+
+class _NoFiniteAverage(LocalBackend):
+    """A round in which no finite contribution arrived (the others' were NaN)."""
+
+    def average(self, flat, *, weight=1.0, compressor=None, step=None):  # type: ignore[no-untyped-def]
+        result = super().average(flat, weight=weight, compressor=compressor, step=step).wait()
+        nan = torch.full_like(result.mean, float("nan"))
+        return DoneWork(dataclasses.replace(result, mean=nan, num_peers=0, total_weight=0.0))
+
+
+def test_a_skipped_round_puts_the_local_parameters_back_on_theta():
+    # This worker's own steps were finite; the round had no finite average. θ is kept, and
+    # the worker starts its next round from θ like every other worker, not from its own.
+    model = make_model(0)
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+    opt = DiLoCo(model, torch.optim.SGD(params, lr=0.1), sync_every=2, backend=_NoFiniteAverage())
+    for step in (1, 2):
+        x, y = batch(0, 0, step)
+        loss_fn(params, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.stats.skipped_outer_steps == 1
+    for p, g, s in zip(params, opt.global_tensors(), start, strict=True):
+        assert torch.equal(g, s) and torch.equal(p.detach(), g)
+    opt.close()
 
 
 # -- arguments ---------------------------------------------------------------------------------

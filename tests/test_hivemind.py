@@ -199,6 +199,8 @@ def test_timeouts_follow_round_length() -> None:
     assert t.matchmaking_timeout == 30.0 and t.averaging_timeout == 100.0
     assert t.next_chunk_timeout == 25.0 and t.heartbeat_period == 10.0
     assert t.request_timeout < t.matchmaking_time < t.matchmaking_timeout < t.wait_timeout
+    # The wait: matchmaking, the all-reduce, and 10 s for the bookkeeping around them.
+    assert t.wait_timeout == 30.0 + 100.0 + 10.0
     short, long = SwarmTimeouts.from_round_seconds(1.0), SwarmTimeouts.from_round_seconds(1e5)
     assert short.matchmaking_time == 1.0 and short.averaging_timeout == 5.0  # floors
     assert long.matchmaking_time == 30.0 and long.next_chunk_timeout == 60.0  # ceilings

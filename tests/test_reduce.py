@@ -65,6 +65,30 @@ def test_a_non_finite_contribution_counts_with_weight_zero():
     assert r.own_weight == 0.0 and r.total_weight == 0.0
 
 
+def _one_nan(rank: int, world: int, spec: str) -> tuple[torch.Tensor, float, int]:
+    comp = {"none": None, "int8": Int8(32)}[spec]
+    x = _x(rank)
+    if rank == 1:
+        x[5] = float("nan")
+    backend = TorchDistBackend()
+    try:
+        r = backend.average(x, weight=2.0, compressor=comp).wait()
+    finally:
+        backend.close()
+    return r.mean, r.total_weight, r.num_peers
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("spec", ["none", "int8"])
+def test_a_nan_contribution_does_not_reach_the_others_mean(spec):
+    # Weight 0 must mean "not summed at all": 0 * NaN is NaN.
+    comp = {"none": reduce.Identity(), "int8": Int8(32)}[spec]
+    for mean, total, peers in run_ranks(_one_nan, 2, spec, timeout=60):
+        assert total == 2.0 and peers == 1
+        expected = comp.decompress(comp.compress(comp.decompress(comp.compress(_x(0)))))
+        assert torch.equal(mean, expected)
+
+
 def test_large_finite_contributions_do_not_overflow_the_weighted_sum():
     # Weights are inner steps (tens to thousands): a value near float32's largest times
     # one overflows unless the weights are scaled down before the sum.

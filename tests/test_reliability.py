@@ -478,3 +478,15 @@ def test_reliability_md_is_generated_from_the_checked_in_results():
         pytest.skip("not a checkout: the mutation script's copy holds no results")
     doc = REPO / "RELIABILITY.md"
     assert doc.read_text(encoding="utf-8") == report.document(RESULTS_DIR)
+
+
+def test_every_planted_mutation_still_applies_to_the_code():
+    # The mutation script plants each bug by replacing text that must occur exactly once;
+    # code that moved on makes a mutation "stale" (never judged) without anyone noticing.
+    from scripts.reliability import REPO
+    from scripts.reliability.mutate import MUTATIONS
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a checkout: the mutation script's copy is laid out as the package")
+    stale = [m.name for m in MUTATIONS if (REPO / m.path).read_text().count(m.old) != 1]
+    assert stale == []

@@ -131,21 +131,21 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "reduce-weight0-summed",
         "comm/reduce.py",
-        "        if scaled[src] != 0.0:\n            part = _decode(compressor, received[",
-        "        if True:\n            part = _decode(compressor, received[",
+        "            if scaled[src] != 0.0:\n                part = _decode(compressor, received[",
+        "            if True:\n                part = _decode(compressor, received[",
         REDUCE,
     ),
     Mutation(
         "reduce-no-division",
         "comm/reduce.py",
-        "    if total > 0:\n        acc.div_(total)\n    pad = sizes[0]",
+        "        if total > 0:\n            acc.div_(total)\n    pad = sizes[0]",
         "    pad = sizes[0]",
         REDUCE,
     ),
     Mutation(
         "sparse-reduce-no-division",
         "comm/reduce.py",
-        "    if total > 0:\n        acc.div_(total)\n    return acc, own",
+        "        if total > 0:\n            acc.div_(total)\n    return acc, own",
         "    return acc, own",
         REDUCE,
     ),
@@ -210,7 +210,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "deadline-never-stale",
         "optim/schedule.py",
-        "        self._stale = previous is not None and slot - previous > self.num_fragments",
+        "        self._stale = previous is not None and target - previous > self.num_fragments",
         "        self._stale = False",
         SCHEDULE,
     ),
@@ -341,7 +341,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "norm-ratio-unchecked",
         "comm/_swarm_averaging.py",
-        "            if own > 0 and norm > self.norm_ratio * own:",
+        "            if own > 0 and norm > self.norm_ratio * own * scale:",
         "            if False:",
         SWARM_RULES,
     ),
