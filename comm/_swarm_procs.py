@@ -219,7 +219,7 @@ def _stop_child(proc: Any, wait: float) -> None:
 def _shutdown_swarm(averagers: list[Any], dht: Any) -> None:
     """Stop ``averagers`` then ``dht``, killing whatever does not stop in time."""
     for averager in list(averagers):
-        _stop_child(averager, 5)
+        _stop_child(averager, SwarmTimeouts.AVERAGER_STOP_TIMEOUT)
     _stop_child(dht, 5)
 
 

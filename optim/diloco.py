@@ -729,24 +729,24 @@ class DiLoCo(WrappingOptimizer):
         with self._blocking():
             backend.publish_state(self._shared_state())
             resync = backend.needs_resync()
-        if resync:
-            # What it did alone since it last agreed with the swarm is replaced now.
-            self._stats.discarded_steps += self._solo_steps
-            self._solo_steps = 0.0
-        elif self._stats.num_peers >= 2:
-            self._solo_steps = 0.0  # it met the others and its state is theirs
-        if resync:
-            logger.warning(
-                "DiLoCo step %d: this worker's state differs from the swarm's; downloading it",
-                self._inner_steps,
-            )
-            # In-flight syncs were computed against the state being replaced.
-            for pending in self._pending + list(self._previous.values()):
-                if pending.result is None:
-                    pending.work.wait()
-            self._pending, self._previous = [], {}
-            with self._blocking():
-                self._sync_shared_state()
+        if not resync:
+            if self._stats.num_peers >= 2:
+                self._solo_steps = 0.0  # it met the others and its state is theirs
+            return
+        # What it did alone since it last agreed with the swarm is replaced now.
+        self._stats.discarded_steps += self._solo_steps
+        self._solo_steps = 0.0
+        logger.warning(
+            "DiLoCo step %d: this worker's state differs from the swarm's; downloading it",
+            self._inner_steps,
+        )
+        # In-flight syncs were computed against the state being replaced.
+        for pending in self._pending + list(self._previous.values()):
+            if pending.result is None:
+                pending.work.wait()
+        self._pending, self._previous = [], {}
+        with self._blocking():
+            self._sync_shared_state()
 
     @contextlib.contextmanager
     def _blocking(self) -> Iterator[None]:
