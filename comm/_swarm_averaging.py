@@ -317,7 +317,7 @@ class _SwarmWork:
             self._result = self._contribution.alone()
         else:
             self._result = _group_result(summary, out, self._contribution, self._round)
-        rounds.finish(self._slot, self._result)
+        rounds.finish(self._slot, self._result, self._round)
         return self._result
 
 
@@ -336,6 +336,9 @@ class _Rounds:
         self.stats = stats
         self.busy = 0  # averages started and not yet finished
         self.last_num_peers = 1
+        # The newest round key this peer contributed to with a weight (-1: none yet); a round
+        # sat out (weight 0) adds nothing of this peer's to the state.
+        self.last_round = -1
         self._inflight: dict[tuple[Any, ...], _SwarmWork] = {}
         self._averagers: dict[tuple[Any, ...], Any] = {}
         self._calls: dict[tuple[Any, ...], int] = {}
@@ -370,10 +373,11 @@ class _Rounds:
             self.busy += 1
         return round_id, (*layout, slot_index)
 
-    def alone(self, contribution: _Contribution) -> DoneWork:
-        """Finish a round opened by :meth:`open` with this peer's own contribution."""
+    def alone(self, contribution: _Contribution, round_id: int) -> DoneWork:
+        """Finish round ``round_id`` (opened by :meth:`open`) with this peer's own
+        contribution."""
         result = contribution.alone()
-        self.finish(None, result)
+        self.finish(None, result, round_id)
         return DoneWork(result)
 
     def start(
@@ -400,7 +404,7 @@ class _Rounds:
         except _FAILURES as e:
             logger.warning("hivemind round %d: could not start averaging (%s)", round_id, e)
             self.discard(slot)
-            return self.alone(contribution)
+            return self.alone(contribution, round_id)
         work = _SwarmWork(self, slot, averager, control, contribution, round_id, early)
         with me.lock:
             self._inflight[slot] = work
@@ -418,12 +422,14 @@ class _Rounds:
         ahead = round_id * clock - time.time()
         return ahead if 0.0 < ahead <= self._me.timeouts.matchmaking_timeout else 0.0
 
-    def finish(self, slot: tuple[Any, ...] | None, result: AverageResult) -> None:
+    def finish(self, slot: tuple[Any, ...] | None, result: AverageResult, round_id: int) -> None:
         with self._me.lock:
             if slot is not None:
                 self._inflight.pop(slot, None)
             self.busy = max(0, self.busy - 1)
             self.last_num_peers = result.num_peers
+            if result.own_weight > 0:
+                self.last_round = max(self.last_round, round_id)
         self.stats.record(result.bytes_sent, result.bytes_received)
 
     def reconfigure(self, timeouts: SwarmTimeouts) -> None:

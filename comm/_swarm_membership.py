@@ -41,7 +41,7 @@ _TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError, asyncio.TimeoutError
 
 # Bumped whenever the hivemind backend's wire format changes: it is part of every DHT key, so
 # peers of different lowcomm versions never meet.
-_PROTOCOL = "lc2"
+_PROTOCOL = "lc3"
 # A record is republished every heartbeat (at most every 30 s) and expires from the DHT after
 # peer_ttl (at most 92 s); one signed longer ago than this, plus a minute for clocks that
 # disagree, is a replay of an old record (hivemind's DHT lets anyone store under any subkey).
@@ -71,7 +71,10 @@ class _Record:
 
     ``history`` maps this peer's last few state versions to ``(digest, peers)`` (the current
     one included; ``peers`` averaged in the round that produced it, 0 if unknown), so peers a
-    round apart can still compare the states they both had.
+    round apart can still compare the states they both had. ``round`` is the key of the
+    newest round this peer's current state holds work of (the last round it contributed to
+    with a weight, or the holder's when it downloaded the state; -1 if none): on clock-keyed
+    rounds, a peer whose state is rounds older than the clock is behind.
     """
 
     peer: str
@@ -80,6 +83,7 @@ class _Record:
     digest: str
     busy: bool
     history: dict[int, tuple[str, int]]
+    round: int = -1
 
 
 def _history_text(history: Any) -> str:
@@ -87,8 +91,9 @@ def _history_text(history: Any) -> str:
 
 
 def _record_fields(value: list[Any]) -> str:
-    _, fingerprint, version, digest, busy, history, signed_at, _ = value
-    return f"{fingerprint}|{version}|{digest}|{busy}|{_history_text(history)}|{signed_at!r}"
+    _, fingerprint, version, digest, busy, history, round_, signed_at, _ = value
+    fields = f"{fingerprint}|{version}|{digest}|{busy}|{_history_text(history)}|{int(round_)}"
+    return f"{fields}|{signed_at!r}"
 
 
 def _record_ok(
@@ -96,17 +101,17 @@ def _record_ok(
 ) -> bool:
     """True if ``value`` is ``peer``'s record: signed with the run key for that peer id, and
     signed recently (an old record stored again is refused)."""
-    if len(value) != 8 or value[0] != _PROTOCOL:
+    if len(value) != 9 or value[0] != _PROTOCOL:
         return False
     try:
         fields = _record_fields(value)
-        signed_at = float(value[6])
+        signed_at = float(value[7])
     except (TypeError, ValueError):
         return False
     now = time.time() if now is None else now
     if not now - _RECORD_MAX_AGE <= signed_at <= now + _CLOCK_SKEW:
         return False
-    return _mac_ok(run_key, f"peer|{peer}|{fields}", value[7])
+    return _mac_ok(run_key, f"peer|{peer}|{fields}", value[8])
 
 
 def _sign_record(
@@ -117,12 +122,13 @@ def _sign_record(
     digest: str,
     busy: bool,
     history: list[list[Any]],
+    round: int = -1,
     signed_at: float | None = None,
 ) -> list[Any]:
     """The DHT value of ``peer``'s heartbeat, with its time and MAC (see :func:`_record_ok`)."""
     signed_at = time.time() if signed_at is None else signed_at
-    value = [_PROTOCOL, fingerprint, version, digest, busy, history, signed_at, ""]
-    value[7] = _mac(key, f"peer|{peer}|{_record_fields(value)}")
+    value = [_PROTOCOL, fingerprint, version, digest, busy, history, round, signed_at, ""]
+    value[8] = _mac(key, f"peer|{peer}|{_record_fields(value)}")
     return value
 
 
@@ -159,6 +165,7 @@ def _parse_record(key: bytes | None, peer: str, value: object) -> _Record | None
         str(value[3]),
         bool(value[4]),
         {int(v): (str(d), int(n)) for v, d, n in value[5]},
+        int(value[6]),
     )
 
 
@@ -303,7 +310,8 @@ class _Membership:
             busy = self._rounds.busy > 0
             history = [[v, d, n] for v, (d, n) in sorted(self._state.history.items())[-4:]]
             fingerprint, version, digest = me.fingerprint, self._state.version, self._state.digest
-        return _sign_record(me.key, me.id, fingerprint, version, digest, busy, history)
+            round_ = self._state.round
+        return _sign_record(me.key, me.id, fingerprint, version, digest, busy, history, round_)
 
     def _dht_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self._me.lock:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -109,11 +110,19 @@ def _download_problem(
     return None
 
 
+# On clock-keyed rounds, a state whose newest round is more than this many round keys
+# before the clock's is behind (a peer that was stopped, or whose last rounds finished
+# late); a peer whose state is at most this far back is current.
+_BEHIND_ROUNDS = 2
+
+
 def _resync_plan(
     me: str,
     my_version: int,
     my_history: dict[int, tuple[str, int]],
     records: dict[str, _Record],
+    my_round: int = -1,
+    now_round: int | None = None,
 ) -> tuple[int, str, list[str]] | None:
     """(version, digest, peers to download from) if peer ``me`` must resync, else None.
 
@@ -122,6 +131,19 @@ def _resync_plan(
     one peer that advertises a higher version cannot make the others adopt its state; the
     newest such state is the target. With a single other peer there is nobody to outvote
     it, and it is trusted.
+    Behind by the clock (rounds keyed by the clock, ``now_round`` the current key; this
+    rule comes first): when this peer's state (its newest round ``my_round``) is more than
+    :data:`_BEHIND_ROUNDS` rounds old, only the *current* other peers vote (their state's
+    round within that many of the clock, and at most one ahead of it): the newest state
+    newer than this peer's that a strict majority of them hold (now or in their history) is
+    followed to where its holders are now. The peers that kept training while this one was
+    stopped carry the swarm's rounds, even when they are fewer than the peers that were
+    stopped with it; staying on the old state would split the swarm in two lineages, and
+    the smaller would lose its rounds later. A current peer never takes a state by this
+    rule. So a peer that lies about being current steers only peers that are behind, and
+    only when the current peers' majority state is in its history (it can then claim to
+    have moved on from it); the current peers, and the others' diverged rule below, bring
+    those back.
     Diverged: at the newest version both this peer and others have held, most peers (this
     one included; ties: the state a larger group produced, then the highest peer id) held
     another digest, e.g. because this peer averaged alone. An older state than this peer's
@@ -139,6 +161,21 @@ def _resync_plan(
         # Prefer peers that are not mid-average.
         ready = [r for r in others if r.version == version and r.digest == digest]
         return [r.peer for r in sorted(ready, key=lambda r: (r.busy, r.peer))]
+
+    if now_round is not None and my_round < now_round - _BEHIND_ROUNDS:
+        current = [r for r in others if now_round - _BEHIND_ROUNDS <= r.round <= now_round + 1]
+        votes: dict[tuple[int, str], int] = {}
+        for r in current:
+            for version, (digest, _) in r.history.items():
+                if version > my_version:
+                    votes[(version, digest)] = votes.get((version, digest), 0) + 1
+        chosen = [vd for vd, count in votes.items() if count >= len(current) // 2 + 1]
+        if chosen:
+            version, digest = max(chosen)
+            on = [r for r in current if r.history.get(version, ("",))[0] == digest]
+            ahead = max(on, key=lambda r: (r.version, r.peer))
+            ranked = servers(ahead.version, ahead.digest)
+            return (ahead.version, ahead.digest, ranked) if ranked else None
 
     held: dict[tuple[int, str], int] = {}
     for r in others:
@@ -270,18 +307,26 @@ class _SharedState:
         self.version = 0
         self.digest = ""
         self.history: dict[int, tuple[str, int]] = {}
+        self.round = -1  # the newest round key the snapshot holds work of (see _Record)
         self._snapshot: dict[str, torch.Tensor] = {}
         self._server: Any = None
         self.bytes_downloaded = 0
 
     def take_snapshot(
-        self, tensors: dict[str, torch.Tensor], bump: bool = False, peers: int = 0
+        self,
+        tensors: dict[str, torch.Tensor],
+        bump: bool = False,
+        peers: int = 0,
+        round: int | None = None,
     ) -> None:
-        """Serve a copy of ``tensors`` from now on; ``bump``: a new version without a step."""
+        """Serve a copy of ``tensors`` from now on; ``bump``: a new version without a step;
+        ``round``: the newest round key it holds work of (None: unchanged)."""
         snapshot = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
         digest = _state_hash(snapshot)
         step = snapshot.get("meta.outer_step")
         with self._me.lock:
+            if round is not None:
+                self.round = round
             if step is not None and step.numel() == 1:
                 self.version = int(step.reshape(-1)[0])
             elif bump:
@@ -296,11 +341,14 @@ class _SharedState:
         """(version, digest, peers to download from) if this peer must resync, else None.
 
         The rule is :func:`_resync_plan`'s: behind a higher version, or diverged from the
-        majority at the newest version held in common.
+        majority at the newest version held in common; on clock-keyed rounds, behind the
+        clock.
         """
+        clock = self._me.round_clock
+        now_round = None if clock is None else math.floor(time.time() / clock)
         with self._me.lock:
-            my_version, my_history = self.version, dict(self.history)
-        return _resync_plan(self._me.id, my_version, my_history, records)
+            my_version, my_history, my_round = self.version, dict(self.history), self.round
+        return _resync_plan(self._me.id, my_version, my_history, records, my_round, now_round)
 
     def _serve(self) -> Any:
         # Called by the state averager, on hivemind's state-fetching thread in this process.
@@ -323,10 +371,16 @@ class _SharedState:
         return self._server
 
     def download(
-        self, tensors: dict[str, torch.Tensor], version: int, digest: str, candidates: list[str]
+        self,
+        tensors: dict[str, torch.Tensor],
+        version: int,
+        digest: str,
+        candidates: list[str],
+        rounds: dict[str, int] | None = None,
     ) -> bool:
         """Copy the state ``version`` (``digest``) into ``tensors`` from the first candidate
-        that serves it (checked); False if none did.
+        that serves it (checked); False if none did. ``rounds``: each candidate's state round
+        (its record's), which the downloaded state takes.
 
         Raises:
             ConsistencyError: a candidate serves a state with other names, shapes or dtypes.
@@ -348,7 +402,7 @@ class _SharedState:
             self.bytes_downloaded += sum(t.numel() * t.element_size() for t in received)
             with me.lock:
                 self.history.clear()  # digests of the state this peer no longer holds
-            self.take_snapshot(tensors)
+            self.take_snapshot(tensors, round=(rounds or {}).get(peer, -1))
             logger.info(
                 "hivemind: downloaded the swarm's state, version %d, from %s in %.2fs",
                 metadata["v"],

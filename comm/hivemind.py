@@ -376,7 +376,9 @@ class HivemindBackend:
         while plan is not None:
             version, digest, candidates = plan
             if not all(records[p].busy for p in candidates) or time.monotonic() > deadline:
-                if state.download(tensors, version, digest, candidates):
+                rounds = {p: records[p].round for p in candidates if p in records}
+                if state.download(tensors, version, digest, candidates, rounds):
+                    self._rounds.last_round = -1  # its own rounds were on the state replaced
                     with contextlib.suppress(*_FAILURES):
                         members.publish()
                     break
@@ -407,7 +409,10 @@ class HivemindBackend:
         publishes; its digest goes into this peer's heartbeat for :meth:`needs_resync`.
         """
         self._check_open()
-        self._state.take_snapshot(tensors, bump=True, peers=self.last_num_peers)
+        # The state holds the work of the rounds it was built from and of this peer's since.
+        state = self._state
+        newest = max(state.round, self._rounds.last_round)
+        state.take_snapshot(tensors, bump=True, peers=self.last_num_peers, round=newest)
         with contextlib.suppress(*_FAILURES):
             self._members.publish()
 
@@ -476,7 +481,7 @@ class HivemindBackend:
             with contextlib.suppress(*_FAILURES):
                 self._members.refresh()
             if self._members.alone_for() > self.timeouts.peer_ttl:
-                return self._rounds.alone(contribution)
+                return self._rounds.alone(contribution, round_id)
         work = self._rounds.start(slot, round_id, contribution)
         if isinstance(work, _SwarmWork):
             with contextlib.suppress(*_FAILURES):

@@ -223,11 +223,13 @@ def _planner(version: int, history: dict[int, Any]) -> Any:
     return state
 
 
-def _rec(peer: str, version: int, history: dict[int, Any], busy: bool = False) -> Any:
+def _rec(
+    peer: str, version: int, history: dict[int, Any], busy: bool = False, round: int = -1
+) -> Any:
     from lowcomm.comm._swarm_membership import _Record
 
     entries = _entries(history)
-    return _Record(peer, "fp", version, entries[version][0], busy, entries)
+    return _Record(peer, "fp", version, entries[version][0], busy, entries, round)
 
 
 def test_resync_rule() -> None:
@@ -280,6 +282,82 @@ def test_resync_rule() -> None:
         "q": _rec("q", 4, {3: "group", 4: "next"}),
     }
     assert lonely.plan(moved) == (4, "next", ["p", "q"])
+
+
+def _clocked(version: int, history: dict[int, Any], round: int, now: int, monkeypatch: Any) -> Any:
+    """A planner on clock-keyed rounds of 5 s whose state's newest round is ``round``, at
+    round key ``now`` by the clock."""
+    me = _planner(version, history)
+    me._me.round_clock = 5.0
+    me.round = round
+    monkeypatch.setattr(time, "time", lambda: now * 5.0 + 1.0)
+    return me
+
+
+def test_a_peer_behind_the_clock_follows_the_peers_that_kept_training(monkeypatch) -> None:
+    # The soak's incident (seed 1, version 297): peers b and c were stopped at round 15 with
+    # version 296; a and d averaged rounds 297-299, d was killed, a went on alone (300). b
+    # comes back at round 40: the only current peer is a. Kept on 296 by the majority rule
+    # (one holder of 300 against c's vote), b and c would train a second lineage, and a
+    # would later rejoin it, losing rounds 297-299 that it averaged with d.
+    a = _rec("a", 300, {298: ("x298", 2), 299: ("x299", 2), 300: ("x300", 1)}, round=7)
+    c = _rec("c", 296, {295: "x295", 296: "x296"}, round=3)
+    b = _clocked(296, {295: "x295", 296: "x296"}, round=3, now=7, monkeypatch=monkeypatch)
+    assert b.plan({"a": a, "c": c}) == (300, "x300", ["a"])
+    # The rule without the clock: no majority for anything newer, so nothing.
+    b._me.round_clock = None
+    assert b.plan({"a": a, "c": c}) is None
+    # c comes back a round later: a moved on to 301 and b holds 300 (downloaded; its round is
+    # a's). Both current peers vote for 300, and c follows a on to 301, the newest state on
+    # that lineage, not the 300 that b is about to leave.
+    a = _rec("a", 301, {299: ("x299", 2), 300: ("x300", 1), 301: ("x301", 1)}, round=8)
+    b = _rec("b", 300, {300: ("x300", 1)}, round=7)
+    c = _clocked(296, {295: "x295", 296: "x296"}, round=3, now=8, monkeypatch=monkeypatch)
+    assert c.plan({"a": a, "b": b}) == (301, "x301", ["a"])
+
+
+def test_only_current_peers_vote_for_a_peer_behind_the_clock(monkeypatch) -> None:
+    honest = {
+        "p": _rec("p", 300, {299: "y", 300: "x"}, round=7),
+        "q": _rec("q", 300, {299: "y", 300: "x"}, round=6),
+    }
+    liar = _rec("liar", 10**6, {10**6: "bogus"}, round=7)
+    me = _clocked(296, {296: "old"}, round=3, now=7, monkeypatch=monkeypatch)
+    # Two honest current peers outvote one that claims a far newer state.
+    assert me.plan({**honest, "liar": liar}) == (300, "x", ["p", "q"])
+    # One against one: no majority, no download (as without the clock).
+    assert me.plan({"p": honest["p"], "liar": liar}) is None
+    # Claims of rounds ahead of the clock do not make a peer current; neither does an old
+    # round: with only such peers, nothing is taken.
+    future = _rec("future", 10**6, {10**6: "bogus"}, round=9)
+    stale = _rec("stale", 400, {400: "s"}, round=4)
+    assert me.plan({"future": future, "stale": stale, "p2": _rec("p2", 296, {296: "old"})}) is None
+    # A current peer (its own state at most two rounds old) never takes a state by this rule:
+    # a lone current peer claiming a newer state is one voice against the other one.
+    current = _clocked(296, {296: "old"}, round=5, now=7, monkeypatch=monkeypatch)
+    assert current.plan({"liar": liar, "c": _rec("c", 296, {296: "old"}, round=5)}) is None
+    # Nothing newer than this peer's own version is taken this way.
+    ahead = _clocked(301, {301: "mine"}, round=3, now=7, monkeypatch=monkeypatch)
+    assert ahead.plan(honest) is None
+
+
+def test_a_state_s_round_is_the_newest_round_it_holds_work_of() -> None:
+    from lowcomm.comm._swarm_averaging import _Rounds
+    from lowcomm.comm.base import AverageResult
+
+    stats = type("Stats", (), {"record": lambda self, sent, received: None})()
+    rounds = _Rounds(_planner(0, {})._me, procs=None, stats=stats)  # bookkeeping: no averager
+    flat = torch.zeros(1)
+
+    def result(own_weight: float) -> AverageResult:
+        return AverageResult(flat, flat, 2, 2 * own_weight, own_weight, 0, 0)
+
+    rounds.finish(None, result(20.0), 7)
+    assert rounds.last_round == 7
+    rounds.finish(None, result(0.0), 9)  # sat out: none of this peer's work in round 9
+    assert rounds.last_round == 7
+    rounds.finish(None, result(5.0), 6)  # an older round finishing late moves nothing back
+    assert rounds.last_round == 7
 
 
 # -- averaging ---------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ def _signed(key: bytes | None = KEY, peer: str = "QmPeer", **kw) -> list:  # typ
 
 
 def test_a_record_signed_with_the_run_key_parses():
-    rec = _parse_record(KEY, "QmPeer", _signed())
+    rec = _parse_record(KEY, "QmPeer", _signed(round=41))
     assert rec is not None and rec.version == 7 and rec.history == {7: ("d7", 3)}
+    assert rec.round == 41
 
 
 def test_forged_records_are_refused():
@@ -48,7 +49,7 @@ def test_forged_records_are_refused():
 
 
 @pytest.mark.parametrize(
-    "field,value", [(2, 10**6), (3, "bogus"), (4, True), (5, [[10**6, "bogus", 99]])]
+    "field,value", [(2, 10**6), (3, "bogus"), (4, True), (5, [[10**6, "bogus", 99]]), (6, 99)]
 )
 def test_tampered_records_are_refused(field, value):
     record = _signed()
