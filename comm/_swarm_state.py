@@ -136,7 +136,8 @@ def _resync_plan(
     :data:`_BEHIND_ROUNDS` rounds old, only the *current* other peers vote (their state's
     round within that many of the clock, and at most one ahead of it): the newest state
     newer than this peer's that a strict majority of them hold (now or in their history) is
-    followed to where its holders are now. The peers that kept training while this one was
+    followed to where its holders are now, if that holder keeps it (its own plan, with this
+    peer among its others, is to stay). The peers that kept training while this one was
     stopped carry the swarm's rounds, even when they are fewer than the peers that were
     stopped with it; staying on the old state would split the swarm in two lineages, and
     the smaller would lose its rounds later. A current peer never takes a state by this
@@ -174,8 +175,18 @@ def _resync_plan(
             version, digest = max(chosen)
             on = [r for r in current if r.history.get(version, ("",))[0] == digest]
             ahead = max(on, key=lambda r: (r.version, r.peer))
-            ranked = servers(ahead.version, ahead.digest)
-            return (ahead.version, ahead.digest, ranked) if ranked else None
+            # Only a state its holder keeps: one it averaged alone against the current
+            # majority's, and is about to give up, would leave this peer on a lineage that
+            # nobody carries on. Seen from the holder, this peer is one of its others.
+            my_digest = my_history.get(my_version, ("",))[0]
+            view = {r.peer: r for r in others if r.peer != ahead.peer}
+            view[me] = _Record(me, "", my_version, my_digest, False, my_history, my_round)
+            plan = _resync_plan(
+                ahead.peer, ahead.version, ahead.history, view, ahead.round, now_round
+            )
+            if plan is None:
+                ranked = servers(ahead.version, ahead.digest)
+                return (ahead.version, ahead.digest, ranked) if ranked else None
 
     held: dict[tuple[int, str], int] = {}
     for r in others:

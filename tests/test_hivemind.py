@@ -316,6 +316,22 @@ def test_a_peer_behind_the_clock_follows_the_peers_that_kept_training(monkeypatc
     assert c.plan({"a": a, "b": b}) == (301, "x301", ["a"])
 
 
+def test_a_peer_behind_the_clock_does_not_follow_a_state_its_holder_gives_up(monkeypatch) -> None:
+    # The rerun soak's incident (version 148): the one current peer a averaged rounds 147 and
+    # 148 alone, while b and x, which came back from a stall, hold 147 from a round of two. By
+    # the diverged rule a takes their 147; a peer that followed a's 148 meanwhile was left on
+    # a lineage nobody carried on.
+    a = _rec("a", 148, {146: "g146", 147: ("a147", 1), 148: ("a148", 1)}, round=8)
+    b = _rec("b", 147, {146: "g146", 147: ("b147", 2)}, round=5)
+    x = _rec("x", 147, {146: "g146", 147: ("b147", 2)}, round=5)
+    holder = _clocked(148, {146: "g146", 147: ("a147", 1), 148: ("a148", 1)}, 8, 8, monkeypatch)
+    holder._me.id = "a"
+    assert holder.plan({"b": b, "x": x}) == (147, "b147", ["b", "x"])
+    # So the peer behind takes what a will hold, by the majority rule, not a's 148.
+    me = _clocked(145, {145: "g145"}, round=3, now=8, monkeypatch=monkeypatch)
+    assert me.plan({"a": a, "b": b, "x": x}) == (147, "b147", ["b", "x"])
+
+
 def test_only_current_peers_vote_for_a_peer_behind_the_clock(monkeypatch) -> None:
     honest = {
         "p": _rec("p", 300, {299: "y", 300: "x"}, round=7),

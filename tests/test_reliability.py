@@ -218,6 +218,35 @@ def test_the_round_bound_the_soak_checks_is_the_documented_one():
     assert _rec("a", 1.0, 1, "x").bound(True) == 18.0  # records from before: wait_timeout
 
 
+def test_sigterm_to_a_harness_runs_its_cleanup(tmp_path):
+    """The soak and robust harnesses stop their peers in ``finally``; SIGTERM's default action
+    skipped it and left the peers running (some stopped) after the harness was gone."""
+    import signal
+    import subprocess
+    import sys
+
+    from scripts.reliability import REPO
+
+    done = tmp_path / "cleaned"
+    code = (
+        "import time\n"
+        "from scripts.reliability.swarm import exit_on_sigterm\n"
+        "exit_on_sigterm()\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        f"    open({str(done)!r}, 'w').write('yes')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert done.read_text() == "yes"
+
+
 def _checkpoint(run_dir: Any, step: int, theta: torch.Tensor) -> Any:
     from lowcomm import checkpoint as ckpt
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from scripts.reliability import RESULTS_DIR
-from scripts.reliability.swarm import LoopbackSwarm, read_records
+from scripts.reliability.swarm import LoopbackSwarm, exit_on_sigterm, read_records
 
 __all__ = ["CASES", "main", "noisy_backend", "run_case"]
 
@@ -158,6 +158,7 @@ def _final(case: dict[str, Any], last: int) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the cases; write the results; exit 1 if a case failed to run."""
+    exit_on_sigterm()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["byzantine"]:
         return _byzantine(argv[1:])

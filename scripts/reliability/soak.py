@@ -40,7 +40,7 @@ from typing import Any
 from scripts.reliability import RESULTS_DIR
 from scripts.reliability.events import Event, plan_events
 from scripts.reliability.invariants import RoundRecord, SoakChecker, Violation
-from scripts.reliability.swarm import LoopbackSwarm, Peer, read_records
+from scripts.reliability.swarm import LoopbackSwarm, Peer, exit_on_sigterm, read_records
 
 __all__ = ["SoakSettings", "check_checkpoint", "compare_loss", "main", "run_phase"]
 
@@ -439,6 +439,7 @@ def compare_loss(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the soak; write the results; exit 1 if any invariant was violated."""
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(
         prog="python -m scripts.reliability.soak", description=__doc__.split("\n\n")[0]
     )

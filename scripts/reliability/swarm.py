@@ -167,6 +167,12 @@ class Peer:
         }
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit, so that the swarm's ``finally`` stops its peers (the
+    default action would end this process alone and leave them running, some stopped)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def read_records(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     """Complete JSON lines of ``path`` from byte ``offset`` on; and the offset after them."""
     try:
