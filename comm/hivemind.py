@@ -340,7 +340,10 @@ class HivemindBackend:
 
         The reference is the newest state that a strict majority of the other live peers
         hold (the one live peer, if there is only one; see ``_resync_plan`` for the rule when
-        this peer diverged). If this peer already holds it, or no other peer is alive,
+        this peer diverged). On clock-keyed rounds (:meth:`set_round_clock`), a peer whose
+        state is more than two rounds behind the clock (it was stopped, or its rounds
+        finished late) counts only the peers that are current: it follows the state that
+        most of them hold and keep, even when they are fewer than the peers behind. If this peer already holds it, or no other peer is alive,
         ``tensors`` are kept. Otherwise exactly that state (its digest) is downloaded from a
         peer serving it, preferring peers that are not mid-average; when its holders move on
         meanwhile, the plan is made again, for up to the wait timeout. Either way ``tensors``
