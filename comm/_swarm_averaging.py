@@ -200,6 +200,9 @@ class _Contribution:
     device: torch.device
     weight: float
     codec: Compressor
+    # Whether the round makes this peer's state current (see _Rounds.finish): False when
+    # the state it started from was behind the clock while others were current.
+    counts_round: bool = True
 
     @classmethod
     def of(cls, flat: torch.Tensor, weight: float, codec: Compressor) -> _Contribution:
@@ -317,7 +320,7 @@ class _SwarmWork:
             self._result = self._contribution.alone()
         else:
             self._result = _group_result(summary, out, self._contribution, self._round)
-        rounds.finish(self._slot, self._result, self._round)
+        rounds.finish(self._slot, self._result, self._round, self._contribution.counts_round)
         return self._result
 
 
@@ -336,8 +339,8 @@ class _Rounds:
         self.stats = stats
         self.busy = 0  # averages started and not yet finished
         self.last_num_peers = 1
-        # The newest round key this peer contributed to with a weight (-1: none yet); a round
-        # sat out (weight 0) adds nothing of this peer's to the state.
+        # The newest round key this peer contributed to with a weight, from a current state
+        # (-1: none yet); a round sat out (weight 0) adds nothing of this peer's to the state.
         self.last_round = -1
         self._inflight: dict[tuple[Any, ...], _SwarmWork] = {}
         self._averagers: dict[tuple[Any, ...], Any] = {}
@@ -377,7 +380,7 @@ class _Rounds:
         """Finish round ``round_id`` (opened by :meth:`open`) with this peer's own
         contribution."""
         result = contribution.alone()
-        self.finish(None, result, round_id)
+        self.finish(None, result, round_id, contribution.counts_round)
         return DoneWork(result)
 
     def start(
@@ -422,13 +425,21 @@ class _Rounds:
         ahead = round_id * clock - time.time()
         return ahead if 0.0 < ahead <= self._me.timeouts.matchmaking_timeout else 0.0
 
-    def finish(self, slot: tuple[Any, ...] | None, result: AverageResult, round_id: int) -> None:
+    def finish(
+        self,
+        slot: tuple[Any, ...] | None,
+        result: AverageResult,
+        round_id: int,
+        counts: bool = True,
+    ) -> None:
+        """Round ``round_id`` is done. It moves :attr:`last_round` if this peer's part had a
+        weight and ``counts`` (its state was current when the round started)."""
         with self._me.lock:
             if slot is not None:
                 self._inflight.pop(slot, None)
             self.busy = max(0, self.busy - 1)
             self.last_num_peers = result.num_peers
-            if result.own_weight > 0:
+            if result.own_weight > 0 and counts:
                 self.last_round = max(self.last_round, round_id)
         self.stats.record(result.bytes_sent, result.bytes_received)
 

@@ -116,6 +116,12 @@ def _download_problem(
 _BEHIND_ROUNDS = 2
 
 
+def _is_current(state_round: int, now_round: int) -> bool:
+    """Whether a state whose newest round is ``state_round`` is current at round key
+    ``now_round`` (at most :data:`_BEHIND_ROUNDS` behind, at most one ahead)."""
+    return now_round - _BEHIND_ROUNDS <= state_round <= now_round + 1
+
+
 def _resync_plan(
     me: str,
     my_version: int,
@@ -164,7 +170,7 @@ def _resync_plan(
         return [r.peer for r in sorted(ready, key=lambda r: (r.busy, r.peer))]
 
     if now_round is not None and my_round < now_round - _BEHIND_ROUNDS:
-        current = [r for r in others if now_round - _BEHIND_ROUNDS <= r.round <= now_round + 1]
+        current = [r for r in others if _is_current(r.round, now_round)]
         votes: dict[tuple[int, str], int] = {}
         for r in current:
             for version, (digest, _) in r.history.items():

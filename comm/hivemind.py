@@ -69,7 +69,7 @@ from lowcomm.comm._swarm_procs import (
     _subclasses,
     start_bootstrap_dht,
 )
-from lowcomm.comm._swarm_state import _SharedState
+from lowcomm.comm._swarm_state import _is_current, _SharedState
 from lowcomm.comm._swarm_timeouts import SwarmTimeouts
 from lowcomm.comm.base import DoneWork, WireStats
 from lowcomm.comm.reduce import Identity
@@ -374,6 +374,12 @@ class HivemindBackend:
             records = members.patiently(refresh, members.refresh)
         members.start_heartbeat()
         plan = state.plan(records)
+        clock = self._me.round_clock
+        if first and plan is None and clock is not None:
+            # A first state that nobody's replaces (the swarm's first peer, or one that
+            # agrees with the others): it is current now.
+            with self._me.lock:
+                state.round = max(state.round, math.floor(time.time() / clock))
         deadline = time.monotonic() + self.timeouts.wait_timeout
         tried: list[str] = []
         while plan is not None:
@@ -478,6 +484,7 @@ class HivemindBackend:
         codec: Compressor = compressor if compressor is not None else Identity()
         contribution = _Contribution.of(flat, weight, codec)
         round_id, slot = self._rounds.open(contribution, step)
+        contribution.counts_round = self._base_counts(round_id)
         if self._members.alone_for() > self.timeouts.peer_ttl:
             # Nobody else has been alive for a while: no reason to wait out the matchmaking
             # timeout. (Right after start, others' records may just not be visible yet.)
@@ -490,6 +497,21 @@ class HivemindBackend:
             with contextlib.suppress(*_FAILURES):
                 self._members.publish()  # busy: joiners prefer peers that are not mid-average
         return work
+
+    def _base_counts(self, round_id: int) -> bool:
+        """Whether round ``round_id`` makes this peer's state current (clock-keyed rounds):
+        the state it starts from is current, or no live peer's is (a swarm that was stopped
+        as a whole goes on from where it is). A round averaged on a state the others left
+        rounds ago, e.g. one that took long to download, leaves the state behind: the next
+        look makes the peer follow the current ones (``_resync_plan``)."""
+        if self._me.round_clock is None:
+            return True
+        with self._me.lock:
+            base = max(self._state.round, self._rounds.last_round)
+            others = [r for p, r in self._members.records.items() if p != self._me.id]
+        if _is_current(base, round_id):
+            return True
+        return not any(r.digest and _is_current(r.round, round_id) for r in others)
 
     def bound_weights(self, max_weight: float) -> None:
         """Count every contribution with a weight of at most ``max_weight`` from the next

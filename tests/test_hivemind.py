@@ -374,6 +374,10 @@ def test_a_state_s_round_is_the_newest_round_it_holds_work_of() -> None:
     assert rounds.last_round == 7
     rounds.finish(None, result(5.0), 6)  # an older round finishing late moves nothing back
     assert rounds.last_round == 7
+    rounds.finish(None, result(5.0), 8, counts=False)  # from a state behind the clock
+    assert rounds.last_round == 7
+    rounds.finish(None, result(5.0), 8)
+    assert rounds.last_round == 8
 
 
 # -- averaging ---------------------------------------------------------------------------------
@@ -833,6 +837,46 @@ def test_mismatched_fingerprint_refused(bootstrap: list[str]) -> None:
         for backend in (first, second, third, fourth):
             if backend is not None:
                 backend.close()
+
+
+def test_a_state_is_current_from_its_first_sync_and_stays_so_through_its_rounds(
+    bootstrap: list[str],
+) -> None:
+    """Clock-keyed rounds: a peer's first state (nobody else's to take) is current at once;
+    a weighted round from a current state keeps it current; a round from a state the
+    current peers left rounds ago does not (the peer is still behind afterwards)."""
+    from lowcomm.comm._swarm_membership import _Record
+
+    backend = _backend("current", bootstrap)
+    try:
+        backend.set_round_clock(5.0)
+        backend.check_consistent("fp")
+        state = _state(8, 0)
+        before = int(time.time() // 5.0)
+        backend.sync_state(state)
+        assert before <= backend._state.round <= int(time.time() // 5.0)
+        key = int(time.time() // 5.0)
+        backend.average(torch.ones(8), weight=3.0, step=key).wait()  # alone: nobody else
+        assert backend._rounds.last_round == key
+        state["meta.outer_step"] += 1
+        backend.publish_state(state)
+        assert backend._members._record()[6] == key  # what the heartbeat signs
+        # The same peer, its state 5 rounds old, beside a current peer: its round does not
+        # count; with nobody current (the swarm stopped as a whole), it does.
+        backend._state.round, backend._rounds.last_round = key - 5, -1
+        other = _Record("other", "fp", 9, "d9", False, {9: ("d9", 2)}, key - 1)
+        backend._members.records = {"other": other}
+        assert not backend._base_counts(key)
+        backend._members.records = {"other": _Record("other", "fp", 9, "d9", False, {}, key - 5)}
+        assert backend._base_counts(key)
+        backend._state.round = key - 2
+        backend._members.records = {"other": other}
+        assert backend._base_counts(key)  # two rounds back is still current
+        backend.set_round_clock(None)
+        backend._state.round = -1
+        assert backend._base_counts(key)  # rounds keyed by steps: no clock to be behind
+    finally:
+        backend.close()
 
 
 def test_first_sync_waits_for_wait_for_peers(bootstrap: list[str]) -> None:
