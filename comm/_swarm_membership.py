@@ -427,7 +427,8 @@ class _Membership:
         self.start_heartbeat()
 
     def patiently(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
-        """``call(*args)``, tried again while a DHT call times out, for up to ``peer_ttl``.
+        """``call(*args)``, tried again while a DHT call times out, for up to
+        ``timeouts.dht_patience`` (at least ``DHT_TRIES`` calls' worth).
 
         The heartbeat shrugs off one slow DHT call (the next beat tries again); joining and
         ``sync_state`` must too: on a loaded machine a read can take longer than its timeout
@@ -437,7 +438,8 @@ class _Membership:
             ConnectionError: every try timed out (with the last error as its cause).
         """
         me = self._me
-        deadline = time.monotonic() + me.timeouts.peer_ttl
+        patience = me.timeouts.dht_patience
+        deadline = time.monotonic() + patience
         tries = 0
         while True:
             tries += 1
@@ -447,7 +449,7 @@ class _Membership:
                 if time.monotonic() >= deadline:
                     raise ConnectionError(
                         f"hivemind run {me.run_id!r}: {what} timed out {tries} times in "
-                        f"{me.timeouts.peer_ttl:.0f}s; is the DHT reachable, the machine "
+                        f"{patience:.0f}s; is the DHT reachable, the machine "
                         f"overloaded?"
                     ) from e
                 logger.warning(

@@ -86,6 +86,9 @@ class SwarmTimeouts:
     """Seconds a wedged averager gets to shut down before it is killed."""
     DOWNLOAD_TRIES = 3
     """Peers one download attempt tries, each for up to :attr:`download_timeout`."""
+    DHT_TRIES = 3
+    """Tries a joining or catching-up peer gives a DHT call that times out (at least; more
+    while :attr:`peer_ttl` has not passed): see :attr:`dht_patience`."""
 
     @property
     def wait_timeout(self) -> float:
@@ -96,6 +99,13 @@ class SwarmTimeouts:
     def dht_timeout(self) -> float:
         """The most one DHT store or read may take."""
         return max(5.0, 4 * self.request_timeout)
+
+    @property
+    def dht_patience(self) -> float:
+        """How long joining and ``sync_state`` try a DHT call again while it times out: the
+        longer of :attr:`peer_ttl` and :attr:`DHT_TRIES` calls (on a loaded machine one read
+        can take the whole ``peer_ttl``, and a volunteer should not die of one slow read)."""
+        return max(self.peer_ttl, self.DHT_TRIES * self.dht_timeout)
 
     @property
     def start_timeout(self) -> float:
@@ -126,11 +136,11 @@ class SwarmTimeouts:
     @property
     def download_bound(self) -> float:
         """The most a catch-up download (``sync_state`` after the first) can block a peer:
-        reading the records (retried for ``peer_ttl``), waiting for a holder that is not
-        mid-average (up to :attr:`wait_timeout`), one attempt of up to :attr:`DOWNLOAD_TRIES`
-        peers, and the reads and stores around them."""
+        reading the records (retried for :attr:`dht_patience`), waiting for a holder that
+        is not mid-average (up to :attr:`wait_timeout`), one attempt of up to
+        :attr:`DOWNLOAD_TRIES` peers, and the reads and stores around them."""
         return (
-            self.peer_ttl
+            self.dht_patience
             + 4 * self.dht_timeout
             + self.wait_timeout
             + self.DOWNLOAD_TRIES * self.download_timeout

@@ -210,7 +210,7 @@ def test_the_round_bound_the_soak_checks_is_the_documented_one():
             60.0 + 2 * t.start_timeout + t.matchmaking_timeout + wait + 5.0 + 3 * t.dht_timeout
         )
         assert t.download_bound == (
-            t.peer_ttl + 4 * t.dht_timeout + wait + 3 * max(30.0, t.averaging_timeout)
+            t.dht_patience + 4 * t.dht_timeout + wait + 3 * max(30.0, t.averaging_timeout)
         )
     # A round that downloaded the state may block the download's bound longer.
     rec = _rec("a", 1.0, 1, "x", round_bound_s=113.0, download_bound_s=128.0)
@@ -469,12 +469,35 @@ def test_joining_survives_one_slow_dht_read():
         def get(self, *args: Any, **kwargs: Any) -> Future[Any]:
             return done(error=TimeoutError())
 
-    me = _Peer("run", "me", None, "prefix", SwarmTimeouts.from_round_seconds(5.0))
+    class SlowTwice(SlowOnce):
+        """Each of the first two reads times out only after 2.5 s, half of ``peer_ttl``."""
+
+        def get(self, *args: Any, **kwargs: Any) -> Future[Any]:
+            self.gets += 1
+            if self.gets <= 2:
+                time.sleep(2.5)
+                return done(error=TimeoutError())
+            return done(None)
+
+    # The rerun soak's `exited` joiner: one read took the whole peer_ttl, so it had one try.
+    # Now at least DHT_TRIES calls' worth of time (dht_patience), so the third read joins.
+    timeouts = SwarmTimeouts.from_round_seconds(5.0)
+    assert timeouts.peer_ttl == 5.0 and timeouts.dht_patience == 3 * timeouts.dht_timeout == 15.0
+    me = _Peer("run", "me", None, "prefix", timeouts)
+    slow_twice = SlowTwice()
+    members = _Membership(me, slow_twice, _SharedState(me, None), SimpleNamespace(busy=0))
+    try:
+        members.join("fp")
+        assert me.fingerprint == "fp" and slow_twice.gets >= 3
+    finally:
+        members.leave()
+
+    me = _Peer("run", "me", None, "prefix", timeouts)
     members = _Membership(me, Unreachable(), _SharedState(me, None), SimpleNamespace(busy=0))
     start = time.monotonic()
-    with pytest.raises(ConnectionError, match="timed out .* times in 5s"):
-        members.join("fp")  # gives up after peer_ttl, with an error that says what failed
-    assert time.monotonic() - start >= 5.0  # it did try again for peer_ttl
+    with pytest.raises(ConnectionError, match="timed out .* times in 15s"):
+        members.join("fp")  # gives up after dht_patience, with an error that says what failed
+    assert time.monotonic() - start >= 15.0  # it did try again for dht_patience
 
 
 @pytest.mark.hivemind

@@ -378,7 +378,9 @@ def _findings_section(first: dict[str, Any] | None) -> list[str]:
         "over 5 s died with a bare `TimeoutError` (2 of the "
         f"{kinds.get('exited', 0)} `exited`). Fix: joining, and a peer's first `sync_state`, "
         "try a timed-out DHT call again for `peer_ttl`, then fail with a `ConnectionError` "
-        "that says what timed out. The "
+        "that says what timed out (since a later soak's joiner got one try only, because that "
+        "one read took the whole `peer_ttl`: for `SwarmTimeouts.dht_patience`, at least 3 "
+        "calls' worth). The "
         "third `exited`, a joiner whose main process was stopped while it started hivemind's "
         "DHT and then died in torch's shared memory (`RuntimeError: No such file or "
         "directory`), is not fixed: it happens inside hivemind's start-up.",
