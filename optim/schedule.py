@@ -217,6 +217,11 @@ class DeadlineSchedule:
             return []
         if slot > self._last_slot:
             target = slot
+        elif self._last_slot > slot:
+            # The next slot is synced already: never further ahead, however long the steps
+            # look (after a stall the timings can say a step takes longer than a slot, and
+            # each step would sync, alone, for a round further in the future).
+            return []
         else:
             per_step = self.step_seconds()
             if per_step is None or math.floor((now + per_step) / self._slot) <= self._last_slot:

@@ -69,6 +69,21 @@ def test_a_worker_that_slept_through_rounds_syncs_once_and_is_stale():
     assert sched.due(5) == [0] and not sched.stale(0)
 
 
+def test_a_worker_never_syncs_for_a_round_beyond_the_next_one():
+    # The last soak's incident: back from a stall, a peer's step timings said its steps were
+    # longer than a slot, so every step synced early, alone, for a round further ahead.
+    clock = Clock(1000.0)
+    sched = DeadlineSchedule(10.0, clock=clock)
+    _run(sched, clock, [1000.0, 1030.0, 1060.0, 1090.0])  # steps timed at 30 s
+    keys = []
+    for step, t in enumerate([1090.1, 1090.2, 1090.3, 1090.4, 1101.0], start=5):
+        clock.t = t
+        keys += [(t, sched.key(f, step)) for f in sched.due(step)]
+    # One early sync for the round at 1100 (the next step would end past it), then nothing
+    # until that round has started; then its successor.
+    assert keys == [(1090.1, 110), (1101.0, 111)]
+
+
 def _sync_times(step_seconds: float, sync_seconds: float, until: float, keep: bool = False) -> Any:
     """(time the sync started, key) for a worker whose inner steps take ``step_seconds``
     and whose syncs block it ``sync_seconds``, on rounds of 10 s from t = 1000.3 (and the
