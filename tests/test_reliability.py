@@ -456,14 +456,20 @@ def test_joining_survives_one_slow_dht_read():
         def store(self, *args: Any, **kwargs: Any) -> Future[Any]:
             return done(True)
 
-    me = _Peer("run", "me", None, "prefix", SwarmTimeouts.from_round_seconds(5.0))
+    timeouts = SwarmTimeouts.from_round_seconds(5.0)
+
+    def joins(dht: Any) -> bool:
+        """Whether a peer joins through ``dht`` (and leaves again)."""
+        me = _Peer("run", "me", None, "prefix", timeouts)
+        members = _Membership(me, dht, _SharedState(me, None), SimpleNamespace(busy=0))
+        try:
+            members.join("fp")
+            return me.fingerprint == "fp"
+        finally:
+            members.leave()
+
     slow = SlowOnce()
-    members = _Membership(me, slow, _SharedState(me, None), SimpleNamespace(busy=0))
-    try:
-        members.join("fp")
-        assert me.fingerprint == "fp" and slow.gets >= 2
-    finally:
-        members.leave()
+    assert joins(slow) and slow.gets >= 2
 
     class Unreachable(SlowOnce):
         def get(self, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -481,16 +487,9 @@ def test_joining_survives_one_slow_dht_read():
 
     # The rerun soak's `exited` joiner: one read took the whole peer_ttl, so it had one try.
     # Now at least DHT_TRIES calls' worth of time (dht_patience), so the third read joins.
-    timeouts = SwarmTimeouts.from_round_seconds(5.0)
     assert timeouts.peer_ttl == 5.0 and timeouts.dht_patience == 3 * timeouts.dht_timeout == 15.0
-    me = _Peer("run", "me", None, "prefix", timeouts)
     slow_twice = SlowTwice()
-    members = _Membership(me, slow_twice, _SharedState(me, None), SimpleNamespace(busy=0))
-    try:
-        members.join("fp")
-        assert me.fingerprint == "fp" and slow_twice.gets >= 3
-    finally:
-        members.leave()
+    assert joins(slow_twice) and slow_twice.gets >= 3
 
     me = _Peer("run", "me", None, "prefix", timeouts)
     members = _Membership(me, Unreachable(), _SharedState(me, None), SimpleNamespace(busy=0))
