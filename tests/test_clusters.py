@@ -333,10 +333,12 @@ def test_readme_dropin_snippet_under_torchrun_averages_across_both_ranks(tmp_pat
         "loader = [(torch.randn(4, 8, generator=_g), torch.randint(0, 4, (4,), generator=_g))\n"
         "          for _ in range(520)]\n"
     )
+    # One file per rank: torchrun interleaves its workers' stdout, so two printed lines can
+    # arrive as one (CI saw exactly that).
     epilogue = (
-        "\nprint('STATS ' + json.dumps({'rank': int(os.environ['RANK']), "
-        "'peers': opt.stats.max_peers, 'sent': opt.stats.bytes_sent, "
-        "'outer': opt.stats.outer_steps}), flush=True)\n"
+        "\nopen(f\"stats{os.environ['RANK']}.json\", 'w').write(json.dumps({"
+        "'rank': int(os.environ['RANK']), 'peers': opt.stats.max_peers, "
+        "'sent': opt.stats.bytes_sent, 'outer': opt.stats.outer_steps}))\n"
     )
     script = tmp_path / "dropin.py"
     script.write_text(prelude + _readme_dropin() + epilogue)
@@ -352,7 +354,7 @@ def test_readme_dropin_snippet_under_torchrun_averages_across_both_ranks(tmp_pat
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    stats = [json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("STATS ")]
+    stats = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("stats*.json"))]
     assert sorted(s["rank"] for s in stats) == [0, 1]
     for s in stats:
         assert s["peers"] == 2 and s["sent"] > 0 and s["outer"] >= 1, stats
