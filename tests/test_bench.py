@@ -203,6 +203,34 @@ def test_an_option_added_at_its_old_behaviour_keeps_cached_keys() -> None:
     assert suite.run_key({**payload, "task": changed}) != suite.run_key({**payload, "task": task})
 
 
+def test_a_run_recorded_before_the_swarm_and_replica_options_keeps_its_key() -> None:
+    task = suite.task_config(PROFILES["headline"], [], "cpu")
+    before = {k: v for k, v in task.items() if k not in suite.LATER_OPTIONS}
+    payload = {"kind": "quality", "method": {"mode": "diloco"}, "seed": 0, "workers": 2}
+    now = suite.run_keys({**payload, "task": task})
+    assert now[0] == suite.run_key({**payload, "task": task})
+    assert suite.run_key({**payload, "task": before}) in now
+    # A swarm's result depends on them (its clock, its norm bounds): no older key matches it.
+    assert suite.run_keys({**payload, "task": task}, swarm=True) == now[:1]
+    # Away from the old behaviour (replicas of two ranks), the older key is not offered.
+    replicated = suite.run_keys({**payload, "task": {**task, "replicas": 2}})
+    assert suite.run_key({**payload, "task": before}) not in replicated
+
+
+def test_a_published_result_restores_a_missing_cache_entry(tmp_path: Path) -> None:
+    record = {"kind": "quality", "key": "k1", "method": "ddp", "final_eval_loss": 1.5}
+    published = tmp_path / "results.json"
+    published.write_text(json.dumps({"runs": {"quality": [record], "peers": []}}))
+    path = tmp_path / "runs" / "quality" / "ddp" / "seed0.json"
+    assert suite._cached(path, "k2", False, published) is None  # another run's key
+    assert not path.exists()
+    assert suite._cached(path, ("k2", "k1"), False, published) == record
+    assert json.loads(path.read_text()) == record  # restored to the cache
+    assert suite._cached(path, "k1", False) == record  # now without the published file
+    assert suite._cached(path, "k1", True, published) is None  # --force reruns
+    assert suite._cached(tmp_path / "other.json", "k1", False, tmp_path / "none.json") is None
+
+
 def test_window_starts_late_and_away_from_sync_starts() -> None:
     s = parse_method("streaming-p4-h20")  # syncs start at multiples of 5, land +1
     step = suite.window_log_step(s, 100)

@@ -213,6 +213,37 @@ def run_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Options added to the recipe after the headline's runs were published, each with the value at
+# which a run that is not a swarm does what it did before they existed (they set swarm peers
+# and torchrun replicas, neither of which such a run has): a result recorded without them also
+# matches the same run recorded with them (:func:`run_keys`).
+LATER_OPTIONS: dict[str, Any] = {
+    "replicas": 0,
+    "shard": "ddp",
+    "sync_clock": "auto",
+    "wait_for_peers": 1,
+    "wait_for_peers_timeout": 600.0,
+    "max_norm": 0.0,
+    "norm_ratio": 10.0,
+    "aggregation": "mean",
+}
+
+
+def run_keys(payload: dict[str, Any], swarm: bool = False) -> tuple[str, ...]:
+    """The keys a cached result of this run may carry: :func:`run_key`, then (for a run that
+    is not a swarm) its key from before :data:`LATER_OPTIONS` existed."""
+    key = run_key(payload)
+    if swarm or "task" not in payload:
+        return (key,)
+    task = {
+        k: v
+        for k, v in payload["task"].items()
+        if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]
+    }
+    older = run_key({**payload, "task": task})
+    return (key,) if older == key else (key, older)
+
+
 def method_key(method: Method) -> dict[str, Any]:
     """What a cached result of ``method`` depends on: its options, and for methods with a
     sync in flight at the end, that the recipe lands it (``DiLoCo.flush``) before the final
@@ -285,11 +316,34 @@ def _save(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _cached(path: Path, key: str, force: bool) -> dict[str, Any] | None:
-    if force or not path.exists():
+def _cached(
+    path: Path, key: str | tuple[str, ...], force: bool, published: Path | None = None
+) -> dict[str, Any] | None:
+    """The cached result at ``path`` if it has ``key`` (or one of ``key``). Else, given
+    ``published`` (a profile's committed ``results.json``), its record of the same key,
+    restored to ``path``: a fresh clone, whose ``runs/`` is empty, adds methods to a profile
+    without rerunning the hours of runs the file already holds (same key: the same settings,
+    so the same run)."""
+    keys = (key,) if isinstance(key, str) else key
+    if force:
         return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    return record if record.get("key") == key else None
+    if path.exists():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("key") in keys:
+            return record
+    for record in _published_runs(published):
+        if record.get("key") in keys:
+            _save(path, record)
+            return record
+    return None
+
+
+def _published_runs(published: Path | None) -> list[dict[str, Any]]:
+    """Every quality and peer record of a results file (none when it does not exist)."""
+    if published is None or not published.exists():
+        return []
+    runs = json.loads(published.read_text(encoding="utf-8")).get("runs", {})
+    return [*runs.get("quality", []), *runs.get("peers", [])]
 
 
 def quality_phase(
@@ -303,12 +357,14 @@ def quality_phase(
     for method in st.methods:
         for seed in st.seeds:
             n += 1
-            key = run_key(
+            keys = run_keys(
                 {"kind": "quality", "task": st.task, "method": method_key(method), "seed": seed,
-                 "workers": st.workers}
+                 "workers": st.workers},
+                swarm=method.swarm,
             )  # fmt: skip
+            key = keys[0]
             path = st.work_dir / "quality" / method.name / f"seed{seed}.json"
-            cached = _cached(path, key, st.force)
+            cached = _cached(path, keys, st.force, st.out_dir / "results.json")
             if dry_run:
                 print(f"quality {n}/{total} {method.name} seed {seed}: "
                       f"{'cached' if cached else 'to run'}")  # fmt: skip
@@ -689,12 +745,13 @@ def peers_phase(
             )
             continue
         for seed in st.seeds:
-            key = run_key(
+            keys = run_keys(
                 {"kind": "peer", "library": library, "task": st.task, "seed": seed,
                  "workers": st.workers, "sync_every": st.peer_sync_every, "python": python}
             )  # fmt: skip
+            key = keys[0]
             path = st.work_dir / "peers" / library / f"seed{seed}.json"
-            cached = _cached(path, key, st.force)
+            cached = _cached(path, keys, st.force, st.out_dir / "results.json")
             if dry_run:
                 print(f"peer {library} seed {seed}: {'cached' if cached else 'to run'}")
                 continue
