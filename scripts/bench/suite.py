@@ -236,9 +236,7 @@ def run_keys(payload: dict[str, Any], swarm: bool = False) -> tuple[str, ...]:
     if swarm or "task" not in payload:
         return (key,)
     task = {
-        k: v
-        for k, v in payload["task"].items()
-        if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]
+        k: v for k, v in payload["task"].items() if k not in LATER_OPTIONS or v != LATER_OPTIONS[k]
     }
     older = run_key({**payload, "task": task})
     return (key,) if older == key else (key, older)
