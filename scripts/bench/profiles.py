@@ -67,6 +67,8 @@ _TUNE_LONG_METHODS = (
     "diloco-h25-int8-ilr0.004-ow30",
     "ddp-ilr0.002",
     "diloco-h25-int8-ilr0.002",
+    # The ablation of the chosen outer step: the paper's Nesterov SGD at the chosen inner lr.
+    "diloco-h25-int8-ilr0.004",
 )
 
 
@@ -275,6 +277,25 @@ PROFILES: dict[str, Profile] = {
             "topk_ef": "diloco-h25-topk0.01-ef",
         },
         run_timeout=7200.0,
+        baseline="ddp-ilr0.004",
+    ),
+    # M=4 (issue 13): DiLoCo's gap grows with the number of workers. The headline's task and
+    # tuned inner lr; H=50 syncs 36 times in 1,800 steps, so OuterWarmup ramps over 15 of
+    # them (750 inner steps, as ow30 at H=25). DP's global batch is 4 x 16 here.
+    "headline-m4": Profile(
+        name="headline-m4",
+        base_config="recipes/configs/demo.toml",
+        task={"steps": 1800, "eval_every": 100, "log_every": 25, "ckpt_every": 0},
+        seeds=(0, 1, 2),
+        methods=("ddp-ilr0.004", "diloco-h50-int8-ilr0.004-ow15"),
+        throughput_methods=(),
+        throughput_steps=100,
+        rates=(),
+        peers=(),
+        peer_sync_every=50,
+        headline={"main": "diloco-h50-int8-ilr0.004-ow15"},
+        run_timeout=7200.0,
+        workers=4,
         baseline="ddp-ilr0.004",
     ),
     # Issue 14: throughput where communication is a real cost. The demo's 0.87M-parameter
