@@ -56,6 +56,19 @@ _TUNE_TASK = {
     "outer_lr": 0.7,
     "outer_momentum": 0.9,
     "nesterov": True,
+    "outer_warmup": 0,
+}
+
+# The headline's task. The inner lr and the outer step are pinned at what its first runs had
+# (the paper's, before the tuning grid chose the library's and the demo's defaults), so that
+# cached runs keep their meaning; the tuned methods name what they change.
+_HEADLINE_TASK = {
+    "steps": 1800,
+    "eval_every": 100,
+    "log_every": 25,
+    "ckpt_every": 0,
+    "inner_lr": 0.002,
+    "outer_warmup": 0,
 }
 
 # The tuning grid's second stage: the headline's length (1,800 steps), still on an unreported
@@ -166,6 +179,7 @@ PROFILES: dict[str, Profile] = {
             "eval_every": 20,
             "eval_batches": 4,
             "log_every": 10,
+            "outer_warmup": 0,  # the paper's outer step, as its published runs had
         },
         seeds=(0, 1, 2),
         methods=(
@@ -241,7 +255,7 @@ PROFILES: dict[str, Profile] = {
     "headline": Profile(
         name="headline",
         base_config="recipes/configs/demo.toml",
-        task={"steps": 1800, "eval_every": 100, "log_every": 25, "ckpt_every": 0},
+        task=_HEADLINE_TASK,
         seeds=(0, 1, 2),
         methods=(
             "ddp",
@@ -285,7 +299,7 @@ PROFILES: dict[str, Profile] = {
     "headline-m4": Profile(
         name="headline-m4",
         base_config="recipes/configs/demo.toml",
-        task={"steps": 1800, "eval_every": 100, "log_every": 25, "ckpt_every": 0},
+        task=_HEADLINE_TASK,
         seeds=(0, 1, 2),
         methods=("ddp-ilr0.004", "diloco-h50-int8-ilr0.004-ow15"),
         throughput_methods=(),
@@ -309,7 +323,14 @@ PROFILES: dict[str, Profile] = {
     "throughput": Profile(
         name="throughput",
         base_config="recipes/configs/demo.toml",
-        task={"steps": 500, "eval_every": 100, "log_every": 25, "ckpt_every": 0},
+        task={
+            "steps": 500,
+            "eval_every": 100,
+            "log_every": 25,
+            "ckpt_every": 0,
+            "inner_lr": 0.002,
+            "outer_warmup": 0,
+        },
         seeds=(0,),
         methods=(),
         throughput_methods=(
