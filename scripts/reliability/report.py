@@ -5,7 +5,8 @@ Run from the repository root::
     .venv/bin/python -m scripts.reliability.report
     .venv/bin/python -m scripts.reliability.report --results DIR --out /tmp/R.md
 
-Reads ``soak.json`` (and the earlier soaks' ``soak_first.json`` and ``soak_second.json``),
+Reads ``soak.json`` (and the earlier soaks' ``soak_first.json``, ``soak_second.json`` and
+``soak_third.json``),
 ``restarts.json``, ``robust.json`` and ``mutate.json`` from ``benchmarks/reliability/``
 (``--results``), each written by its harness in this package;
 a missing file leaves its section saying how to produce it. Every number in the document
@@ -441,6 +442,34 @@ def _second_findings_section(second: dict[str, Any] | None) -> list[str]:
     ]
 
 
+#: The soak at commit 8c05bc6 (after the lineage fixes): one violation, told from its own
+#: numbers, and the fix that the current ``soak.json`` ran with.
+THIRD_SOAK = "soak_third.json"
+
+
+def _third_findings_section(third: dict[str, Any] | None) -> list[str]:
+    """The third soak's one violation and the fix (``tests/test_deadlines.py``)."""
+    if third is None:
+        return []
+    churn = third["churn"]
+    kinds = Counter(v["kind"] for v in churn["violations"])
+    peers = sorted({v["peer"] for v in churn["violations"]})
+    return [
+        f"The third full soak (`{THIRD_SOAK}`, the same command at commit 8c05bc6, with the "
+        f"fixes above) counted {len(churn['violations'])} violation(s) with faults "
+        f"({dict(sorted(kinds.items()))}, peer {', '.join(peers)}) in "
+        f"{churn['num_rounds']} rounds and {len(churn['events'])} events. The peer was back "
+        "from a long stall; its step timings then said a step took longer than a slot, so "
+        "`DeadlineSchedule` synced at every step, alone, for rounds further ahead, and its "
+        "records stayed apart from the swarm's for one more record than allowed.",
+        "",
+        "4. `test_a_worker_never_syncs_for_a_round_beyond_the_next_one` (in "
+        "`tests/test_deadlines.py`): fix: the schedule never syncs for a round beyond the "
+        "next one. The soak at the top of this file ran with it.",
+        "",
+    ]
+
+
 def document(results: Path) -> str:
     """The text of ``RELIABILITY.md`` from the results files in ``results``."""
     lines = [
@@ -457,6 +486,7 @@ def document(results: Path) -> str:
     lines += _soak_section(soak)
     lines += _findings_section(_load(results, FIRST_SOAK))
     lines += _second_findings_section(_load(results, SECOND_SOAK))
+    lines += _third_findings_section(_load(results, THIRD_SOAK))
     lines += _restarts_section(_load(results, "restarts.json"))
     lines += _robust_section(_load(results, "robust.json"))
     lines += _mutate_section(_load(results, "mutate.json"))
