@@ -194,7 +194,10 @@ class TrainConfig:
         nesterov: use Nesterov momentum in the outer SGD.
         outer_warmup: outer steps over which the outer step ramps from plain averaging (SGD
             lr 1, no momentum) to ``outer_lr`` with Nesterov ``outer_momentum``
-            (:class:`lowcomm.optim.outer.OuterWarmup`); 0: no ramp. Needs Nesterov momentum.
+            (:class:`lowcomm.optim.outer.OuterWarmup`); 0: no ramp; -1 (default): the
+            library's rule, the outer steps of the first 750 inner steps
+            (:func:`lowcomm.optim.outer.default_outer_optimizer`), or no ramp where the
+            outer SGD has no Nesterov momentum to ramp to. A count needs Nesterov momentum.
         fragments: streaming fragments (1: sync the whole model at once).
         overlap_steps: inner steps a sync may stay in flight before it is applied.
         mix: how much of its local parameters a worker keeps when an overlapped sync lands.
@@ -284,7 +287,7 @@ class TrainConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
-    outer_warmup: int = 0
+    outer_warmup: int = -1
     fragments: int = 1
     overlap_steps: int = 0
     mix: float = 0.5
@@ -367,7 +370,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} ({value}) must be >= 1")
-        if self.outer_warmup and not (self.nesterov and 0 < self.outer_momentum < 1):
+        if self.outer_warmup > 0 and not (self.nesterov and 0 < self.outer_momentum < 1):
             raise ValueError(
                 f"outer_warmup ({self.outer_warmup}) ramps up Nesterov momentum: it needs "
                 f"nesterov and 0 < outer_momentum < 1 (got {self.nesterov}, "
@@ -379,11 +382,12 @@ class TrainConfig:
             "overlap_steps",
             "max_bytes",
             "seed",
-            "outer_warmup",
         ):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name} ({value}) must be >= 0")
+        if self.outer_warmup < -1:
+            raise ValueError(f"outer_warmup ({self.outer_warmup}) must be >= 0, or -1 (auto)")
         for name in ("inner_lr", "outer_lr", "ckpt_timeout", "wait_for_peers_timeout"):
             value = getattr(self, name)
             if not value > 0:

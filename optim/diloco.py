@@ -16,6 +16,7 @@ decoded contribution; every mode (mix, eager, delayed, and ``flush``) lands it t
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -42,7 +43,7 @@ from lowcomm.comm.timeline import TIMELINE, span
 from lowcomm.optim.agreement import config_fingerprint, shard_fingerprint
 from lowcomm.optim.amp import scaled_inner_step
 from lowcomm.optim.fragments import check_partition, partition
-from lowcomm.optim.outer import default_outer_optimizer, prime_outer_state
+from lowcomm.optim.outer import default_outer_optimizer, prime_outer_state, sync_outer_counts
 from lowcomm.optim.params import (
     fp32_copy,
     local_view,
@@ -104,7 +105,7 @@ class DiLoCo(WrappingOptimizer):
         H inner steps:  θ_i ← inner_optimizer.step()      (inner state stays local)
         Δ_i = θ − θ_i                                     (pseudo-gradient, fp32)
         Δ   = weighted mean over workers of Δ_i           (through ``backend``, compressed)
-        θ   ← outer_optimizer.step(θ, grad=Δ)             (default Nesterov SGD, lr 0.7)
+        θ   ← outer_optimizer.step(θ, grad=Δ)             (default: averaging → Nesterov SGD)
         θ_i ← θ
 
     With ``fragments=P`` the parameters are split into ``P`` fragments, fragment ``p`` synced
@@ -160,7 +161,9 @@ class DiLoCo(WrappingOptimizer):
         inner_optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
         sync_every: ``H``, inner steps between two syncs of one fragment.
         outer_optimizer: callable ``params -> torch.optim.Optimizer`` applied to the global
-            copy; default ``SGD(lr=0.7, momentum=0.9, nesterov=True)``.
+            copy; default :func:`~lowcomm.optim.outer.default_outer_optimizer`: plain
+            averaging ramping to ``SGD(lr=0.7, momentum=0.9, nesterov=True)`` over the outer
+            steps of the first 750 inner steps (measured: see its docstring).
         backend: how to average. None picks torch.distributed when a process group is
             initialised; when the process was launched by ``torchrun`` (``WORLD_SIZE > 1``)
             without one, DiLoCo initialises it from the environment (NCCL for CUDA
@@ -284,7 +287,9 @@ class DiLoCo(WrappingOptimizer):
             and torch.cuda.is_available()
         )
         self._global = [fp32_copy(local_view(p), self._global_device, pin) for p in self._params]
-        make_outer = outer_optimizer or default_outer_optimizer
+        make_outer = outer_optimizer or functools.partial(
+            default_outer_optimizer, sync_every=sync_every
+        )
         self._outer = [make_outer([self._global[i] for i in f]) for f in self._fragments]
         for o in self._outer:
             if not isinstance(o, torch.optim.Optimizer):
@@ -781,6 +786,7 @@ class DiLoCo(WrappingOptimizer):
         state = self._shared_state()
         with torch.no_grad():
             self.backend.sync_state(state)  # in place: θ and the outer state are live
+            sync_outer_counts(self._outer)  # an OuterWarmup's count came as a tensor
             for p, g in zip(self._params, self._global):
                 local_view(p).copy_(g)
         self._stats.fragment_syncs = int(state["meta.outer_step"].item())

@@ -11,12 +11,48 @@ from typing import Any
 
 import torch
 
-__all__ = ["OuterWarmup", "default_outer_optimizer", "prime_outer_state"]
+__all__ = [
+    "WARMUP_INNER_STEPS",
+    "OuterWarmup",
+    "default_outer_optimizer",
+    "outer_warmup_for",
+    "prime_outer_state",
+    "sync_outer_counts",
+]
 
 
-def default_outer_optimizer(params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
-    """The outer optimizer of the DiLoCo paper: SGD, lr 0.7, Nesterov momentum 0.9."""
-    return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
+#: Inner steps the default outer step's warm-up spans (:func:`default_outer_optimizer`).
+WARMUP_INNER_STEPS = 750
+
+
+def default_outer_optimizer(
+    params: Sequence[torch.Tensor], sync_every: int = 25
+) -> torch.optim.Optimizer:
+    """DiLoCo's default outer step: :class:`OuterWarmup` to the paper's Nesterov SGD (lr 0.7,
+    momentum 0.9) over the outer steps of the first :data:`WARMUP_INNER_STEPS` (750) inner
+    steps, ``ceil(750 / sync_every)`` of them (30 at ``H=25``, 8 at ``H=100``).
+
+    Measured (BENCHMARKS.md; the 0.87M-parameter byte GPT, M=2, H=25, int8, inner AdamW at
+    its tuned lr 0.004, against DP at the same tuned lr): on the tuning grid's unreported
+    seed at 1,800 steps, this warm-up ended at 1.0116x DP's eval loss, the paper's Nesterov
+    SGD from the first outer step at 1.2562x; at 600 steps (24 outer steps) 1.07x against
+    1.31x, with plain averaging (lr 1, no momentum) at 1.12x. On the headline profile's
+    three reported seeds (1,800 steps): 0.9947 +- 0.0101x DP, at 97x fewer bytes. Only 30
+    outer steps at H=25 and 8 at H=100 were measured; the rule in inner steps between them
+    is an assumption.
+    """
+    return OuterWarmup(params, lr=0.7, momentum=0.9, warmup=outer_warmup_for(sync_every))
+
+
+def outer_warmup_for(sync_every: int) -> int:
+    """The default warm-up at ``H = sync_every``: ``ceil(WARMUP_INNER_STEPS / H)`` outer steps.
+
+    Raises:
+        ValueError: ``sync_every`` is not an int >= 1.
+    """
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every ({sync_every!r}) must be an int >= 1")
+    return -(-WARMUP_INNER_STEPS // sync_every)
 
 
 class OuterWarmup(torch.optim.SGD):
@@ -27,15 +63,16 @@ class OuterWarmup(torch.optim.SGD):
     parameter averaging (lr 1, no momentum), every step from ``warmup`` on is
     ``SGD(lr, momentum, nesterov=True)``. Why: outer momentum amplifies a run of aligned
     pseudo-gradients up to ``lr / (1 - momentum)`` times (7x at the paper's 0.7 and 0.9), which
-    early rounds, whose pseudo-gradients are large and aligned, overshoot with. Measured
-    (BENCHMARKS.md, tuning grid ``tune``: 600 steps, H=25, 24 outer steps): plain averaging
-    reached eval loss 1.90 where the paper's Nesterov SGD (0.7, 0.9) reached 2.23. Whether
-    Nesterov wins back over more outer steps, and which warm-up length is best, is not
-    measured yet (the grid's ``ow30`` and ``tune-long`` runs did not run).
+    early rounds, whose pseudo-gradients are large and aligned, overshoot with. Measured: see
+    :func:`default_outer_optimizer`, which uses it.
 
     Call protocol: a ``torch.optim.SGD``; DiLoCo steps it once per sync of its fragment. The
-    step count lives in each param group (``outer_step``), so ``state_dict`` /
-    ``load_state_dict`` resume it exactly.
+    step count ``t`` is per-parameter state (``state[p]["step"]``, a float32 scalar on the
+    CPU, as Adam keeps its own), so it travels with the rest of the outer state: in
+    ``state_dict`` / ``load_state_dict`` and in the state a swarm joiner downloads, which
+    carries tensors only (a count kept in the param groups would restart a joiner's ramp
+    from 0 while its peers are past it). ``param_groups[i]["outer_step"]`` mirrors it, and
+    is what a state dict from before the per-parameter count (which has none) resumes from.
 
     Args:
         params: the global parameters (or param groups) it steps.
@@ -60,17 +97,61 @@ class OuterWarmup(torch.optim.SGD):
         for group in self.param_groups:
             group.update(outer_step=0, target_lr=lr, target_momentum=momentum, warmup=warmup)
 
+    def outer_step(self, group: dict[str, Any]) -> int:
+        """The group's step count ``t`` as its parameters' ``step`` state holds it (a host
+        read), else the mirror in the group (before the first step, or from a state dict
+        without the per-parameter count)."""
+        for p in group["params"]:
+            count = self.state.get(p, {}).get("step")
+            if count is not None:
+                return int(count.item())
+        return int(group["outer_step"])
+
+    def sync_counts(self) -> None:
+        """Set each group's mirror from its parameters' ``step`` state, after that state was
+        loaded from elsewhere (a swarm peer's download: :func:`sync_outer_counts`). ``step``
+        reads only the mirror, so a step adds no host read."""
+        for group in self.param_groups:
+            group["outer_step"] = self.outer_step(group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.SGD.load_state_dict``, then :meth:`sync_counts`."""
+        super().load_state_dict(state_dict)
+        self.sync_counts()
+
+    def prime(self) -> None:
+        """Create the per-parameter count now (a swarm peer's state needs the same keys on
+        every peer before its first step: :func:`prime_outer_state`)."""
+        for group in self.param_groups:
+            t = self.outer_step(group)
+            for p in group["params"]:
+                self.state[p].setdefault("step", torch.tensor(float(t)))
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One outer step at this step's point of the ramp."""
         for group in self.param_groups:
-            t, warmup = group["outer_step"], group["warmup"]
+            t, warmup = int(group["outer_step"]), group["warmup"]
             f = min(1.0, t / warmup) if warmup else 1.0
             # torch's SGD skips the momentum buffer entirely while momentum is 0.
             group["momentum"] = f * group["target_momentum"]
             group["lr"] = 1.0 + f * (group["target_lr"] - 1.0)
             group["outer_step"] = t + 1
+            for p in group["params"]:
+                count = self.state[p].get("step")
+                if count is None:
+                    self.state[p]["step"] = torch.tensor(float(t + 1))
+                else:
+                    count.fill_(t + 1)
         return super().step(closure)
+
+
+def sync_outer_counts(outer_optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """After the outer state was loaded as tensors (``sync_state``): let every
+    :class:`OuterWarmup` take its step count from them."""
+    for outer in outer_optimizers:
+        if isinstance(outer, OuterWarmup):
+            outer.sync_counts()
 
 
 def prime_outer_state(outer_optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -81,6 +162,8 @@ def prime_outer_state(outer_optimizers: Sequence[torch.optim.Optimizer]) -> None
     dampening and for Adam/AdamW.
     """
     for outer in outer_optimizers:
+        if isinstance(outer, OuterWarmup):
+            outer.prime()
         for group in outer.param_groups:
             for g in group["params"]:
                 st = outer.state[g]

@@ -80,7 +80,7 @@ from lowcomm.data import eval_batches, load_corpus, sample_batch, shard_bounds
 from lowcomm.gpt import GPT, GPTConfig, parameter_signature
 from lowcomm.metrics import MetricsLogger, Progress, format_bytes
 from lowcomm.optim.diloco import DiLoCo
-from lowcomm.optim.outer import OuterWarmup
+from lowcomm.optim.outer import OuterWarmup, outer_warmup_for
 from lowcomm.optim.params import local_view
 from lowcomm.rundir import RunDirLock, lock_run_dir
 
@@ -442,9 +442,14 @@ def make_optimizer(
     if cfg.mode != "diloco":
         return inner
 
+    warmup = cfg.outer_warmup
+    if warmup < 0:  # the library's rule, where there is Nesterov momentum to ramp to
+        ramps = cfg.nesterov and 0 < cfg.outer_momentum < 1
+        warmup = outer_warmup_for(cfg.sync_every) if ramps else 0
+
     def outer(params: Any) -> torch.optim.Optimizer:
-        if cfg.outer_warmup:
-            return OuterWarmup(params, cfg.outer_lr, cfg.outer_momentum, cfg.outer_warmup)
+        if warmup:
+            return OuterWarmup(params, cfg.outer_lr, cfg.outer_momentum, warmup)
         nesterov = cfg.nesterov and cfg.outer_momentum > 0
         return torch.optim.SGD(
             params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=nesterov

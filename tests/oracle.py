@@ -1,7 +1,7 @@
 """An independent replay of the DiLoCo algorithm of DESIGN.md, for tests to compare against.
 
-It simulates M workers in one process with hand-written inner SGD and outer Nesterov SGD
-(no torch.optim, no backend, no lowcomm code), on a tiny two-layer model whose gradient comes
+It simulates M workers in one process with hand-written inner SGD and outer Nesterov SGD,
+ramped from plain averaging as DiLoCo's default outer step is (no torch.optim, no backend, no lowcomm code), on a tiny two-layer model whose gradient comes
 from autograd on plain tensors.
 """
 
@@ -52,6 +52,19 @@ class Config:
     roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     ef_decay: float | None = None  # error feedback with this residual decay; None: none
     weights: tuple[float, ...] | None = None  # per-worker weight in the mean; None: equal
+    # Outer steps over which the outer step ramps from plain averaging (lr 1, no momentum) to
+    # (outer_lr, Nesterov momentum), as OuterWarmup does; 0: no ramp (the SGD a test passes
+    # as outer_optimizer); None: DiLoCo's default outer step, the outer steps of the first 750
+    # inner steps. Only Nesterov momentum in (0, 1) ramps (plain SGD has nothing to ramp to).
+    warmup: int | None = 0
+
+    def ramp(self, t: int) -> tuple[float, float]:
+        """(lr, momentum) of a fragment's ``t``-th outer step (from 0)."""
+        if not (self.nesterov and 0 < self.momentum < 1):
+            return self.outer_lr, self.momentum
+        warmup = -(-750 // self.sync_every) if self.warmup is None else self.warmup
+        f = min(1.0, t / warmup) if warmup else 1.0
+        return 1.0 + f * (self.outer_lr - 1.0), f * self.momentum
 
 
 def _wire(cfg: Config, flat: torch.Tensor) -> torch.Tensor:
@@ -83,14 +96,18 @@ def replay(
     pending: list[tuple[int, int, list[torch.Tensor]]] = []
     residuals: dict[tuple[int, int], torch.Tensor] = {}
 
+    counts = [0] * num_frags  # outer steps taken per fragment
+
     def outer(frag: int, mean: list[torch.Tensor]) -> None:
+        lr, momentum = cfg.ramp(counts[frag])
+        counts[frag] += 1
         for i, g in zip(cfg.fragments[frag], mean):
-            if cfg.momentum:
-                bufs[i] = g.clone() if bufs[i] is None else cfg.momentum * bufs[i] + g
-                update = g + cfg.momentum * bufs[i] if cfg.nesterov else bufs[i]
+            if momentum:
+                bufs[i] = g.clone() if bufs[i] is None else momentum * bufs[i] + g
+                update = g + momentum * bufs[i] if cfg.nesterov else bufs[i]
             else:
                 update = g
-            glob[i] = glob[i] - cfg.outer_lr * update
+            glob[i] = glob[i] - lr * update
         for m in range(cfg.workers):
             for i in cfg.fragments[frag]:
                 if cfg.overlap_steps:
@@ -148,11 +165,17 @@ def replay_overlapped(
     spacing = cfg.sync_every // num_frags
     last: dict[int, tuple[list[list[torch.Tensor]], list[torch.Tensor]]] = {}
 
+    counts = {(m, f): 0 for m in workers for f in range(num_frags)}
+
     def outer(m: int, frag: int, grads: list[torch.Tensor]) -> None:
+        lr, momentum = cfg.ramp(counts[(m, frag)])
+        counts[(m, frag)] += 1
         for i, g in zip(cfg.fragments[frag], grads):
-            b = bufs[m][i]
-            bufs[m][i] = g.clone() if b is None else cfg.momentum * b + g
-            glob[m][i] = glob[m][i] - cfg.outer_lr * (g + cfg.momentum * bufs[m][i])
+            if momentum:
+                b = bufs[m][i]
+                bufs[m][i] = g.clone() if b is None else momentum * b + g
+                g = g + momentum * bufs[m][i]
+            glob[m][i] = glob[m][i] - lr * g
 
     for step in range(1, cfg.steps + 1):
         for m in workers:

@@ -479,7 +479,14 @@ def _held_per_param(dtype: torch.dtype, **kw) -> list[float]:  # type: ignore[no
 def test_memory_report_counts_theta_outer_state_residuals_and_rounds_in_flight(dtype):
     # fp32 θ (4 B/param) whatever the model's dtype; Nesterov's buffer (4 B) from the first
     # outer step on.
-    assert _held_per_param(dtype) == [4.0, 4.0, 8.0, 8.0, 8.0]
+    nesterov = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
+    assert _held_per_param(dtype, outer_optimizer=nesterov) == [4.0, 4.0, 8.0, 8.0, 8.0]
+    # The default outer step (OuterWarmup) averages first, so its buffer comes with its
+    # second outer step; its step count is one fp32 scalar per parameter tensor.
+    params = list(make_model().parameters())
+    count = 4 * len(params) / sum(p.numel() for p in params)
+    default = [4.0, 4.0, 4.0 + count, 4.0 + count, 8.0 + count]
+    assert _held_per_param(dtype) == pytest.approx(default)
     plain = functools.partial(torch.optim.SGD, lr=0.7)
     from lowcomm.comm.compression import ErrorFeedback
 
@@ -488,7 +495,7 @@ def test_memory_report_counts_theta_outer_state_residuals_and_rounds_in_flight(d
     assert ef == [4.0, 4.0, 8.0, 8.0, 8.0]
     # Eager keeps last round's sync for a whole round: what was sent, the mean and the own
     # decoded contribution (the sent tensor itself when the wire is lossless).
-    eager = _held_per_param(dtype, overlap_mode="eager")
+    eager = _held_per_param(dtype, overlap_mode="eager", outer_optimizer=nesterov)
     assert eager == [4.0, 4.0, 16.0, 16.0, 16.0]
 
 

@@ -1,12 +1,26 @@
-"""The outer optimizers: the averaging-to-Nesterov warm-up against an independent replay."""
+"""The outer optimizers: the averaging-to-Nesterov warm-up against an independent replay, its
+count in the state a joiner downloads, and the default outer step of the library and recipe."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
+from lowcomm import DiLoCo
+from lowcomm.comm import LocalBackend
 from lowcomm.config import load_config
-from lowcomm.optim.outer import OuterWarmup
+from lowcomm.optim.outer import (
+    OuterWarmup,
+    outer_warmup_for,
+    prime_outer_state,
+    sync_outer_counts,
+)
+from lowcomm.optim.state import load_shared, shared_tensors
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train_lm.py"
 
 
 def _replay(grads: list[torch.Tensor], lr: float, momentum: float, warmup: int) -> torch.Tensor:
@@ -74,3 +88,87 @@ def test_warmup_settings_are_checked_here_and_in_the_recipe_config() -> None:
     assert load_config(["--outer-warmup=30", "--steps=100"]).outer_warmup == 30
     with pytest.raises(ValueError, match="outer_warmup"):
         load_config(["--outer-warmup=30", "--outer-momentum=0", "--steps=100"])
+
+
+def test_a_joiner_that_downloads_the_shared_state_continues_the_ramp() -> None:
+    # A swarm joiner receives the outer state as tensors only (lowcomm.optim.state): the ramp's
+    # count must be one of them, or the joiner would restart at plain averaging while its
+    # peers are past it, and step the same average differently.
+    torch.manual_seed(2)
+    grads = [torch.randn(6) for _ in range(7)]
+    a = torch.nn.Parameter(torch.zeros(6))
+    served = OuterWarmup([a], 0.7, 0.9, warmup=5)
+    prime_outer_state([served])
+    for g in grads[:3]:
+        a.grad = g.clone()
+        served.step()
+    shared = shared_tensors(["w"], [[0]], [a], [served], 3, 30)
+    assert shared["outer.0.w.step"].item() == 3
+    b = torch.nn.Parameter(torch.ones(6))
+    joiner = OuterWarmup([b], 0.7, 0.9, warmup=5)
+    prime_outer_state([joiner])  # the keys exist before the download, as on a swarm peer
+    load_shared(shared, ["w"], [[0]], [b], [joiner])
+    sync_outer_counts([joiner])  # as DiLoCo does after sync_state
+    assert joiner.param_groups[0]["outer_step"] == 3
+    for g in grads[3:]:
+        a.grad, b.grad = g.clone(), g.clone()
+        served.step()
+        joiner.step()
+    assert torch.equal(a.detach(), b.detach())
+
+
+def test_a_state_dict_from_before_the_per_parameter_count_resumes_from_its_groups() -> None:
+    a = torch.nn.Parameter(torch.zeros(3))
+    old = OuterWarmup([a], 0.7, 0.9, warmup=4)
+    a.grad = torch.ones(3)
+    old.step()
+    sd = old.state_dict()
+    for st in sd["state"].values():
+        st.pop("step")  # what an OuterWarmup of the previous release saved
+    sd["param_groups"][0]["outer_step"] = 2
+    again = OuterWarmup([torch.nn.Parameter(torch.zeros(3))], 0.7, 0.9, warmup=4)
+    again.load_state_dict(sd)
+    assert again.outer_step(again.param_groups[0]) == 2
+
+
+@pytest.mark.parametrize(("sync_every", "warmup"), [(25, 30), (100, 8), (50, 15), (1, 750)])
+def test_the_default_outer_step_warms_up_over_750_inner_steps(sync_every: int, warmup: int) -> None:
+    assert outer_warmup_for(sync_every) == warmup
+    model = torch.nn.Linear(3, 2)
+    opt = DiLoCo(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=sync_every,
+        backend=LocalBackend(),
+    )  # fmt: skip
+    (outer,) = opt.outer_optimizers
+    assert isinstance(outer, OuterWarmup)
+    group = outer.param_groups[0]
+    assert (group["warmup"], group["target_lr"], group["target_momentum"]) == (warmup, 0.7, 0.9)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="sync_every"):
+            outer_warmup_for(bad)  # type: ignore[arg-type]
+
+
+def test_the_recipe_follows_the_library_default_unless_told_otherwise() -> None:
+    spec = importlib.util.spec_from_file_location("lowcomm_recipe_outer", RECIPE)
+    assert spec is not None and spec.loader is not None
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+
+    def outer(*argv: str) -> torch.optim.Optimizer:
+        cfg = load_config(["--steps=100", "--sync-every=25", *argv])
+        model = torch.nn.Linear(3, 2)
+        opt = recipe.make_optimizer(
+            cfg, model, torch.optim.SGD(model.parameters(), lr=0.1), None, LocalBackend()
+        )
+        return opt.outer_optimizers[0]
+
+    auto = outer()
+    assert isinstance(auto, OuterWarmup) and auto.param_groups[0]["warmup"] == 30
+    assert outer("--outer-warmup=0").param_groups[0]["momentum"] == 0.9  # Nesterov from step 1
+    assert not isinstance(outer("--outer-warmup=0"), OuterWarmup)
+    # Nothing to ramp to: plain averaging stays plain averaging.
+    plain = outer("--outer-lr=1", "--outer-momentum=0")
+    assert not isinstance(plain, OuterWarmup) and plain.param_groups[0]["momentum"] == 0
+    assert outer("--outer-warmup=12").param_groups[0]["warmup"] == 12
+    with pytest.raises(ValueError, match="outer_warmup"):
+        load_config(["--outer-warmup=-2", "--steps=100"])
