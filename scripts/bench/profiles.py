@@ -91,7 +91,6 @@ _HEADLINE_TUNED = (
     "diloco-h25-int8-ilr0.004-ow30",
     "streaming-p4-h100-int8-ilr0.004-ow8",
     "diloco-h25-tiled64-ef0.95-ilr0.004-lr2-m0",
-    "diloco-h25-ilr0.004-ow30",
 )
 
 
@@ -285,7 +284,6 @@ PROFILES: dict[str, Profile] = {
         peer_sync_every=25,
         headline={
             "main": "diloco-h25-int8-ilr0.004-ow30",
-            "fp32": "diloco-h25-ilr0.004-ow30",
             "streaming": "streaming-p4-h100-int8-ilr0.004-ow8",
             "topk": "diloco-h25-topk0.01",
             "topk_ef": "diloco-h25-topk0.01-ef",
