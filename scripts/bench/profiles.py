@@ -82,6 +82,9 @@ _TUNE_LONG_METHODS = (
     "diloco-h25-int8-ilr0.002",
     # The ablation of the chosen outer step: the paper's Nesterov SGD at the chosen inner lr.
     "diloco-h25-int8-ilr0.004",
+    # Streaming at H=100 has 18 outer steps per fragment: the warm-up against plain averaging.
+    "streaming-p4-h100-int8-ilr0.004-ow8",
+    "streaming-p4-h100-int8-ilr0.004-lr1-m0",
 )
 
 
