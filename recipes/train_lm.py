@@ -34,8 +34,9 @@ What one run does, per worker (rank r of N):
 2. Model: ``lowcomm.gpt.GPT``, the same initialisation on every rank (seeded).
 3. Optimizer: AdamW with linear warm-up and cosine decay (the inner optimizer), wrapped by
    ``DiLoCo`` in ``--mode diloco``: every ``sync_every`` inner steps the workers average
-   their pseudo-gradients (compressed with ``--compression``) and take an outer Nesterov SGD
-   step. ``--mode ddp`` all-reduces gradients every step instead (torch DDP);
+   their pseudo-gradients (compressed with ``--compression``) and take an outer step: by
+   default plain averaging ramping to Nesterov SGD (``--outer-warmup``, the library's
+   default outer step). ``--mode ddp`` all-reduces gradients every step instead (torch DDP);
    ``--mode local`` trains every worker alone (the throughput ceiling).
 4. Every ``eval_every`` inner steps: the loss on fixed held-out batches, of the global
    parameters in DiLoCo mode. Every ``ckpt_every`` outer steps: an atomic checkpoint.

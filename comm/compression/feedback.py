@@ -10,7 +10,8 @@ pseudo-gradients, so a biased compressor such as top-k still converges (Seide et
 Which to use when:
 
 * **Classic error feedback** (``ErrorFeedback(compressor)``, ``decay = 1``) with DiLoCo's
-  usual outer optimizer, SGD with Nesterov momentum 0.9. The residual only repairs the
+  usual outer optimizer, SGD with Nesterov momentum 0.9 (by default reached after a warm-up
+  from plain averaging). The residual only repairs the
   compression error; the outer momentum does what it always does. Use it with any lossy
   compressor (``Int4``, ``TopK(..., values=Int8())``); lossless-enough ones (fp16, int8) barely
   need it.
