@@ -26,6 +26,8 @@ def _snapshot(opt: DiLoCo) -> dict[str, Any]:
             outer.state[g]["momentum_buffer"].clone().numpy() for g in opt.global_tensors()
         ],
         "inner_steps": opt.stats.inner_steps,
+        # The default outer step's ramp (OuterWarmup): where a peer is on it.
+        "outer_step": outer.param_groups[0]["outer_step"],
     }
 
 
@@ -99,6 +101,10 @@ def test_volunteer_joins_mid_run_with_theta_momentum_and_step(
     }
     same = [i for i, o in originals.items() if equal(joiner, o, ("global", "momentum"))]
     assert same, f"no original held the joiner's state at version {version}"
+    # ... and the point of the outer step's warm-up they had reached, which the joiner
+    # continues from (a joiner that restarted it would step the same averages differently).
+    assert joiner["outer_step"] > 0
+    assert all(originals[i]["outer_step"] == joiner["outer_step"] for i in same)
     assert len(same) == len(originals) or not all_full(version), same
     # From then on it trains with the others: same θ at every round all recorded.
     later = [v for v in results[3]["history"] if v > version]
