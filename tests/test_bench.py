@@ -600,6 +600,7 @@ def test_tuning_grid_spells_out_every_setting_and_draws_the_heat_map(tmp_path: P
         for i, (lr, m) in enumerate(outer)
     ]
     runs.append(_quality_run("diloco-h25-int8", 0, [5.5, 3.0], 4000))  # the task's settings
+    runs.append(_quality_run("diloco-h25-int8-ow30", 0, [5.5, 2.9], 4000))
     res = _results(runs, "tune")
     rows = {r["method"]: r for r in grid.grid_rows(res)}
     task = res["settings"]["task"]
@@ -608,6 +609,9 @@ def test_tuning_grid_spells_out_every_setting_and_draws_the_heat_map(tmp_path: P
         task["inner_lr"], task["outer_lr"], task["outer_momentum"],
     )  # fmt: skip
     assert rows["diloco-h25-int8-ilr0.004-lr1-m0.5"]["momentum"] == 0.5
+    # The warm-up is spelled out too: the task's (none) unless the method names one.
+    assert (plain["warmup"], rows["diloco-h25-int8-ow30"]["warmup"]) == (0, 30)
+    assert rows["ddp-ilr0.001"]["warmup"] is None
     assert rows["ddp-ilr0.001"]["ratio"] == pytest.approx(2.5 / 2.0)  # against the best DP
     best = grid.best_rows(list(rows.values()))
     assert best["DP"]["method"] == "ddp-ilr0.004"
@@ -617,6 +621,7 @@ def test_tuning_grid_spells_out_every_setting_and_draws_the_heat_map(tmp_path: P
     text = report.render([(tmp_path / "results.json", res)], tmp_path)
     assert "## Tuning grid `tune`" in text and "![Tuning grid](g.png)" in text
     assert "**2.1000**" in text and "| 1.2500 |" in text
+    assert "| outer warm-up |" in text and "| 0.7 | 0.9 | 30 | 2.9000 |" in text
 
 
 def test_frontier_pairs_losses_by_seed_and_keeps_the_anchors_apart(tmp_path: Path) -> None:

@@ -57,6 +57,10 @@ def grid_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "momentum": None
                 if dp
                 else float(opts.get("outer_momentum", task["outer_momentum"])),
+                # Outer steps of the averaging-to-Nesterov ramp (0: none).
+                "warmup": None
+                if dp
+                else int(opts.get("outer_warmup", task.get("outer_warmup", 0))),
                 "loss": q["final_eval_loss"],
                 "seeds": q["seeds"],
                 "bytes_sent": q["bytes_sent"],
@@ -168,8 +172,8 @@ def section(results: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
     """The grid of a tuning profile: every run, best per family, and the heat maps."""
     rows = grid_rows(results)
     header = [
-        "family", "name", "inner lr", "outer lr", "outer momentum", "final eval loss",
-        "÷ best DP",
+        "family", "name", "inner lr", "outer lr", "outer momentum", "outer warm-up",
+        "final eval loss", "÷ best DP",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     best = {id(r) for r in best_rows(rows).values()}
@@ -183,6 +187,7 @@ def section(results: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
             _fmt(r["inner_lr"]),
             _fmt(r["outer_lr"]),
             _fmt(r["momentum"]),
+            _fmt(r["warmup"]),
             f"**{loss}**" if id(r) in best else loss,
             _fmt(r["ratio"], ".4f"),
         ]
