@@ -43,7 +43,12 @@ from lowcomm.comm.timeline import TIMELINE, span
 from lowcomm.optim.agreement import config_fingerprint, shard_fingerprint
 from lowcomm.optim.amp import scaled_inner_step
 from lowcomm.optim.fragments import check_partition, partition
-from lowcomm.optim.outer import default_outer_optimizer, prime_outer_state, sync_outer_counts
+from lowcomm.optim.outer import (
+    check_outer_kind,
+    default_outer_optimizer,
+    prime_outer_state,
+    sync_outer_counts,
+)
 from lowcomm.optim.params import (
     fp32_copy,
     local_view,
@@ -893,6 +898,7 @@ class DiLoCo(WrappingOptimizer):
                     f"DiLoCo state dict does not match this optimizer: {key} is {got!r} in the "
                     f"checkpoint but {want!r} here"
                 )
+        check_outer_kind(self._outer, mine.get("outer_extras", []))
         worker = mine["worker"]
         if self._feedback is not None and worker["feedback"] is None:
             raise ValueError("checkpoint has no error-feedback residuals but this run uses them")

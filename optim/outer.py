@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "WARMUP_INNER_STEPS",
     "OuterWarmup",
+    "check_outer_kind",
     "default_outer_optimizer",
     "outer_warmup_for",
     "prime_outer_state",
@@ -144,6 +145,41 @@ class OuterWarmup(torch.optim.SGD):
                 else:
                     count.fill_(t + 1)
         return super().step(closure)
+
+
+#: The param-group keys only an :class:`OuterWarmup` has.
+_RAMP_KEYS = frozenset({"outer_step", "target_lr", "target_momentum", "warmup"})
+
+
+def check_outer_kind(
+    outer_optimizers: Sequence[torch.optim.Optimizer], extras: Sequence[dict[str, Any]]
+) -> None:
+    """Refuse to resume a ramp from a state saved without one, or the reverse.
+
+    ``extras`` are the saved param groups (:func:`lowcomm.optim.state.outer_extras`). A run
+    saved with plain SGD (the default before :class:`OuterWarmup`) and resumed with the
+    warm-up would restart the ramp at plain averaging in mid-training; one saved with the
+    warm-up and resumed with plain SGD would drop it. Neither may happen silently.
+
+    Raises:
+        ValueError: the saved and the live outer optimizers differ in that respect.
+    """
+    for f, (outer, extra) in enumerate(zip(outer_optimizers, extras)):
+        saved = [set(g) for g in extra.get("param_groups", [])]
+        if not saved:
+            continue
+        was, now = saved[0] >= _RAMP_KEYS, isinstance(outer, OuterWarmup)
+        if was != now:
+            kinds = ("an OuterWarmup (averaging ramping to Nesterov SGD)", "no warm-up")
+            raise ValueError(
+                f"the checkpoint's outer optimizer of fragment {f} had "
+                f"{kinds[0] if was else kinds[1]}, this run's has "
+                f"{kinds[0] if now else kinds[1]} ({type(outer).__name__}). Resume with the "
+                "outer optimizer the run was saved with. lowcomm's default outer step is now "
+                "OuterWarmup; a run saved before that change used "
+                "partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True) "
+                "(the recipe: --outer-warmup 0)."
+            )
 
 
 def sync_outer_counts(outer_optimizers: Sequence[torch.optim.Optimizer]) -> None:

@@ -3,8 +3,10 @@ count in the state a joiner downloads, and the default outer step of the library
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -172,3 +174,38 @@ def test_the_recipe_follows_the_library_default_unless_told_otherwise() -> None:
     assert outer("--outer-warmup=12").param_groups[0]["warmup"] == 12
     with pytest.raises(ValueError, match="outer_warmup"):
         load_config(["--outer-warmup=-2", "--steps=100"])
+
+
+def test_a_checkpoint_resumes_only_with_the_outer_step_it_was_saved_with() -> None:
+    # A run saved with the paper's SGD (the default before OuterWarmup) must not restart a
+    # ramp mid-run when resumed with today's default, nor drop one the other way round.
+    nesterov = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
+
+    def trained(outer: Any) -> dict[str, Any]:
+        model = torch.nn.Linear(3, 2)
+        opt = DiLoCo(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2,
+            outer_optimizer=outer, backend=LocalBackend(),
+        )  # fmt: skip
+        for _ in range(4):
+            model(torch.ones(1, 3)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return opt.state_dict()
+
+    def fresh(outer: Any) -> DiLoCo:
+        model = torch.nn.Linear(3, 2)
+        return DiLoCo(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=2,
+            outer_optimizer=outer, backend=LocalBackend(),
+        )  # fmt: skip
+
+    old, new = trained(nesterov), trained(None)
+    with pytest.raises(ValueError, match="outer-warmup 0"):
+        fresh(None).load_state_dict(old)
+    with pytest.raises(ValueError, match="OuterWarmup"):
+        fresh(nesterov).load_state_dict(new)
+    fresh(nesterov).load_state_dict(old)  # the same kind loads
+    resumed = fresh(None)
+    resumed.load_state_dict(new)
+    assert resumed.outer_optimizers[0].param_groups[0]["outer_step"] == 2
