@@ -219,8 +219,10 @@ def test_a_run_recorded_before_the_swarm_and_replica_options_keeps_its_key() -> 
 
 def test_a_published_result_restores_a_missing_cache_entry(tmp_path: Path) -> None:
     record = {"kind": "quality", "key": "k1", "method": "ddp", "final_eval_loss": 1.5}
-    published = tmp_path / "results.json"
-    published.write_text(json.dumps({"runs": {"quality": [record], "peers": []}}))
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"runs": {"quality": [record], "peers": []}}))
+    published = suite._published_runs(results)
+    assert published == [record]
     path = tmp_path / "runs" / "quality" / "ddp" / "seed0.json"
     assert suite._cached(path, "k2", False, published) is None  # another run's key
     assert not path.exists()
@@ -228,7 +230,8 @@ def test_a_published_result_restores_a_missing_cache_entry(tmp_path: Path) -> No
     assert json.loads(path.read_text()) == record  # restored to the cache
     assert suite._cached(path, "k1", False) == record  # now without the published file
     assert suite._cached(path, "k1", True, published) is None  # --force reruns
-    assert suite._cached(tmp_path / "other.json", "k1", False, tmp_path / "none.json") is None
+    assert suite._published_runs(tmp_path / "none.json") == []
+    assert suite._cached(tmp_path / "other.json", "k1", False) is None
 
 
 def test_window_starts_late_and_away_from_sync_starts() -> None:

@@ -315,13 +315,16 @@ def _save(path: Path, record: dict[str, Any]) -> None:
 
 
 def _cached(
-    path: Path, key: str | tuple[str, ...], force: bool, published: Path | None = None
+    path: Path,
+    key: str | tuple[str, ...],
+    force: bool,
+    published: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any] | None:
-    """The cached result at ``path`` if it has ``key`` (or one of ``key``). Else, given
-    ``published`` (a profile's committed ``results.json``), its record of the same key,
-    restored to ``path``: a fresh clone, whose ``runs/`` is empty, adds methods to a profile
-    without rerunning the hours of runs the file already holds (same key: the same settings,
-    so the same run)."""
+    """The cached result at ``path`` if it has ``key`` (or one of ``key``). Else the record
+    of the same key among ``published`` (a profile's committed ``results.json``, read once
+    per phase by :func:`_published_runs`), restored to ``path``: a fresh clone, whose
+    ``runs/`` is empty, adds methods to a profile without rerunning the hours of runs the
+    file already holds (same key: the same settings, so the same run)."""
     keys = (key,) if isinstance(key, str) else key
     if force:
         return None
@@ -329,7 +332,7 @@ def _cached(
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("key") in keys:
             return record
-    for record in _published_runs(published):
+    for record in published:
         if record.get("key") in keys:
             _save(path, record)
             return record
@@ -352,6 +355,7 @@ def quality_phase(
     failed: list[dict[str, str]] = []
     total = len(st.methods) * len(st.seeds)
     n = 0
+    published = _published_runs(st.out_dir / "results.json")
     for method in st.methods:
         for seed in st.seeds:
             n += 1
@@ -362,7 +366,7 @@ def quality_phase(
             )  # fmt: skip
             key = keys[0]
             path = st.work_dir / "quality" / method.name / f"seed{seed}.json"
-            cached = _cached(path, keys, st.force, st.out_dir / "results.json")
+            cached = _cached(path, keys, st.force, published)
             if dry_run:
                 print(f"quality {n}/{total} {method.name} seed {seed}: "
                       f"{'cached' if cached else 'to run'}")  # fmt: skip
@@ -735,6 +739,7 @@ def peers_phase(
     """torchft / hivemind baselines on loopback; returns records and what was not compared."""
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    published = _published_runs(st.out_dir / "results.json")
     for library in st.peers:
         python = _peer_python(st, library)
         if not Path(python).exists():
@@ -749,7 +754,7 @@ def peers_phase(
             )  # fmt: skip
             key = keys[0]
             path = st.work_dir / "peers" / library / f"seed{seed}.json"
-            cached = _cached(path, keys, st.force, st.out_dir / "results.json")
+            cached = _cached(path, keys, st.force, published)
             if dry_run:
                 print(f"peer {library} seed {seed}: {'cached' if cached else 'to run'}")
                 continue
