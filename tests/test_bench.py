@@ -87,6 +87,9 @@ def test_method_grammar() -> None:
     assert g.name == "diloco-h25-int8-ilr0.003-lr0.5-m0.8"
     assert (g.options["inner_lr"], g.options["outer_lr"]) == (0.003, 0.5)
     assert parse_method("ddp-ilr0.00001").name == "ddp-ilr0.00001"  # never 1e-05: '-' splits
+    # DP's batch per worker, the other knob DP gets in the grid (at the task's tokens).
+    b = parse_method("ddp-ilr0.002-bs8")
+    assert b.name == "ddp-bs8-ilr0.002" and b.options["batch_size"] == 8 and "batch 8" in b.label
     # SparseLoCo's compressor as its reference runs it: tiled top-k per tensor.
     tl = parse_method("diloco-h25-tiled64-ef0.95-lr1-m0")
     assert tl.name == "diloco-h25-tiled64x64q2-ef0.95-lr1-m0"
@@ -111,6 +114,7 @@ def test_method_grammar() -> None:
         "diloco-h25-tiled64-ef0.95-lr1-m0",
         "diloco-h25-int8-ow30",
         "ddp-ilr0.004",
+        "ddp-bs8-ilr0.004",
         "ddp",
     ):
         opts = parse_method(name).options
@@ -139,7 +143,9 @@ def test_eager_and_delayed_are_overlap_modes_the_recipe_takes() -> None:
     [
         ("diloco-h25-o1-eager", "takes no o<tau>"),
         ("sgd", "kind"),
-        ("ddp-h20", "takes only ilr"),
+        ("ddp-h20", "takes only bs<BATCH> and ilr"),
+        ("ddp-bs8-bs4", "takes only bs<BATCH>"),
+        ("local-bs0", "takes only bs<BATCH>"),
         ("ddp-ilr0.1-ilr0.2", "2 times"),
         ("diloco-h20-zip", "unknown token"),
         ("streaming-p3-h20", "must divide"),
@@ -152,6 +158,23 @@ def test_eager_and_delayed_are_overlap_modes_the_recipe_takes() -> None:
 def test_method_grammar_rejects(name: str, rule: str) -> None:
     with pytest.raises(ValueError, match=rule):
         parse_method(name)
+
+
+def test_a_batch_method_trains_on_the_tasks_tokens_and_evaluates_where_the_others_do() -> None:
+    task = {"steps": 600, "eval_every": 100, "log_every": 25, "warmup_steps": 20, "batch_size": 16}
+    assert suite.same_tokens(task, parse_method("ddp-ilr0.004")) == {}
+    assert suite.same_tokens(task, parse_method("ddp-bs16")) == {}  # the task's own batch
+    half = suite.same_tokens(task, parse_method("ddp-bs8-ilr0.004"))
+    assert half == {"steps": 1200, "eval_every": 200, "warmup_steps": 40, "log_every": 50}
+    # Twice the batch: 12.5 steps between log lines is no step count; the interval becomes the
+    # largest divisor of the evaluation interval below it (bytes are known at every eval).
+    double = suite.same_tokens(task, parse_method("ddp-bs32"))
+    assert double == {"steps": 300, "eval_every": 50, "warmup_steps": 10, "log_every": 10}
+    for opts in (half, double):  # the same tokens in total and between evaluations
+        batch = 16 * 600 // opts["steps"]
+        assert opts["steps"] * batch == 600 * 16 and opts["eval_every"] * batch == 100 * 16
+    with pytest.raises(ValueError, match="not a whole number of steps of batch 7"):
+        suite.same_tokens(task, parse_method("ddp-bs7"))
 
 
 def test_unknown_phase_is_refused_before_anything_runs(
@@ -604,6 +627,7 @@ def test_tuning_grid_spells_out_every_setting_and_draws_the_heat_map(tmp_path: P
     ]
     runs.append(_quality_run("diloco-h25-int8", 0, [5.5, 3.0], 4000))  # the task's settings
     runs.append(_quality_run("diloco-h25-int8-ow30", 0, [5.5, 2.9], 4000))
+    runs.append(_quality_run("ddp-bs8-ilr0.004", 0, [5.5, 2.05], 160000))
     res = _results(runs, "tune")
     rows = {r["method"]: r for r in grid.grid_rows(res)}
     task = res["settings"]["task"]
@@ -618,13 +642,18 @@ def test_tuning_grid_spells_out_every_setting_and_draws_the_heat_map(tmp_path: P
     assert rows["ddp-ilr0.001"]["ratio"] == pytest.approx(2.5 / 2.0)  # against the best DP
     best = grid.best_rows(list(rows.values()))
     assert best["DP"]["method"] == "ddp-ilr0.004"
+    # Another batch is a DP family of its own, and a DP all the same for "best DP".
+    small = rows["ddp-bs8-ilr0.004"]
+    assert (small["family"], small["batch"], small["dp"]) == ("DP batch 8", 8, True)
+    assert small["ratio"] == pytest.approx(2.05 / 2.0) and rows["ddp-ilr0.004"]["batch"] == 16
     assert best["DiLoCo H=25 int8"]["method"] == "diloco-h25-int8-ilr0.004-lr1-m0"
     assert grid.plot_grid(res, tmp_path / "g.png") and (tmp_path / "g.png").stat().st_size
     res["plots"] = {"tuning_grid": "g.png"}
     text = report.render([(tmp_path / "results.json", res)], tmp_path)
     assert "## Tuning grid `tune`" in text and "![Tuning grid](g.png)" in text
     assert "**2.1000**" in text and "| 1.2500 |" in text
-    assert "| outer warm-up |" in text and "| 0.7 | 0.9 | 30 | 2.9000 |" in text
+    assert "| outer warm-up |" in text and "| 16 | 0.002 | 0.7 | 0.9 | 30 | 2.9000 |" in text
+    assert "| DP batch 8 | `ddp-bs8-ilr0.004` | 8 | 0.004 |" in text
 
 
 def test_frontier_pairs_losses_by_seed_and_keeps_the_anchors_apart(tmp_path: Path) -> None:

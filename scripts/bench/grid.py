@@ -44,11 +44,14 @@ def grid_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         method = parse_method(name)
         opts = method.options
         dp = method.mode == "ddp"
+        batch = int(opts.get("batch_size", task["batch_size"]))
+        dp_family = "DP" if batch == int(task["batch_size"]) else f"DP batch {batch}"
         rows.append(
             {
                 "method": name,
                 "label": q["label"],
-                "family": "DP" if dp else _family(opts),
+                "family": dp_family if dp else _family(opts),
+                "batch": batch,
                 "dp": dp,
                 "sync_every": None if dp else opts["sync_every"],
                 "compression": None if dp else opts["compression"],
@@ -172,8 +175,8 @@ def section(results: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
     """The grid of a tuning profile: every run, best per family, and the heat maps."""
     rows = grid_rows(results)
     header = [
-        "family", "name", "inner lr", "outer lr", "outer momentum", "outer warm-up",
-        "final eval loss", "÷ best DP",
+        "family", "name", "batch / worker", "inner lr", "outer lr", "outer momentum",
+        "outer warm-up", "final eval loss", "÷ best DP",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     best = {id(r) for r in best_rows(rows).values()}
@@ -184,6 +187,7 @@ def section(results: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         cells = [
             r["family"],
             f"`{r['method']}`",
+            _fmt(r["batch"]),
             _fmt(r["inner_lr"]),
             _fmt(r["outer_lr"]),
             _fmt(r["momentum"]),
@@ -193,10 +197,11 @@ def section(results: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     parts = [
-        "Every run of the grid, grouped by family (DP; DiLoCo by H and compression), "
-        "lowest loss first; the best of each family in bold. Settings a method does not "
-        "name are the task's (see Settings). `÷ best DP` divides by the best DP run of this "
-        "grid, same seeds.",
+        "Every run of the grid, grouped by family (DP by batch; DiLoCo by H and "
+        "compression), lowest loss first; the best of each family in bold. Settings a method "
+        "does not name are the task's (see Settings). Every run trains on the same tokens: "
+        "a DP run at another batch per worker takes the steps that make them up. `÷ best DP` "
+        "divides by the best DP run of this grid (any batch), same seeds.",
         "\n".join(lines),
     ]
     plot = (results.get("plots") or {}).get("tuning_grid")

@@ -89,7 +89,10 @@ def parse_method(name: str) -> Method:
     SGD learning rate and momentum, e.g. ``lr1-m0`` is plain parameter averaging; default: the
     task's), ``ow<N>`` (outer warm-up: from averaging to that Nesterov SGD over N outer steps). Every kind, ``ddp`` and ``local`` included, takes ``ilr<LR>``: the inner (peak)
     learning rate, e.g. ``ddp-ilr0.004`` (default: the task's), so that a tuning grid gives
-    DP the same knob as DiLoCo.
+    DP the same knob as DiLoCo. ``ddp`` and ``local`` also take ``bs<B>``: the batch per
+    worker, at the task's tokens (the suite scales the steps, the evaluation and log
+    intervals and the lr warm-up by task batch / B: :func:`scripts.bench.suite.same_tokens`),
+    e.g. ``ddp-bs8-ilr0.004`` takes twice the steps of half the size.
 
     Raises:
         ValueError: for an unknown kind or token, or a token the kind does not take.
@@ -98,17 +101,26 @@ def parse_method(name: str) -> Method:
     kind = tokens[0]
     inner_lr, tokens = _inner_lr(name, tokens)
     if kind in ("ddp", "local"):
-        if len(tokens) > 1:
-            raise ValueError(f"method {name!r}: {kind} takes only ilr<INNER_LR> (got {tokens[1:]})")
+        batch = None
+        for tok in tokens[1:]:
+            if not (m := re.fullmatch(r"bs(\d+)", tok)) or int(m.group(1)) < 1 or batch:
+                raise ValueError(
+                    f"method {name!r}: {kind} takes only bs<BATCH> and ilr<INNER_LR> "
+                    f"(got {tokens[1:]})"
+                )
+            batch = int(m.group(1))
         label = "DP (DDP, all-reduce every step)" if kind == "ddp" else "local (no communication)"
         opts: tuple[tuple[str, Any], ...] = (("mode", kind),)
+        parts = [kind]
+        if batch is not None:
+            opts += (("batch_size", batch),)
+            parts.append(f"bs{batch}")
+            label += f", batch {batch} per worker (same tokens)"
         if inner_lr is not None:
-            return Method(
-                f"{kind}-ilr{_decimal(inner_lr)}",
-                (*opts, ("inner_lr", inner_lr)),
-                f"{label}, inner lr {inner_lr:g}",
-            )
-        return Method(kind, opts, label)
+            opts += (("inner_lr", inner_lr),)
+            parts.append(f"ilr{_decimal(inner_lr)}")
+            label += f", inner lr {inner_lr:g}"
+        return Method("-".join(parts), opts, label)
     if kind in PEER_LABELS:
         if inner_lr is not None:
             raise ValueError(f"method {name!r}: {kind} takes only h<H> (got an ilr token)")

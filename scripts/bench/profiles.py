@@ -42,6 +42,13 @@ _TUNE_METHODS = (
     # one worker picked).
     "diloco-h25-tiled128-ef0.95-ilr0.004-lr1-m0",
     "diloco-h25-tiled64-ef0.95-ilr0.004-lr2-m0",
+    # 7. DP's batch at the same tokens (half the batch per worker for twice the steps, and
+    # the other way round), each at the inner lr of its own and a neighbour: the grid gives
+    # DP the knob that DiLoCo's H is to it.
+    "ddp-bs8-ilr0.004",
+    "ddp-bs8-ilr0.002",
+    "ddp-bs32-ilr0.004",
+    "ddp-bs32-ilr0.008",
 )
 
 # The tuning grid's task: the demo model at the paper's outer step, stated explicitly so that a
@@ -78,13 +85,16 @@ _TUNE_LONG_METHODS = (
     "ddp-ilr0.004",
     "diloco-h25-int8-ilr0.004-lr1-m0",
     "diloco-h25-int8-ilr0.004-ow30",
-    "ddp-ilr0.002",
-    "diloco-h25-int8-ilr0.002",
     # The ablation of the chosen outer step: the paper's Nesterov SGD at the chosen inner lr.
     "diloco-h25-int8-ilr0.004",
     # Streaming at H=100 has 18 outer steps per fragment: the warm-up against plain averaging.
     "streaming-p4-h100-int8-ilr0.004-ow8",
     "streaming-p4-h100-int8-ilr0.004-lr1-m0",
+    # The warm-up's length at H=25 around the chosen 30 outer steps (750 inner steps), and
+    # DiLoCo at streaming's H=100 without fragments: what streaming's gap owes to H itself.
+    "diloco-h25-int8-ilr0.004-ow15",
+    "diloco-h25-int8-ilr0.004-ow60",
+    "diloco-h100-int8-ilr0.004-ow8",
 )
 
 

@@ -254,6 +254,38 @@ def method_key(method: Method) -> dict[str, Any]:
     return {**opts, "flushed_at_end": True} if method.mode == "diloco" and overlapped else opts
 
 
+# The task's step counts that a batch-size method scales (:func:`same_tokens`).
+_PER_STEP_OPTIONS = ("steps", "eval_every", "warmup_steps")
+
+
+def same_tokens(task: dict[str, Any], method: Method) -> dict[str, int]:
+    """The recipe options that keep a method with its own batch (``ddp-bs8``) at the task's
+    tokens: the steps, the evaluation and log intervals and the lr warm-up, each times task
+    batch / the method's, so that its evaluations fall on the same token counts (the log
+    interval, which only sets how often a line is written, becomes the largest divisor of
+    the evaluation interval not above its scaled value). Empty for a method at the task's
+    batch.
+
+    Raises:
+        ValueError: a count that the batch ratio does not scale to a whole number of steps.
+    """
+    batch = method.options.get("batch_size")
+    if batch is None or int(batch) == int(task["batch_size"]):
+        return {}
+    out = {}
+    for key in _PER_STEP_OPTIONS:
+        tokens = int(task[key]) * int(task["batch_size"])
+        if tokens % int(batch):
+            raise ValueError(
+                f"method {method.name}: the task's {key} ({task[key]}) x batch "
+                f"{task['batch_size']} is not a whole number of steps of batch {batch}"
+            )
+        out[key] = tokens // int(batch)
+    scaled = max(1, int(task["log_every"]) * int(task["batch_size"]) // int(batch))
+    out["log_every"] = max(d for d in range(1, scaled + 1) if out["eval_every"] % d == 0)
+    return out
+
+
 def window_log_step(method: Method, steps: int) -> int:
     """The inner step at which the wire-counter window of a throughput run starts.
 
@@ -375,7 +407,7 @@ def quality_phase(
                 records.append(cached)
                 continue
             run_dir = st.work_dir / "runs" / "quality" / method.name / f"seed{seed}"
-            argv = recipe_argv(toml, method, seed, run_dir, {})
+            argv = recipe_argv(toml, method, seed, run_dir, same_tokens(st.task, method))
             logger.info("quality %d/%d: %s seed %d", n, total, method.name, seed)
             try:
                 launch = run_with_retry(
@@ -847,6 +879,14 @@ def build_settings(args: argparse.Namespace, command: list[str]) -> Settings:
             _csv_list(args.throughput_methods) if args.throughput_methods else profile.throughput_methods
         )
     ]  # fmt: skip
+    for m in methods:
+        same_tokens(task, m)  # a batch that does not divide the task's tokens fails here
+    for m in tmethods:
+        if "batch_size" in m.options:
+            raise ValueError(
+                f"throughput method {m.name}: bs<B> is for the quality runs (tokens/s at "
+                "another batch is another workload)"
+            )
     rates = _csv_list(args.rates) if args.rates else list(profile.rates)
     for rate in rates:
         if rate not in ("loopback", "unshaped"):
