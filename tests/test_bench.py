@@ -314,6 +314,36 @@ def test_quality_aggregate_pairs_ratios_by_seed() -> None:
     assert not rows["streaming"]["available"] and "streaming" in rows["streaming"]["why"]
 
 
+def _peer_run(library: str, seed: int, loss: float) -> dict[str, Any]:
+    summary = {
+        "final_eval_loss": loss, "final_eval_loss_mean_of_workers": loss, "tokens_per_s": 1.0,
+        "averaging_rounds": 2, "expected_rounds_at_sync_every": 2, "version": "x",
+    }  # fmt: skip
+    evals = [{"step": 20, "tokens": 2000, "loss": loss, "averaging_rounds": 2}]
+    return {"library": library, "seed": seed, "evals": evals, "summary": summary}
+
+
+def test_each_peer_is_paired_with_lowcomms_run_of_the_same_algorithm_and_with_dp() -> None:
+    runs = [_quality_run("ddp-ilr0.004", s, [5.5, 2.0 + s], 80000) for s in (0, 1)]
+    runs += [_quality_run("diloco-h25", s, [5.5, 2.2 + s], 4000) for s in (0, 1)]
+    runs += [_quality_run("diloco-h25-lr1-m0", s, [5.5, 2.1 + s], 4000) for s in (0, 1)]
+    quality = aggregate.aggregate_quality(runs, "ddp-ilr0.004")
+    peers = [_peer_run("torchft", s, 2.2 + s) for s in (0, 1)]
+    peers += [_peer_run("hivemind", s, 2.31 * (1 + s)) for s in (0, 1)]
+    out = aggregate.aggregate_peers(peers, quality, 25, "ddp-ilr0.004")
+    # torchft's DiLoCo steps the task's outer SGD; hivemind averages (outer lr 1, momentum 0).
+    assert out["torchft"]["reference"] == "diloco-h25"
+    assert out["torchft"]["ratio_to_reference"]["mean"] == pytest.approx(1.0)
+    assert out["hivemind"]["reference"] == "diloco-h25-lr1-m0"
+    ratios = out["hivemind"]["ratio_to_reference"]["values"]
+    assert ratios == pytest.approx([2.31 / 2.1, 4.62 / 3.1])  # by seed, not a ratio of means
+    to_dp = out["hivemind"]["ratio_to_baseline"]
+    assert to_dp["values"] == pytest.approx([2.31 / 2.0, 4.62 / 3.0])
+    # Without lowcomm's averaging run, hivemind falls back to its DiLoCo at the same H.
+    del quality["diloco-h25-lr1-m0"]
+    assert aggregate.aggregate_peers(peers, quality, 25)["hivemind"]["reference"] == "diloco-h25"
+
+
 def test_streaming_headline_uses_a_full_sync_of_the_same_compression() -> None:
     base = [_quality_run("ddp", 0, [5.5, 2.0], 80000)]
     full = _quality_run("diloco-h20", 0, [5.5, 2.1], 4000)

@@ -240,14 +240,39 @@ def aggregate_throughput(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# lowcomm's run of the same algorithm as each peer library, at the peers' H (``{h}``):
+# torchft's DiLoCo steps the task's outer SGD; hivemind's Optimizer averages parameters, which
+# is outer SGD at lr 1 without momentum. The first of a library's names that ran is its
+# reference.
+PEER_REFERENCES = {
+    "torchft": ("diloco-h{h}",),
+    "hivemind": ("diloco-h{h}-lr1-m0", "diloco-h{h}"),
+}
+
+
+def _by_seed_ratio(
+    runs: list[dict[str, Any]], ref: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """A peer's final loss over a lowcomm method's, paired by seed (None: no common seed)."""
+    if ref is None:
+        return None
+    values = dict(zip(ref["seeds"], ref["final_eval_loss"]["values"]))
+    pairs = [
+        r["summary"]["final_eval_loss"] / values[r["seed"]] for r in runs if r["seed"] in values
+    ]
+    return _stat(pairs) if pairs else None
+
+
 def aggregate_peers(
-    runs: list[dict[str, Any]], quality: dict[str, Any], sync_every: int
+    runs: list[dict[str, Any]], quality: dict[str, Any], sync_every: int, baseline: str = "ddp"
 ) -> dict[str, Any]:
-    """Per peer library: the loss curve and final loss over seeds, against lowcomm's DiLoCo."""
-    ref_name = f"diloco-h{sync_every}"
-    ref = quality.get(ref_name)
+    """Per peer library: the loss curve and final loss over seeds, against lowcomm's run of the
+    same algorithm (:data:`PEER_REFERENCES`) and against the DP ``baseline``, paired by seed."""
     out: dict[str, Any] = {}
     for library in dict.fromkeys(r["library"] for r in runs):
+        names = [n.format(h=sync_every) for n in PEER_REFERENCES.get(library, ("diloco-h{h}",))]
+        ref_name = next((n for n in names if n in quality), names[0])
+        ref = quality.get(ref_name)
         lib_runs = sorted((r for r in runs if r["library"] == library), key=lambda r: r["seed"])
         steps = sorted(set.intersection(*({e["step"] for e in r["evals"]} for r in lib_runs)))
         curve = []
@@ -278,6 +303,9 @@ def aggregate_peers(
             "reference": ref_name if ref else None,
             "reference_final_eval_loss": ref["final_eval_loss"] if ref else None,
             "reference_tokens_per_s_incl_eval": ref["tokens_per_s_incl_eval"] if ref else None,
+            "ratio_to_reference": _by_seed_ratio(lib_runs, ref),
+            "baseline": baseline,
+            "ratio_to_baseline": _by_seed_ratio(lib_runs, quality.get(baseline)),
             "curve": curve,
         }
     return out

@@ -282,6 +282,9 @@ PROFILES: dict[str, Profile] = {
             # outer steps cover as many inner steps), and the best sparse setting (the
             # reference's tiled 2-bit compressor at outer lr 2).
             *_HEADLINE_TUNED,
+            # Parameter averaging (outer SGD lr 1, no momentum), what hivemind's Optimizer
+            # does: lowcomm's run of the peer's algorithm, at the task's settings as the peer.
+            "diloco-h25-lr1-m0",
         ),
         throughput_methods=(
             "ddp",

@@ -412,9 +412,15 @@ def _peers(res: dict[str, Any]) -> str:
     rows = []
     for p in peers.values():
         ref = p["reference_final_eval_loss"]
-        ratio = (
-            fmt_num(p["final_eval_loss"]["mean"] / ref["mean"], ".4f") if ref else "n/a (not run)"
-        )
+        # Paired by seed where the results have it (older files: a ratio of means).
+        paired = p.get("ratio_to_reference")
+        if paired:
+            ratio = fmt_stat(paired)
+        elif ref:
+            ratio = fmt_num(p["final_eval_loss"]["mean"] / ref["mean"], ".4f")
+        else:
+            ratio = "n/a (not run)"
+        to_dp = p.get("ratio_to_baseline")
         rows.append(
             [
                 f"{p['library']} {p['version']}",
@@ -422,6 +428,7 @@ def _peers(res: dict[str, Any]) -> str:
                 p["sync_every"],
                 fmt_stat(p["final_eval_loss"]),
                 f"{ratio} (vs `{p['reference']}` {fmt_stat(ref)})" if ref else ratio,
+                f"{fmt_stat(to_dp)} (vs `{p['baseline']}`)" if to_dp else "n/a",
                 f"{fmt_stat(p['averaging_rounds'], 1)} (H-step schedule: {p['expected_rounds']})",
                 fmt_bytes(p["bytes_sent_estimate"]) + " (est.)",
                 fmt_num(p["tokens_per_s_incl_eval"]["mean"], ".4g"),
@@ -430,7 +437,8 @@ def _peers(res: dict[str, Any]) -> str:
             ]
         )
     header = [
-        "library", "seeds", "H", "final eval loss", "/ lowcomm DiLoCo (same H, fp32)",
+        "library", "seeds", "H", "final eval loss",
+        "/ lowcomm, same algorithm (same H, fp32; by seed)", "/ DP (by seed)",
         "averaging rounds", "sent per worker", "tokens/s (incl. evals, loopback)",
         "lowcomm tokens/s (same)", "outer step",
     ]  # fmt: skip

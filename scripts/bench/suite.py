@@ -1104,7 +1104,7 @@ def run_suite(st: Settings, dry_run: bool = False) -> dict[str, Any] | None:
             "quality": quality,
             "throughput": aggregate_throughput(tput_runs),
             "timelines": timelines,
-            "peers": aggregate_peers(peer_runs, quality, st.peer_sync_every),
+            "peers": aggregate_peers(peer_runs, quality, st.peer_sync_every, baseline),
         },
         "headline": headline_rows(
             quality, st.profile.headline, st.workers, int(st.task["steps"]), baseline
