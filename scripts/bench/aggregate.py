@@ -250,9 +250,7 @@ PEER_REFERENCES = {
 }
 
 
-def _by_seed_ratio(
-    runs: list[dict[str, Any]], ref: dict[str, Any] | None
-) -> dict[str, Any] | None:
+def _by_seed_ratio(runs: list[dict[str, Any]], ref: dict[str, Any] | None) -> dict[str, Any] | None:
     """A peer's final loss over a lowcomm method's, paired by seed (None: no common seed)."""
     if ref is None:
         return None
