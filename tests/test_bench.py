@@ -90,6 +90,8 @@ def test_method_grammar() -> None:
     # DP's batch per worker, the other knob DP gets in the grid (at the task's tokens).
     b = parse_method("ddp-ilr0.002-bs8")
     assert b.name == "ddp-bs8-ilr0.002" and b.options["batch_size"] == 8 and "batch 8" in b.label
+    db = parse_method("diloco-ow30-bs8-h25-int8")
+    assert db.name == "diloco-h25-bs8-int8-ow30" and db.options["batch_size"] == 8
     # SparseLoCo's compressor as its reference runs it: tiled top-k per tensor.
     tl = parse_method("diloco-h25-tiled64-ef0.95-lr1-m0")
     assert tl.name == "diloco-h25-tiled64x64q2-ef0.95-lr1-m0"
@@ -115,6 +117,7 @@ def test_method_grammar() -> None:
         "diloco-h25-int8-ow30",
         "ddp-ilr0.004",
         "ddp-bs8-ilr0.004",
+        "diloco-h25-bs8-int8-ow30",
         "ddp",
     ):
         opts = parse_method(name).options

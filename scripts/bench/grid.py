@@ -83,6 +83,8 @@ def _family(opts: dict[str, Any]) -> str:
         text += f" P={opts['fragments']}"
     if opts["compression"] != "none":
         text += f" {opts['compression']}"
+    if "batch_size" in opts:
+        text += f" batch {opts['batch_size']}"
     return text
 
 

@@ -89,10 +89,11 @@ def parse_method(name: str) -> Method:
     SGD learning rate and momentum, e.g. ``lr1-m0`` is plain parameter averaging; default: the
     task's), ``ow<N>`` (outer warm-up: from averaging to that Nesterov SGD over N outer steps). Every kind, ``ddp`` and ``local`` included, takes ``ilr<LR>``: the inner (peak)
     learning rate, e.g. ``ddp-ilr0.004`` (default: the task's), so that a tuning grid gives
-    DP the same knob as DiLoCo. ``ddp`` and ``local`` also take ``bs<B>``: the batch per
+    DP the same knob as DiLoCo. Every kind but the peers' also takes ``bs<B>``: the batch per
     worker, at the task's tokens (the suite scales the steps, the evaluation and log
     intervals and the lr warm-up by task batch / B: :func:`scripts.bench.suite.same_tokens`),
-    e.g. ``ddp-bs8-ilr0.004`` takes twice the steps of half the size.
+    e.g. ``ddp-bs8-ilr0.004`` takes twice the steps of half the size; H stays in steps, so
+    ``diloco-h25-bs8`` syncs after half the tokens of ``diloco-h25``.
 
     Raises:
         ValueError: for an unknown kind or token, or a token the kind does not take.
@@ -145,6 +146,7 @@ def parse_method(name: str) -> Method:
     momentum: float | None = None
     warmup = 0  # outer steps of the averaging-to-Nesterov ramp
     outer_lr: float | None = None
+    batch: int | None = None  # per worker, at the task's tokens (the suite scales the steps)
     for tok in tokens[1:]:
         if m := re.fullmatch(r"h(\d+)", tok):
             h = int(m.group(1))
@@ -169,6 +171,8 @@ def parse_method(name: str) -> Method:
             ef, ef_decay = True, float(m.group(1))
         elif m := re.fullmatch(r"ow(\d+)", tok):
             warmup = int(m.group(1))
+        elif (m := re.fullmatch(r"bs(\d+)", tok)) and int(m.group(1)) > 0:
+            batch = int(m.group(1))
         elif m := re.fullmatch(r"m(\d*\.?\d+)", tok):
             momentum = float(m.group(1))
         elif m := re.fullmatch(r"lr" + _NUMBER, tok):
@@ -178,7 +182,7 @@ def parse_method(name: str) -> Method:
                 f"method {name!r}: unknown token {tok!r}; valid: h<H>, p<P>, o<tau>, eager, "
                 "delayed, int8, int4, int2, fp16, bf16, topk<FRACTION>, v<INT8|INT4|INT2>, "
                 "tiled<K>[x<TILE>][q<BITS>], ef, ef<DECAY>, "
-                "ilr<INNER_LR>, lr<OUTER_LR>, m<OUTER_MOMENTUM>, ow<OUTER_WARMUP>"
+                "ilr<INNER_LR>, lr<OUTER_LR>, m<OUTER_MOMENTUM>, ow<OUTER_WARMUP>, bs<BATCH>"
             )
     if tau is None:  # streaming overlaps one step by default; eager/delayed a whole period
         tau = 1 if kind == "streaming" and overlap_mode == "mix" else 0
@@ -215,6 +219,8 @@ def parse_method(name: str) -> Method:
     else:  # fragments and overlap only when set, so that no two methods share a name
         parts = [f"h{h}"] + [f"p{p}"] * (p > 1) + [f"o{tau}"] * (tau > 0)
         parts += [overlap_mode] * (overlap_mode != "mix")
+    if batch is not None:
+        parts.append(f"bs{batch}")
     if compression.startswith("tiled:"):
         k, tile, bits = compression.split(":")[1:]
         parts.append(f"tiled{k}x{tile}q{bits}")
@@ -252,6 +258,8 @@ def parse_method(name: str) -> Method:
         options["outer_momentum"] = momentum
     if warmup:
         options["outer_warmup"] = warmup
+    if batch is not None:
+        options["batch_size"] = batch
     if kind == "swarm":
         options["backend"] = "hivemind"
         # Rounds every H steps, as diloco-h<H> (a swarm peer would default to wall-clock
@@ -284,6 +292,8 @@ def parse_method(name: str) -> Method:
         label += f", outer momentum {momentum:g}"
     if warmup:
         label += f", outer warm-up {warmup} steps"
+    if batch is not None:
+        label += f", batch {batch} per worker (same tokens)"
     return Method(canonical, tuple(options.items()), label)
 
 
