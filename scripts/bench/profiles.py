@@ -100,6 +100,9 @@ _TUNE_LONG_METHODS = (
     "diloco-h25-int8-ilr0.004-ow15",
     "diloco-h25-int8-ilr0.004-ow60",
     "diloco-h100-int8-ilr0.004-ow8",
+    # DP's batch at the headline's length: the 600-step grid ranked 4 ahead of 8 ahead of 16.
+    "ddp-bs8-ilr0.004",
+    "ddp-bs4-ilr0.004",
 )
 
 
@@ -290,9 +293,9 @@ PROFILES: dict[str, Profile] = {
             # DP at half the batch per worker for twice the steps (the same tokens): the
             # tuning grid's best DP batch.
             "ddp-bs8-ilr0.004",
-            # Parameter averaging (outer SGD lr 1, no momentum), what hivemind's Optimizer
-            # does: lowcomm's run of the peer's algorithm, at the task's settings as the peer.
-            "diloco-h25-lr1-m0",
+            # DiLoCo at the same half batch and H=25 in steps: against DP at that batch, the
+            # same 97x fewer bytes.
+            "diloco-h25-bs8-int8-ilr0.004-ow30",
         ),
         throughput_methods=(
             "ddp",
@@ -306,14 +309,16 @@ PROFILES: dict[str, Profile] = {
         rates=("unshaped", "100mbit", "20mbit"),
         peers=("torchft", "hivemind"),
         peer_sync_every=25,
+        # The main row and the baseline at the batch the grid chose for both (batch 8 per
+        # worker, the same tokens); every other row is also divided by this DP.
         headline={
-            "main": "diloco-h25-int8-ilr0.004-ow30",
+            "main": "diloco-h25-bs8-int8-ilr0.004-ow30",
             "streaming": "streaming-p4-h100-int8-ilr0.004-ow8",
             "topk": "diloco-h25-topk0.01",
             "topk_ef": "diloco-h25-topk0.01-ef",
         },
         run_timeout=7200.0,
-        baseline="ddp-ilr0.004",
+        baseline="ddp-bs8-ilr0.004",
     ),
     # M=4 (issue 13): DiLoCo's gap grows with the number of workers. The headline's task and
     # tuned inner lr; H=50 syncs 36 times in 1,800 steps, so OuterWarmup ramps over 15 of
