@@ -344,7 +344,9 @@ def test_each_peer_is_paired_with_lowcomms_run_of_the_same_algorithm_and_with_dp
     assert to_dp["values"] == pytest.approx([2.31 / 2.0, 4.62 / 3.0])
     # Without lowcomm's averaging run, hivemind falls back to its DiLoCo at the same H.
     del quality["diloco-h25-lr1-m0"]
-    assert aggregate.aggregate_peers(peers, quality, 25)["hivemind"]["reference"] == "diloco-h25"
+    fallback = aggregate.aggregate_peers(peers, quality, 25)["hivemind"]
+    assert fallback["reference"] == "diloco-h25" and fallback["reference_same_algorithm"] is False
+    assert out["torchft"]["reference_same_algorithm"] is True
 
 
 def test_streaming_headline_uses_a_full_sync_of_the_same_compression() -> None:

@@ -302,6 +302,9 @@ def aggregate_peers(
             "reference_final_eval_loss": ref["final_eval_loss"] if ref else None,
             "reference_tokens_per_s_incl_eval": ref["tokens_per_s_incl_eval"] if ref else None,
             "ratio_to_reference": _by_seed_ratio(lib_runs, ref),
+            # False: lowcomm's run of the peer's own algorithm did not run; the reference is
+            # the fallback, another outer step.
+            "reference_same_algorithm": ref_name == names[0],
             "baseline": baseline,
             "ratio_to_baseline": _by_seed_ratio(lib_runs, quality.get(baseline)),
             "curve": curve,

@@ -427,7 +427,13 @@ def _peers(res: dict[str, Any]) -> str:
                 len(p["seeds"]),
                 p["sync_every"],
                 fmt_stat(p["final_eval_loss"]),
-                f"{ratio} (vs `{p['reference']}` {fmt_stat(ref)})" if ref else ratio,
+                (
+                    f"{ratio} (vs `{p['reference']}` {fmt_stat(ref)}"
+                    + ("; another outer step" if p.get("reference_same_algorithm") is False else "")
+                    + ")"
+                )
+                if ref
+                else ratio,
                 f"{fmt_stat(to_dp)} (vs `{p['baseline']}`)" if to_dp else "n/a",
                 f"{fmt_stat(p['averaging_rounds'], 1)} (H-step schedule: {p['expected_rounds']})",
                 fmt_bytes(p["bytes_sent_estimate"]) + " (est.)",
