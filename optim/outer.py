@@ -34,16 +34,16 @@ def default_outer_optimizer(
     steps, ``ceil(750 / sync_every)`` of them (30 at ``H=25``, 8 at ``H=100``).
 
     Measured (BENCHMARKS.md; the 0.87M-parameter byte GPT, M=2, H=25, int8, inner AdamW at
-    its tuned lr 0.004, against DP at the same lr and batch, 16 per worker): on the tuning
-    grid's unreported seed at 1,800 steps, this warm-up ended at 1.0116x DP's eval loss, the
-    paper's Nesterov
-    SGD from the first outer step at 1.2562x; at 600 steps (24 outer steps) 1.07x against
-    1.31x, with plain averaging (lr 1, no momentum) at 1.12x. On the headline profile's
-    three reported seeds (1,800 steps): 0.9947 +- 0.0101x DP, at 97x fewer bytes. The
-    length, on the unreported seed at 1,800 steps and H=25: 15 outer steps 1.0353x DP, 30
-    1.0116x, 60 1.0281x (grid ``tune-long``). At H=100 only 8 outer steps were measured (the
-    same 750 inner steps); that the best length is a number of inner steps rather than of
-    outer steps is an assumption between those two points.
+    its tuned lr 0.004): on the tuning grid's unreported seed at 1,800 steps, against DP at
+    the same lr and batch (16 per worker), this warm-up ended at 1.0116x DP's eval loss, the
+    paper's Nesterov SGD from the first outer step at 1.2562x, plain averaging throughout at
+    1.0927x; at 600 steps (24 outer steps) 1.07x against 1.31x. The length, on that seed:
+    15 outer steps 1.0353x, 30 1.0116x, 60 1.0281x (grid ``tune-long``). At H=100 only 8
+    outer steps were measured (the same 750 inner steps); that the best length is a count of
+    inner steps rather than of outer steps is an assumption between those two points. On the
+    headline profile's three reported seeds (1,800 steps): 0.9947 +- 0.0101x DP at batch 16
+    per worker; with DiLoCo and DP both at the grid's batch of 8, 0.9937 +- 0.0201x. Both
+    at 97x fewer bytes.
     """
     return OuterWarmup(params, lr=0.7, momentum=0.9, warmup=outer_warmup_for(sync_every))
 
