@@ -34,7 +34,8 @@ def aggregate_quality(runs: list[dict[str, Any]], baseline: str = "ddp") -> dict
     """Per method: loss curve mean/std over seeds, bytes, and the loss ratio to the baseline.
 
     Ratios are paired by seed (same seed, same initialisation and data): for each seed
-    ``loss_method / loss_baseline`` at the same eval step, then mean and std over seeds.
+    ``loss_method / loss_baseline`` at the same training tokens (the same step unless one of
+    the two trains at another batch, ``bs<B>``), then mean and std over seeds.
     """
     by_method: dict[str, dict[int, dict[str, Any]]] = {}
     for r in runs:
@@ -57,7 +58,8 @@ def aggregate_quality(runs: list[dict[str, Any]], baseline: str = "ddp") -> dict
                 ev[s][step]["loss"] / b
                 for s in sorted(ev)
                 if s in base
-                for b in [next((e["loss"] for e in base[s]["evals"] if e["step"] == step), None)]
+                for tok in [ev[s][step]["tokens"]]
+                for b in [next((e["loss"] for e in base[s]["evals"] if e["tokens"] == tok), None)]
                 if b
             ]
             point["ratio_to_baseline"] = _stat(paired) if paired else None

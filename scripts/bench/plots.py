@@ -189,7 +189,8 @@ def plot_loss_vs_bytes(results: dict[str, Any], path: Path) -> None:
 
 
 def plot_loss_gap(results: dict[str, Any], path: Path) -> None:
-    """Eval loss / DP eval loss at the same step (paired by seed), against steps."""
+    """Eval loss / DP eval loss at the same tokens (paired by seed), against training tokens
+    (a method at another batch, ``bs<B>``, reaches them at other steps)."""
     quality = results["aggregate"]["quality"]
     colors = _colors(list(quality))
     fig, ax = plt.subplots(figsize=_SIZE)
@@ -199,7 +200,7 @@ def plot_loss_gap(results: dict[str, Any], path: Path) -> None:
         pts = [p for p in q["curve"] if p["ratio_to_baseline"] is not None and p["step"] > 0]
         if not pts:
             continue
-        xs = [p["step"] for p in pts]
+        xs = [p["tokens"] for p in pts]
         stats = [p["ratio_to_baseline"] for p in pts]
         ax.plot(xs, [s["mean"] for s in stats], label=q["label"], color=colors[name], lw=1.5)
         _band(ax, xs, stats, colors[name])
@@ -209,9 +210,9 @@ def plot_loss_gap(results: dict[str, Any], path: Path) -> None:
         fig,
         ax,
         path,
-        "inner steps",
-        "eval loss / DP eval loss (same seed), log scale",
-        _title(results, "Loss gap to DP vs steps"),
+        "training tokens (all workers)",
+        "eval loss / DP eval loss (same seed, same tokens), log scale",
+        _title(results, "Loss gap to DP vs tokens"),
         log_grid=True,
     )
 

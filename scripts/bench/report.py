@@ -288,23 +288,21 @@ def _gap(res: dict[str, Any], max_rows: int = 12) -> str:
     if base not in q:
         return "No DP run: no gap to report."
     names = [n for n in q if n != base]
-    steps = [p["step"] for p in q[base]["curve"] if p["step"] > 0]
-    if len(steps) > max_rows:
-        stride = math.ceil(len(steps) / max_rows)
-        keep = set(steps[::-1][::stride])  # always keep the last step
-        steps = [s for s in steps if s in keep]
+    points = [p for p in q[base]["curve"] if p["step"] > 0]
+    if len(points) > max_rows:
+        stride = math.ceil(len(points) / max_rows)
+        keep = {id(p) for p in points[::-1][::stride]}  # always keep the last point
+        points = [p for p in points if id(p) in keep]
     rows = []
-    for step in steps:
-        row: list[Any] = [
-            step,
-            fmt_stat(next(p["loss"] for p in q[base]["curve"] if p["step"] == step)),
-        ]
+    for point in points:  # each method at the baseline's tokens (its own step at its batch)
+        row: list[Any] = [point["step"], fmt_num(point["tokens"], ","), fmt_stat(point["loss"])]
         for n in names:
-            pt = next((p for p in q[n]["curve"] if p["step"] == step), None)
+            pt = next((p for p in q[n]["curve"] if p["tokens"] == point["tokens"]), None)
             r = pt["ratio_to_baseline"] if pt else None
             row.append(fmt_stat(r, 3) if r else "n/a")
         rows.append(row)
-    return table(["step", "DP loss"] + [f"{q[n]['label']}" for n in names], rows)
+    header = ["DP step", "tokens", "DP loss"]
+    return table(header + [f"{q[n]['label']}" for n in names], rows)
 
 
 def _spread(stat: dict[str, Any] | None, fmt: str) -> str:
@@ -477,7 +475,7 @@ def _plots(res: dict[str, Any], res_dir: Path, doc_dir: Path) -> str:
     captions = {
         "loss_vs_tokens": "Eval loss vs training tokens (mean ± std over seeds)",
         "loss_vs_bytes": "Eval loss vs bytes sent per worker (log scale)",
-        "loss_gap": "Eval loss / DP eval loss vs steps (paired by seed)",
+        "loss_gap": "Eval loss / DP eval loss vs tokens (paired by seed)",
         "frontier": "Quality per byte: loss / DP vs DP bytes / method bytes, every method and "
         "seed; stars are published points at another scale (35M parameters, C4), not "
         "comparable one to one",
@@ -506,7 +504,7 @@ def _quality_sections(res: dict[str, Any]) -> list[str]:
         "2(M-1)/M x 4 x params per step, checked against interface counters below.",
         _quality(res),
         _adopted(res),
-        "### Loss gap to DP as a function of steps",
+        "### Loss gap to DP as a function of tokens",
         "Each cell: eval loss / DP eval loss at the same step and seed, mean ± std over seeds "
         "(DiLoCo evaluates its global parameters, which change only at outer steps).",
         _gap(res),
@@ -531,8 +529,9 @@ def render_tuning(res: dict[str, Any], res_path: Path, doc_dir: Path) -> str:
     rel = os.path.relpath(res_path, doc_dir)
     parts = [
         f"## Tuning grid `{res['profile']}`",
-        f"Generated from [`{rel}`]({rel}). Tuning runs use seeds that no comparison above "
-        "reports; the settings they pick are confirmed on the reported seeds.",
+        f"Generated from [`{rel}`]({rel}), M={res['settings']['workers']}. Tuning runs use "
+        "seeds that no comparison above reports; a comparison's settings come from a grid, "
+        "and the comparison's profile (`scripts/bench/profiles.py`) says which run chose each.",
         "### How to reproduce",
         _reproduce(res),
         "### Machine",
