@@ -180,6 +180,23 @@ def test_a_batch_method_trains_on_the_tasks_tokens_and_evaluates_where_the_other
         suite.same_tokens(task, parse_method("ddp-bs7"))
 
 
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_every_profile_parses_and_tunes_only_on_seeds_it_never_reports(name: str) -> None:
+    profile = PROFILES[name]
+    task = suite.task_config(profile, [], "cpu")
+    methods = {parse_method(m).name for m in profile.methods}
+    for m in profile.methods:  # a batch that does not divide the task's tokens is refused
+        suite.same_tokens(task, parse_method(m))
+    assert {parse_method(m).name for m in profile.headline.values()} <= methods | {
+        parse_method(m).name for m in profile.throughput_methods
+    }
+    if profile.methods and profile.baseline != "ddp":
+        assert parse_method(profile.baseline).name in methods
+    reported = {s for p in PROFILES.values() if not p.name.startswith("tune") for s in p.seeds}
+    if name.startswith("tune"):  # the grid chooses; the seeds it chooses on are never shown
+        assert not set(profile.seeds) & reported
+
+
 def test_unknown_phase_is_refused_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -315,6 +332,20 @@ def test_quality_aggregate_pairs_ratios_by_seed() -> None:
     assert rows["main"]["byte_ratio"] == pytest.approx(20.0)
     assert rows["main"]["loss_ratio"]["mean"] == pytest.approx(statistics.fmean(paired))
     assert not rows["streaming"]["available"] and "streaming" in rows["streaming"]["why"]
+
+
+def test_a_method_at_another_batch_is_compared_with_dp_at_the_same_tokens(tmp_path: Path) -> None:
+    dp = _quality_run("ddp", 0, [5.5, 3.0, 2.0], 80000)  # steps 0, 10, 20 of batch 16
+    half = _quality_run("diloco-h20-bs8", 0, [5.5, 3.3, 2.2], 4000)  # 2x the steps of 8
+    half["evals"] = [{**e, "step": 2 * e["step"]} for e in half["evals"]]
+    agg = aggregate.aggregate_quality([dp, half])
+    curve = {p["step"]: p for p in agg["diloco-h20-bs8"]["curve"]}
+    # Its step 20 has seen DP's step 10's tokens: paired with that, not with DP's step 20.
+    assert curve[20]["ratio_to_baseline"]["mean"] == pytest.approx(3.3 / 3.0)
+    assert curve[40]["ratio_to_baseline"]["mean"] == pytest.approx(2.2 / 2.0)
+    res = {"profile": "unit", "aggregate": {"quality": agg}, "settings": {"baseline": "ddp"}}
+    text = report._gap(res)
+    assert "| 10 | 1,000 | 3.0000 | 1.100 |" in text and "| 20 | 2,000 | 2.0000 | 1.100 |" in text
 
 
 def _peer_run(library: str, seed: int, loss: float) -> dict[str, Any]:
