@@ -41,6 +41,8 @@ def aggregate_quality(runs: list[dict[str, Any]], baseline: str = "ddp") -> dict
     for r in runs:
         by_method.setdefault(r["method"], {})[r["seed"]] = r
     base = by_method.get(baseline, {})
+    # The baseline's eval loss by seed and training tokens, the key every method pairs on.
+    base_loss = {s: {e["tokens"]: e["loss"] for e in r["evals"]} for s, r in base.items()}
     out: dict[str, Any] = {}
     for name, seeds in by_method.items():
         steps = sorted(set.intersection(*({e["step"] for e in r["evals"]} for r in seeds.values())))
@@ -57,9 +59,8 @@ def aggregate_quality(runs: list[dict[str, Any]], baseline: str = "ddp") -> dict
             paired = [
                 ev[s][step]["loss"] / b
                 for s in sorted(ev)
-                if s in base
-                for tok in [ev[s][step]["tokens"]]
-                for b in [next((e["loss"] for e in base[s]["evals"] if e["tokens"] == tok), None)]
+                if s in base_loss
+                for b in [base_loss[s].get(ev[s][step]["tokens"])]
                 if b
             ]
             point["ratio_to_baseline"] = _stat(paired) if paired else None

@@ -505,7 +505,7 @@ def _quality_sections(res: dict[str, Any]) -> list[str]:
         _quality(res),
         _adopted(res),
         "### Loss gap to DP as a function of tokens",
-        "Each cell: eval loss / DP eval loss at the same step and seed, mean ± std over seeds "
+        "Each cell: eval loss / DP eval loss at the same tokens and seed, mean ± std over seeds "
         "(DiLoCo evaluates its global parameters, which change only at outer steps).",
         _gap(res),
     ]
